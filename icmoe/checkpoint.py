@@ -1,0 +1,170 @@
+"""IC-MoE checkpoints: safetensors weights plus a JSON description.
+
+A checkpoint is a folder:
+
+    config.json                      format, model config (alpha, input size,
+                                     normalisation), dataset, epoch, metrics,
+                                     the weights file's name and sha256
+    weights-<sha12>.safetensors      the model's state dict (frozen ViT once)
+
+Writes are atomic and ordered so that a crash at any moment leaves a
+consistent checkpoint: the weights go to a new content-named file first, then
+`config.json` is replaced to point at it, then stale weights are removed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from icmoe.config import ICMoEConfig
+from icmoe.io import PathLike, atomic_path, atomic_write_json, sha256_file
+from icmoe.sam import CheckpointError
+
+FORMAT = "icmoe-checkpoint"
+VERSION = 1
+CONFIG_NAME = "config.json"
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    directory: PathLike,
+    *,
+    dataset: Optional[str] = None,
+    epoch: Optional[int] = None,
+    metrics: Optional[Dict[str, Any]] = None,
+    extra: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Save `model` (an ICMoE) to `directory` atomically.
+
+    Arguments:
+      model: the model; its `config` is stored with the weights.
+      directory: checkpoint folder (created if needed).
+      dataset, epoch, metrics, extra: recorded in config.json.
+
+    Returns:
+      Path: the checkpoint folder.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg: ICMoEConfig = model.config
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(directory / "weights.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "config": cfg.name})
+        sha = sha256_file(tmp)
+        weights_name = f"weights-{sha[:12]}.safetensors"
+        os.replace(tmp, directory / weights_name)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": cfg.to_dict(),
+        "alpha": cfg.alpha,
+        "image_size": cfg.image_size,
+        "normalization": {"pixel_mean": list(cfg.pixel_mean), "pixel_std": list(cfg.pixel_std), "input": "RGB 0..255"},
+        "dataset": dataset,
+        "epoch": epoch,
+        "metrics": metrics or {},
+        "weights": weights_name,
+        "weights_sha256": sha,
+        "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+    }
+    if extra:
+        meta["extra"] = extra
+    atomic_write_json(directory / CONFIG_NAME, meta)
+    for stale in directory.glob("weights-*.safetensors"):
+        if stale.name != weights_name:
+            stale.unlink(missing_ok=True)
+    return directory
+
+
+def _checkpoint_dir(path: PathLike) -> Path:
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
+def read_meta(path: PathLike) -> Dict[str, Any]:
+    """Read and validate a checkpoint's config.json (no weights are loaded)."""
+    directory = _checkpoint_dir(path)
+    cfg_path = directory / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{directory}: not an IC-MoE checkpoint (no {CONFIG_NAME})")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: damaged JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path}: not an IC-MoE checkpoint description (format != {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{cfg_path}: checkpoint version {meta.get('version')} is not supported (need {VERSION})")
+    try:
+        meta["config"] = ICMoEConfig.from_dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: bad model config ({e})") from None
+    return meta
+
+
+def load(
+    path: PathLike,
+    *,
+    expect: Optional[Union[str, ICMoEConfig]] = None,
+    map_location: Union[str, torch.device] = "cpu",
+    naive: bool = False,
+    verify_hash: bool = True,
+):
+    """Load a ready IC-MoE (eval mode) from a checkpoint folder.
+
+    Arguments:
+      path: the checkpoint folder (or a file inside it).
+      expect: a config name or config the checkpoint must match, if any.
+      map_location: device for the weights.
+      naive: return the three-full-experts structure.
+      verify_hash: check the weights' sha256 against config.json.
+
+    Returns:
+      ICMoE (or NaiveICMoE).
+
+    Raises:
+      CheckpointError: missing or damaged files, a mismatching model.
+    """
+    from icmoe.model import NaiveICMoE, build_icmoe  # model imports checkpoint's neighbours
+
+    directory = _checkpoint_dir(path)
+    meta = read_meta(directory)
+    cfg: ICMoEConfig = meta["config"]
+    if expect is not None:
+        want = expect if isinstance(expect, ICMoEConfig) else None
+        name = expect if isinstance(expect, str) else expect.name
+        if cfg.name != name or (want is not None and want.to_dict() != cfg.to_dict()):
+            raise CheckpointError(f"{directory}: checkpoint is for model {cfg.name!r}, expected {name!r}")
+    weights = directory / str(meta.get("weights", ""))
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: weights file {meta.get('weights')!r} is missing")
+    if verify_hash and sha256_file(weights) != meta.get("weights_sha256"):
+        raise CheckpointError(f"{weights}: damaged or truncated (sha256 differs from config.json)")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from None
+    model = build_icmoe(cfg)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        which = f"{len(missing)} missing, e.g. {missing[0]}" if missing else f"{len(unexpected)} unexpected, e.g. {unexpected[0]}"
+        raise CheckpointError(f"{weights}: weights do not match model {cfg.name!r} ({which})")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{weights}: {k} has shape {tuple(state[k].shape)}, model {cfg.name!r} needs {tuple(v.shape)}"
+            )
+    model.load_state_dict(state)
+    model = model.to(map_location).eval()
+    return NaiveICMoE.from_shared(model) if naive else model

@@ -1,0 +1,202 @@
+"""SAM's parts at any input size, and the official SAM checkpoint format.
+
+The modules themselves are segment-anything's (`ImageEncoderViT`,
+`PromptEncoder`, `MaskDecoder`, `TwoWayTransformer`); this file only builds
+them from an `ICMoEConfig` and loads `sam_vit_b_01ec64.pth`-style state dicts
+made for 1024x1024 inputs at the configured size (spec section 1).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from functools import partial
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+from torch import nn
+
+from icmoe.config import ICMoEConfig
+
+PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message is one line naming file and problem."""
+
+
+def build_image_encoder(cfg: ICMoEConfig) -> ImageEncoderViT:
+    return ImageEncoderViT(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        out_chans=cfg.out_chans,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_abs_pos=True,
+        use_rel_pos=True,
+        window_size=cfg.window_size,
+        global_attn_indexes=tuple(cfg.global_attn_indexes),
+    )
+
+
+def build_prompt_encoder(cfg: ICMoEConfig) -> PromptEncoder:
+    return PromptEncoder(
+        embed_dim=cfg.out_chans,
+        image_embedding_size=(cfg.grid, cfg.grid),
+        input_image_size=(cfg.image_size, cfg.image_size),
+        mask_in_chans=cfg.mask_in_chans,
+    )
+
+
+def build_mask_decoder(cfg: ICMoEConfig) -> MaskDecoder:
+    return MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(
+            depth=cfg.decoder_depth,
+            embedding_dim=cfg.out_chans,
+            mlp_dim=cfg.decoder_mlp_dim,
+            num_heads=cfg.decoder_heads,
+        ),
+        transformer_dim=cfg.out_chans,
+        iou_head_depth=3,
+        iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+    )
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """Bilinearly resize a (1, G, G, D) absolute position table to (1, grid, grid, D)."""
+    if pos_embed.shape[1] == grid and pos_embed.shape[2] == grid:
+        return pos_embed
+    x = pos_embed.permute(0, 3, 1, 2).float()  # (1, D, G, G)
+    x = F.interpolate(x, size=(grid, grid), mode="bilinear", align_corners=False)
+    return x.permute(0, 2, 3, 1).to(pos_embed.dtype)  # (1, grid, grid, D)
+
+
+def resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
+    """Linearly resize a (L, head_dim) relative-position table along L (as SAM's get_rel_pos does)."""
+    if table.shape[0] == length:
+        return table
+    x = table.float().t().unsqueeze(0)  # (1, head_dim, L)
+    x = F.interpolate(x, size=length, mode="linear", align_corners=False)
+    return x[0].t().to(table.dtype)  # (length, head_dim)
+
+
+def resize_sam_state_dict(state: Dict[str, torch.Tensor], cfg: ICMoEConfig) -> Dict[str, torch.Tensor]:
+    """Adapt a SAM state dict made for any input size to `cfg.image_size`.
+
+    `pos_embed` is resized bilinearly to the token grid; the relative-position
+    tables of the global-attention blocks (taken from `cfg.global_attn_indexes`,
+    never guessed from key names) are resized linearly to `2 * grid - 1`.
+    Windowed blocks keep their `2 * window_size - 1` tables.
+    """
+    out = dict(state)
+    key = "image_encoder.pos_embed"
+    if key in out:
+        out[key] = resize_pos_embed(out[key], cfg.grid)
+    for i in cfg.global_attn_indexes:
+        for axis in ("h", "w"):
+            key = f"image_encoder.blocks.{i}.attn.rel_pos_{axis}"
+            if key in out:
+                out[key] = resize_rel_pos(out[key], 2 * cfg.grid - 1)
+    return out
+
+
+def expected_sam_shapes(cfg: ICMoEConfig) -> Dict[str, Tuple[int, ...]]:
+    """Key -> shape of the SAM state dict for `cfg` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        parts = {
+            "image_encoder.": build_image_encoder(cfg),
+            "prompt_encoder.": build_prompt_encoder(cfg),
+            "mask_decoder.": build_mask_decoder(cfg),
+        }
+    shapes = {}
+    for prefix, module in parts.items():
+        for k, v in module.state_dict().items():
+            shapes[prefix + k] = tuple(v.shape)
+    return shapes
+
+
+def read_sam_checkpoint(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
+    """Read a SAM checkpoint file into a state dict, with one-line errors for bad files."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such SAM checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first})") from None
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return obj
+
+
+def _describe_encoder(state: Dict[str, torch.Tensor]) -> Tuple[int, int]:
+    """(width, number of blocks) of the image encoder held in a SAM state dict."""
+    w = state.get("image_encoder.patch_embed.proj.weight")
+    width = int(w.shape[0]) if w is not None else -1
+    blocks = {int(m.group(1)) for k in state for m in [re.match(r"image_encoder\.blocks\.(\d+)\.", k)] if m}
+    return width, len(blocks)
+
+
+def load_sam_state_dict(path: str | os.PathLike, cfg: ICMoEConfig) -> Dict[str, torch.Tensor]:
+    """Load a SAM checkpoint (official format) for `cfg`, resized to `cfg.image_size`.
+
+    Arguments:
+      path: a file holding SAM's state dict (`image_encoder.*`, `prompt_encoder.*`,
+        `mask_decoder.*`), e.g. `sam_vit_b_01ec64.pth`, made for any input size.
+      cfg (ICMoEConfig): the configuration to load it for.
+
+    Returns:
+      dict: the state dict with `pos_embed` and global rel-pos tables resized.
+
+    Raises:
+      CheckpointError: truncated/unreadable file, another model type, missing,
+        unexpected or misshapen keys. The message names the file and the problem.
+    """
+    path = os.fspath(path)
+    state = read_sam_checkpoint(path)
+    if not any(k.startswith(PREFIXES) for k in state):
+        raise CheckpointError(
+            f"{path}: not a SAM checkpoint (no image_encoder./prompt_encoder./mask_decoder. keys)"
+        )
+    width, blocks = _describe_encoder(state)
+    if width not in (-1, cfg.embed_dim) or (blocks and blocks != cfg.depth):
+        raise CheckpointError(
+            f"{path}: holds an image encoder {width} wide with {blocks} blocks, "
+            f"but config {cfg.name!r} needs {cfg.embed_dim} wide with {cfg.depth} blocks"
+        )
+    expected = expected_sam_shapes(cfg)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} keys missing, e.g. {missing[0]}")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+    state = resize_sam_state_dict(state, cfg)
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise CheckpointError(
+                f"{path}: {k} has shape {tuple(state[k].shape)}, config {cfg.name!r} needs {shape}"
+            )
+    return state
+
+
+def split_sam_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{'image_encoder': {...}, 'prompt_encoder': {...}, 'mask_decoder': {...}} without prefixes."""
+    parts: Dict[str, Dict[str, torch.Tensor]] = {p[:-1]: {} for p in PREFIXES}
+    for k, v in state.items():
+        head, _, rest = k.partition(".")
+        parts[head][rest] = v
+    return parts
