@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -25,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from icmoe.config import ICMoEConfig
-from icmoe.io import PathLike, atomic_path, atomic_write_json, sha256_file
+from icmoe.io import PathLike, atomic_write_json, sha256_file
 from icmoe.sam import CheckpointError
 
 FORMAT = "icmoe-checkpoint"
@@ -56,11 +57,17 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     cfg: ICMoEConfig = model.config
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(directory / "weights.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "config": cfg.name})
-        sha = sha256_file(tmp)
+    # The weights file is named by its content, so it is only known once written.
+    fd, tmp_name = tempfile.mkstemp(prefix=".weights.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(state, tmp_name, metadata={"format": FORMAT, "config": cfg.name})
+        sha = sha256_file(tmp_name)
         weights_name = f"weights-{sha[:12]}.safetensors"
-        os.replace(tmp, directory / weights_name)
+        os.replace(tmp_name, directory / weights_name)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
     meta = {
         "format": FORMAT,
         "version": VERSION,

@@ -52,7 +52,9 @@ def choose_candidates(distances: torch.Tensor, *, balance: bool = False, thresho
     depends on that sample alone). With balancing: samples are taken in batch
     order; a candidate already chosen more than `threshold` times in the batch
     is dropped for the sample and the next best (stable order) is taken.
-    `threshold` defaults to ceil(B / 3).
+    `threshold` defaults to ceil(B / 3), with which some candidate is always
+    available; with a smaller custom threshold, once every candidate is over
+    it the least-used one (best first among equals) is taken.
     """
     if not balance:
         return torch.argmin(distances, dim=1)  # first minimum on ties
@@ -62,7 +64,9 @@ def choose_candidates(distances: torch.Tensor, *, balance: bool = False, thresho
     counts = [0] * NUM_CANDIDATES
     chosen = []
     for ranks in order:
-        pick = next((c for c in ranks if counts[c] <= thr), ranks[0])
+        pick = next((c for c in ranks if counts[c] <= thr), None)
+        if pick is None:
+            pick = min(ranks, key=lambda c: counts[c])  # min keeps rank order among equal counts
         counts[pick] += 1
         chosen.append(pick)
     return torch.tensor(chosen, dtype=torch.int64, device=distances.device)
