@@ -56,6 +56,9 @@ class _ICMoEBase(nn.Module):
         self.decoders = decoders
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
+        # Inference voting function (same signature as icmoe.voting.ppav). engines.voting_op.install
+        # swaps in the fused-kernel op for eager GPU inference; training (a target) always uses ppav.
+        self.voter = ppav
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Check (B, 3, S, S) float RGB 0..255 and apply SAM's normalisation."""
@@ -108,7 +111,8 @@ class _ICMoEBase(nn.Module):
         (z0, z1, z2), feats = self.experts(images)
         if balance is None:
             balance = target is not None
-        vote = ppav(z0, z1, z2, alpha=self.alpha, target=target, balance=balance)
+        voter = ppav if target is not None else self.voter
+        vote = voter(z0, z1, z2, alpha=self.alpha, target=target, balance=balance)
         if target is None:
             return vote
         return TrainOutput(vote.logits, vote.mask, vote.expert, (z0, z1, z2), feats)
