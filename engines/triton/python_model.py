@@ -1,0 +1,107 @@
+"""Triton python-backend model: IC-MoE through the project's ONNX Runtime engine.
+
+`python -m engines.triton` copies this file to `<repository>/<name>_python/1/model.py`, next to a copy of
+the build (`1/build/`). Triton's python backend runs it in its stub process, which embeds the system's
+libpython rather than the environment that generated the repository, so `initialize` first puts the
+paths from the config's `python_path` parameter on sys.path (as site dirs, so editable installs work).
+
+Dynamic batching hands `execute` several requests at once: their images are stacked, run as one batch
+(in chunks of at most `max_batch_size`), and the outputs split back per request.
+
+Tensors cross the stub boundary through DLPack (`np.from_dlpack`, `Tensor.from_dlpack`): the stub's
+`as_numpy()` and `Tensor(name, ndarray)` were compiled against NumPy 1's C ABI and read NumPy 2
+arrays wrongly (zeros, empty outputs), while DLPack is ABI-stable.
+"""
+
+import json
+import os
+import site
+import sys
+
+import triton_python_backend_utils as pb_utils
+
+
+def _quiet_capsule_destructor(unraisable, _previous=sys.unraisablehook):
+    # The stub renames the DLPack capsules it consumes with a name NumPy's capsule destructor does
+    # not know, which then reports a harmless "PyCapsule_GetPointer called with incorrect name"
+    # for every output. Ownership is the stub's, so nothing leaks; only that message is dropped.
+    if isinstance(unraisable.exc_value, ValueError) and "PyCapsule_GetPointer" in str(unraisable.exc_value):
+        return
+    _previous(unraisable)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        for path in reversed([p for p in params.get("python_path", "").split(os.pathsep) if p]):
+            site.addsitedir(path)
+            if path in sys.path:  # addsitedir appends: put the environment first
+                sys.path.remove(path)
+            sys.path.insert(0, path)
+        sys.unraisablehook = _quiet_capsule_destructor
+
+        import numpy as np
+
+        from engines.onnxruntime import OnnxRuntimeEngine
+
+        self.np = np
+        self.max_batch = max(1, int(config.get("max_batch_size", 1)))
+        build_dir = os.path.join(args["model_repository"], args["model_version"], "build")
+        precision = params.get("precision") or None
+        self.engine = OnnxRuntimeEngine.from_build(build_dir, precision=precision)
+        self.engine.activate()
+        self.output_names = [o["name"] for o in config["output"]]
+
+    def execute(self, requests):
+        np = self.np
+        images, errors = [], {}
+        for i, request in enumerate(requests):
+            tensor = pb_utils.get_input_tensor_by_name(request, "image")
+            if tensor is None:  # Triton checks inputs first; this is a second line of defence
+                errors[i] = "missing input 'image'"
+                continue
+            images.append((i, np.from_dlpack(tensor)))
+        responses = [None] * len(requests)
+        for i, message in errors.items():
+            responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+        # Stack requests in chunks of at most max_batch images (dynamic batching never sends more
+        # in total, but a chunked loop keeps that an assumption we do not rely on).
+        chunks, current, count = [], [], 0
+        for item in images:
+            n = item[1].shape[0]
+            if current and count + n > self.max_batch:
+                chunks.append(current)
+                current, count = [], 0
+            current.append(item)
+            count += n
+        if current:
+            chunks.append(current)
+        for chunk in chunks:
+            self._run(chunk, responses)
+        return responses
+
+    def _run(self, chunk, responses):
+        np = self.np
+        try:
+            batch = np.concatenate([x for _, x in chunk], axis=0) if len(chunk) > 1 else chunk[0][1]
+            out = self.engine.infer(batch)  # logits (B,1,S,S) f32, mask (B,1,S,S) u8, expert (B,) i32
+        except Exception as e:  # one line per failed request; the model keeps serving
+            message = f"{type(e).__name__}: {e}".splitlines()[0]
+            for i, _ in chunk:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+            return
+        start = 0
+        for i, x in chunk:
+            stop = start + x.shape[0]
+            tensors = []
+            for name in self.output_names:
+                value = out[name][start:stop]
+                if value.ndim == 1:  # (b,) -> (b, 1): the config exposes batch-only tensors with dims [1]
+                    value = value.reshape(-1, 1)
+                tensors.append(pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(value)))
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+            start = stop
+
+    def finalize(self):
+        self.engine.deactivate()

@@ -1,0 +1,228 @@
+"""Triton Inference Server model repository from a build directory.
+
+    model_repository/
+      icmoe_tensorrt/      backend tensorrt, platform tensorrt_plan   (build has model.plan)
+        config.pbtxt
+        1/model.plan
+      icmoe_onnxruntime/   backend onnxruntime, platform onnxruntime_onnx (full Triton installations)
+        config.pbtxt
+        1/model.onnx
+      icmoe_python/        backend python: the project's ONNX Runtime engine (any Triton, including
+        config.pbtxt       the server that ships in the nvidia-pytriton wheel, which has only this backend)
+        1/model.py
+        1/build/{manifest.json, model.onnx[, model.fp16.onnx]}
+
+Every config is built as Triton's own `ModelConfig` protobuf message (from `tritonclient.grpc`) and
+written in its text format, then parsed back, so what lands on disk is a valid model config.
+The batch axis is Triton's: `max_batch_size` is the build's largest batch, dims leave it out, and
+`expert` (shape (B,) in the graphs) is exposed as (B, 1) through `reshape`, as Triton requires for
+tensors that are only a batch axis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from icmoe.io import PathLike, atomic_write_bytes
+
+from engines.base import EngineError
+
+CONFIG_NAME = "config.pbtxt"
+VERSION = "1"
+KINDS = ("tensorrt", "onnxruntime", "python")
+PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("python_model.py")
+# Triton data types of the numpy dtypes the manifest names.
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8", "int32": "TYPE_INT32",
+                 "int64": "TYPE_INT64", "bool": "TYPE_BOOL"}
+
+
+class RepositoryError(EngineError):
+    """A build that cannot be turned into a model repository, or an invalid config (one line)."""
+
+
+@dataclass
+class RepositoryOptions:
+    name: str = "icmoe"  # model names are <name>_<kind>
+    instances: int = 1  # instance_group count per model (CPU instances: each runs its own session)
+    max_queue_delay_us: int = 2000  # dynamic batching: how long a request may wait for others
+    python_path: Optional[List[str]] = None  # sys.path entries for the python backend (default: this environment's)
+
+
+def _model_config_pb2():
+    try:
+        from tritonclient.grpc import model_config_pb2  # lazy: optional dependency
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RepositoryError(f"writing Triton configs needs tritonclient[grpc] (pip install 'tritonclient[grpc]'): {e}") from None
+    return model_config_pb2
+
+
+def parse_config(path_or_text) -> Any:
+    """Parse a config.pbtxt with Triton's model-config protobuf.
+
+    Arguments:
+      path_or_text: a config.pbtxt path, or its text.
+
+    Returns:
+      tritonclient.grpc.model_config_pb2.ModelConfig
+
+    Raises:
+      RepositoryError: not a valid Triton model config (one line with protobuf's reason).
+    """
+    from google.protobuf import text_format
+
+    pb2 = _model_config_pb2()
+    is_text = isinstance(path_or_text, str) and ("\n" in path_or_text or "{" in path_or_text)
+    if not is_text and Path(path_or_text).is_file():
+        text, where = Path(path_or_text).read_text(), str(path_or_text)
+    else:
+        text, where = str(path_or_text), "config text"
+    try:
+        return text_format.Parse(text, pb2.ModelConfig())
+    except text_format.ParseError as e:
+        raise RepositoryError(f"{where}: not a valid Triton model config ({e})") from None
+
+
+def _io_entries(pb2, specs: Sequence[Dict[str, Any]], cls) -> list:
+    entries = []
+    for spec in specs:
+        shape = list(spec["shape"])
+        if shape[0] != "batch":
+            raise RepositoryError(f"tensor {spec['name']!r}: expected a leading 'batch' axis, got shape {shape}")
+        dtype = TRITON_DTYPES.get(spec["dtype"])
+        if dtype is None:
+            raise RepositoryError(f"tensor {spec['name']!r}: dtype {spec['dtype']!r} has no Triton type")
+        dims = [int(d) for d in shape[1:]]
+        entry = cls(name=spec["name"], data_type=pb2.DataType.Value(dtype), dims=dims or [1])
+        if not dims:
+            # A (B,) tensor: Triton needs non-empty dims, so expose (B, 1) and reshape to (B,) for the model.
+            entry.reshape.SetInParent()
+        entries.append(entry)
+    return entries
+
+
+def model_config(manifest: Dict[str, Any], kind: str, options: RepositoryOptions) -> Any:
+    """The ModelConfig message of one kind of model for a build's manifest."""
+    pb2 = _model_config_pb2()
+    if kind not in KINDS:
+        raise RepositoryError(f"unknown model kind {kind!r} (choose from {', '.join(KINDS)})")
+    bmin, bopt, bmax = (int(manifest["batch"][k]) for k in ("min", "opt", "max"))
+    if bmin != 1:
+        raise RepositoryError(f"Triton batches from 1, but this build's smallest batch is {bmin}")
+    cfg = pb2.ModelConfig(name=f"{options.name}_{kind}", max_batch_size=bmax)
+    if kind == "tensorrt":
+        cfg.backend, cfg.platform, cfg.default_model_filename = "tensorrt", "tensorrt_plan", "model.plan"
+        group = pb2.ModelInstanceGroup.Kind.Value("KIND_GPU")
+    elif kind == "onnxruntime":
+        cfg.backend, cfg.platform, cfg.default_model_filename = "onnxruntime", "onnxruntime_onnx", "model.onnx"
+        group = pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
+    else:
+        cfg.backend = "python"
+        group = pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
+        python_path = options.python_path if options.python_path is not None else default_python_path()
+        cfg.parameters["python_path"].string_value = os.pathsep.join(python_path)
+        cfg.parameters["precision"].string_value = str(manifest["precision"])
+    cfg.input.extend(_io_entries(pb2, manifest["inputs"], pb2.ModelInput))
+    cfg.output.extend(_io_entries(pb2, manifest["outputs"], pb2.ModelOutput))
+    preferred = sorted({b for b in (bopt, bmax) if 1 < b <= bmax})
+    cfg.dynamic_batching.preferred_batch_size.extend(preferred)
+    cfg.dynamic_batching.max_queue_delay_microseconds = int(options.max_queue_delay_us)
+    cfg.instance_group.add(kind=group, count=int(options.instances))
+    return cfg
+
+
+def default_python_path() -> List[str]:
+    """What the python backend's stub needs on sys.path to import this project and its dependencies.
+
+    The stub embeds the system's libpython, not this environment's interpreter, so it does not see
+    this environment's packages by itself: this environment's site-packages (processed as site dirs,
+    so editable installs work) and the directory that holds the `engines` package.
+    """
+    paths = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    project_root = str(Path(__file__).resolve().parents[2])
+    return list(dict.fromkeys([project_root, *paths]))
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Hard-link (no copy of big graphs) or copy `src` to `dst`, atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _write_model(out_dir: Path, cfg, files: Dict[str, Path], template: Optional[Path] = None) -> Path:
+    from google.protobuf import text_format
+
+    model_dir = out_dir / cfg.name
+    version_dir = model_dir / VERSION
+    version_dir.mkdir(parents=True, exist_ok=True)
+    for rel, src in files.items():
+        dst = version_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _place(src, dst)
+    if template is not None:
+        atomic_write_bytes(version_dir / "model.py", template.read_bytes())
+    text = text_format.MessageToString(cfg)
+    parse_config(text)  # what is written must read back
+    atomic_write_bytes(model_dir / CONFIG_NAME, text.encode())
+    return model_dir
+
+
+def make_repository(
+    build_dir: PathLike,
+    out_dir: PathLike,
+    *,
+    kinds: Optional[Sequence[str]] = None,
+    options: Optional[RepositoryOptions] = None,
+    log=print,
+) -> List[Path]:
+    """Write a Triton model repository for a build directory.
+
+    Arguments:
+      build_dir: a build directory with manifest.json (`python -m export.build`).
+      out_dir: the model repository (created; existing models of the same names are updated).
+      kinds: which models to write; default: `tensorrt` if the build has model.plan, else
+        `onnxruntime` and `python`.
+      options: model names, instance count, batching delay, python backend's sys.path.
+      log: where to say what was written.
+
+    Returns:
+      The model directories written.
+
+    Raises:
+      RepositoryError / ManifestError: one line naming the problem (missing or damaged artifact, ...).
+    """
+    from export.manifest import artifact_path, read_manifest
+
+    build_dir, out_dir = Path(build_dir), Path(out_dir)
+    options = options or RepositoryOptions()
+    manifest = read_manifest(build_dir)
+    artifacts = manifest.get("artifacts", {})
+    graph = "model.fp16.onnx" if manifest["precision"] == "fp16" and "model.fp16.onnx" in artifacts else "model.onnx"
+    if kinds is None:
+        kinds = ["tensorrt"] if "model.plan" in artifacts else ["onnxruntime", "python"]
+    written = []
+    for kind in kinds:
+        cfg = model_config(manifest, kind, options)
+        if kind == "tensorrt":
+            if "model.plan" not in artifacts:
+                raise RepositoryError(f"{build_dir}: no model.plan in this build (build it on a GPU host with TensorRT)")
+            files = {"model.plan": artifact_path(build_dir, "model.plan")}
+            written.append(_write_model(out_dir, cfg, files))
+        elif kind == "onnxruntime":
+            written.append(_write_model(out_dir, cfg, {"model.onnx": artifact_path(build_dir, graph)}))
+        else:
+            files = {f"build/{n}": artifact_path(build_dir, n) for n in artifacts if n.endswith(".onnx")}
+            files["build/manifest.json"] = build_dir / "manifest.json"
+            written.append(_write_model(out_dir, cfg, files, template=PYTHON_MODEL_TEMPLATE))
+        log(f"wrote {written[-1]} ({cfg.backend}, max_batch_size {cfg.max_batch_size})")
+    return written

@@ -1,0 +1,316 @@
+"""Run the `tritonserver` that ships in the nvidia-pytriton wheel on a model repository.
+
+PyTriton's own Python API (`Triton.bind`) fails on Python 3.11 here, and its package pins NumPy < 2,
+so this module does not import or install it: it drives the wheel's server binary directly.
+
+    server root (the wheel's files):  pytriton/tritonserver/{bin/tritonserver, backends/python/,
+                                      python_backend_stubs/<X.Y>/triton_python_backend_stub}
+                                      nvidia_pytriton.libs/ (the server's shared libraries)
+
+`find_server()` looks for it in an installed `pytriton` package (`pip install --no-deps
+nvidia-pytriton`), then in the cache (`$XDG_CACHE_HOME/icmoe/`, default `~/.cache/icmoe/`), and
+`fetch_server()` fills the cache with `pip download --no-deps nvidia-pytriton==0.7.0` (the package
+index only, no other network access). That server has only the python backend: serve the
+repository's `<name>_python` model with it.
+
+The python backend runs each model instance in a stub process that embeds libpython; the backend
+folder is a copy of the wheel's with the stub for this interpreter's version, and LD_LIBRARY_PATH
+puts this interpreter's libpython first so the stub runs the same Python build.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from icmoe.io import PathLike
+
+from engines.base import EngineError
+
+PYTRITON_VERSION = "0.7.0"
+WHEEL_PARTS = ("pytriton/tritonserver/", "nvidia_pytriton.libs/")
+
+
+class ServerError(EngineError):
+    """The Triton server cannot be found, started or stopped (one line)."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "icmoe" / f"pytriton-{PYTRITON_VERSION}"
+
+
+def _is_server_root(root: Path) -> bool:
+    return (root / "pytriton/tritonserver/bin/tritonserver").is_file() and (root / "nvidia_pytriton.libs").is_dir()
+
+
+def find_server() -> Optional[Path]:
+    """The root holding `pytriton/tritonserver/` and `nvidia_pytriton.libs/`, or None.
+
+    Looks at $ICMOE_PYTRITON_ROOT, an installed `pytriton` package (found without importing it) and the cache.
+    """
+    import importlib.util
+
+    candidates = []
+    if os.environ.get("ICMOE_PYTRITON_ROOT"):
+        candidates.append(Path(os.environ["ICMOE_PYTRITON_ROOT"]))
+    spec = importlib.util.find_spec("pytriton")
+    if spec is not None and spec.submodule_search_locations:
+        candidates.append(Path(list(spec.submodule_search_locations)[0]).parent)
+    candidates.append(cache_dir())
+    return next((c for c in candidates if _is_server_root(c)), None)
+
+
+def fetch_server(*, log=print) -> Path:
+    """Download the nvidia-pytriton wheel with pip (no dependencies) and unpack its server into the cache.
+
+    Returns:
+      The server root (see `find_server`).
+    """
+    found = find_server()
+    if found is not None:
+        return found
+    dest = cache_dir()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        log(f"downloading nvidia-pytriton=={PYTRITON_VERSION} (the Triton server binary, ~55 MB) with pip ...")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "--dest", tmp, f"nvidia-pytriton=={PYTRITON_VERSION}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        wheels = list(Path(tmp).glob("nvidia_pytriton-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise ServerError(f"could not download nvidia-pytriton=={PYTRITON_VERSION} with pip: {last}")
+        unpacked = Path(tmp) / "unpacked"
+        with zipfile.ZipFile(wheels[0]) as zf:
+            for info in zf.infolist():
+                if info.filename.startswith(WHEEL_PARTS):
+                    zf.extract(info, unpacked)
+                    mode = info.external_attr >> 16
+                    if mode:
+                        os.chmod(unpacked / info.filename, mode & 0o7777)
+        if not _is_server_root(unpacked):
+            raise ServerError(f"{wheels[0].name}: no pytriton/tritonserver/bin/tritonserver inside")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(unpacked, dest)  # atomic: a half-unpacked server is never found
+    log(f"Triton server unpacked to {dest}")
+    return dest
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _backend_dir(root: Path, dest: Path) -> Path:
+    """A copy of the wheel's backends/ with the python stub for this interpreter."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "pytriton/tritonserver/python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"the nvidia-pytriton {PYTRITON_VERSION} wheel has no python backend stub for Python {version}")
+    shutil.copytree(root / "pytriton/tritonserver/backends", dest)
+    shutil.copy2(stub, dest / "python" / stub.name)
+    for exe in (dest / "python" / stub.name, root / "pytriton/tritonserver/bin/tritonserver"):
+        exe.chmod(exe.stat().st_mode | 0o111)
+    return dest
+
+
+class TritonServer:
+    """The wheel's tritonserver on 127.0.0.1, as a context manager.
+
+    Arguments:
+      repository: the model repository.
+      models: models to load (explicit model control); None loads all.
+      http_port, grpc_port, metrics_port: 0 picks free ports.
+      root: the server root (default: `fetch_server()`).
+      startup_timeout: seconds to wait for readiness.
+      log_path: server log file (default: inside the server's temporary folder).
+    """
+
+    def __init__(
+        self,
+        repository: PathLike,
+        *,
+        models: Optional[Sequence[str]] = None,
+        http_port: int = 0,
+        grpc_port: int = 0,
+        metrics_port: int = 0,
+        root: Optional[PathLike] = None,
+        startup_timeout: float = 120.0,
+        log_path: Optional[PathLike] = None,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self.models = list(models) if models is not None else None
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.root = Path(root) if root is not None else None
+        self.startup_timeout = startup_timeout
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.process: Optional[subprocess.Popen] = None
+        self._tmp: Optional[tempfile.TemporaryDirectory] = None
+        self._log_file = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def command(self, backend_dir: Path) -> List[str]:
+        root = self.root or fetch_server()
+        cmd = [
+            str(root / "pytriton/tritonserver/bin/tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backend_dir}",
+            "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--exit-timeout-secs=20",
+        ]
+        if self.models is not None:
+            cmd.append("--model-control-mode=explicit")
+            cmd += [f"--load-model={m}" for m in self.models]
+        return cmd
+
+    def environment(self) -> Dict[str, str]:
+        root = self.root or fetch_server()
+        env = dict(os.environ)
+        libs = [str(root / "nvidia_pytriton.libs")]
+        if sysconfig.get_config_var("Py_ENABLE_SHARED"):  # the stub then loads this interpreter's libpython
+            libs.insert(0, str(sysconfig.get_config_var("LIBDIR")))
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
+        return env
+
+    def start(self) -> "TritonServer":
+        if self.process is not None:
+            return self
+        self.root = Path(self.root) if self.root is not None else fetch_server()
+        self._tmp = tempfile.TemporaryDirectory(prefix="icmoe-triton-")
+        backend_dir = _backend_dir(self.root, Path(self._tmp.name) / "backends")
+        if self.log_path is None:
+            self.log_path = Path(self._tmp.name) / "tritonserver.log"
+        self._log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            self.command(backend_dir), env=self.environment(), stdout=self._log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() reaches the stubs it spawned too
+        )
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log_tail(self, lines: int = 20) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_ready(self) -> None:
+        """Poll the HTTP readiness endpoint until the server and its models are ready."""
+        import tritonclient.http as httpclient  # lazy: optional dependency
+
+        deadline = time.monotonic() + self.startup_timeout
+        client = httpclient.InferenceServerClient(self.http_url, connection_timeout=2.0, network_timeout=2.0)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting; "
+                                      f"log {self.log_path}: {self.log_tail(1)}")
+                try:
+                    if client.is_server_ready() and all(client.is_model_ready(m) for m in (self.models or [])):
+                        return
+                except Exception:  # not listening yet
+                    pass
+                time.sleep(0.25)
+        finally:
+            client.close()
+        raise ServerError(f"tritonserver not ready after {self.startup_timeout:.0f} s; log {self.log_path}")
+
+    def stop(self, timeout: float = 30.0) -> Optional[int]:
+        """SIGTERM, wait, then SIGKILL the process group if it hangs. Returns the exit code."""
+        if self.process is None:
+            return None
+        code = self.process.poll()
+        if code is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                code = self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                code = self.process.wait(timeout=10)
+        try:  # stubs left behind by a crashed server
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except OSError:  # none left (the usual case)
+            pass
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        self.exit_code = code
+        self.process = None
+        return code
+
+    def cleanup(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.cleanup()
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m engines.triton.server",
+                                     description="Serve a model repository with the tritonserver of the nvidia-pytriton wheel.")
+    parser.add_argument("repository", help="model repository (python -m engines.triton BUILD_DIR --out DIR)")
+    parser.add_argument("--model", action="append", help="model to load (repeatable; default: every *_python model)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--fetch-only", action="store_true", help="only download and unpack the server, print its root")
+    args = parser.parse_args(argv)
+    try:
+        root = fetch_server(log=lambda m: print(m, file=sys.stderr))
+        if args.fetch_only:
+            print(root)
+            return 0
+        models = args.model or sorted(p.name for p in Path(args.repository).iterdir() if p.name.endswith("_python"))
+        server = TritonServer(args.repository, models=models, http_port=args.http_port, grpc_port=args.grpc_port,
+                              metrics_port=args.metrics_port, root=root)
+        with server:
+            print(f"serving {', '.join(models)}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C stops)", flush=True)
+            try:
+                while server.process.poll() is None:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+    except (EngineError, OSError, ValueError) as e:
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
