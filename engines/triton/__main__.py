@@ -24,8 +24,11 @@ def main(argv=None) -> int:
     parser.add_argument("--instances", type=int, default=1, help="instances per model (default: %(default)s)")
     parser.add_argument("--max-queue-delay-us", type=int, default=2000,
                         help="dynamic batching: longest wait for more requests, microseconds (default: %(default)s)")
+    parser.add_argument("--precision", choices=("fp32", "fp16"),
+                        help="ONNX graph the onnxruntime/python models serve (default: the build's precision)")
     args = parser.parse_args(argv)
-    options = RepositoryOptions(name=args.name, instances=args.instances, max_queue_delay_us=args.max_queue_delay_us)
+    options = RepositoryOptions(name=args.name, instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
+                                precision=args.precision)
     try:
         make_repository(args.build_dir, args.out, kinds=args.kind, options=options)
     except (EngineError, ValueError, OSError) as e:  # ManifestError is a ValueError

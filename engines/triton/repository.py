@@ -52,6 +52,7 @@ class RepositoryOptions:
     instances: int = 1  # instance_group count per model (CPU instances: each runs its own session)
     max_queue_delay_us: int = 2000  # dynamic batching: how long a request may wait for others
     python_path: Optional[List[str]] = None  # sys.path entries for the python backend (default: this environment's)
+    precision: Optional[str] = None  # graph served by onnxruntime/python models: "fp32" or "fp16" (default: the build's)
 
 
 def _model_config_pb2():
@@ -126,7 +127,7 @@ def model_config(manifest: Dict[str, Any], kind: str, options: RepositoryOptions
         group = pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
         python_path = options.python_path if options.python_path is not None else default_python_path()
         cfg.parameters["python_path"].string_value = os.pathsep.join(python_path)
-        cfg.parameters["precision"].string_value = str(manifest["precision"])
+        cfg.parameters["precision"].string_value = options.precision or str(manifest["precision"])
     cfg.input.extend(_io_entries(pb2, manifest["inputs"], pb2.ModelInput))
     cfg.output.extend(_io_entries(pb2, manifest["outputs"], pb2.ModelOutput))
     preferred = sorted({b for b in (bopt, bmax) if 1 < b <= bmax})
@@ -198,6 +199,8 @@ def make_repository(
     Returns:
       The model directories written.
 
+    The onnxruntime and python models serve the graph of `options.precision` (default: the build's).
+
     Raises:
       RepositoryError / ManifestError: one line naming the problem (missing or damaged artifact, ...).
     """
@@ -207,7 +210,10 @@ def make_repository(
     options = options or RepositoryOptions()
     manifest = read_manifest(build_dir)
     artifacts = manifest.get("artifacts", {})
-    graph = "model.fp16.onnx" if manifest["precision"] == "fp16" and "model.fp16.onnx" in artifacts else "model.onnx"
+    precision = options.precision or manifest["precision"]
+    graph = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}.get(precision)
+    if graph is None:
+        raise RepositoryError(f"unknown precision {precision!r} (choose fp32 or fp16)")
     if kinds is None:
         kinds = ["tensorrt"] if "model.plan" in artifacts else ["onnxruntime", "python"]
     written = []
@@ -221,7 +227,7 @@ def make_repository(
         elif kind == "onnxruntime":
             written.append(_write_model(out_dir, cfg, {"model.onnx": artifact_path(build_dir, graph)}))
         else:
-            files = {f"build/{n}": artifact_path(build_dir, n) for n in artifacts if n.endswith(".onnx")}
+            files = {f"build/{graph}": artifact_path(build_dir, graph)}
             files["build/manifest.json"] = build_dir / "manifest.json"
             written.append(_write_model(out_dir, cfg, files, template=PYTHON_MODEL_TEMPLATE))
         log(f"wrote {written[-1]} ({cfg.backend}, max_batch_size {cfg.max_batch_size})")

@@ -1,0 +1,109 @@
+"""C++ embedding: CMake projects in this folder and the Python helpers that feed and build them.
+
+    aoti/icmoe_aoti.cpp        CPU: an AOTInductor package (.pt2, `python -m engines.cpp.aoti`) through libtorch
+    tensorrt/icmoe_trt.cpp     GPU: a TensorRT engine (model.plan) through the TensorRT 10 C++ runtime
+    common/image_io.h          binary PPM/PGM reading, PGM mask writing (no image library needed)
+
+`build_programs()` configures and builds them with CMake against the torch wheel's headers and libraries.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from icmoe.io import PathLike, atomic_path
+
+from engines.base import EngineError
+
+SOURCE_DIR = Path(__file__).resolve().parent
+
+
+class BuildError(EngineError):
+    """CMake could not configure or build the C++ programs (one line; the full log is in the build folder)."""
+
+
+def build_programs(build_dir: PathLike, *, targets: Sequence[str] = ("icmoe_aoti",), jobs: int = 2,
+                   extra_args: Sequence[str] = (), log=print) -> Path:
+    """Configure and build the C++ programs with CMake.
+
+    Arguments:
+      build_dir: CMake build folder (created).
+      targets: targets to build (`icmoe_aoti`; `icmoe_trt` only exists where TensorRT was found).
+      jobs: parallel compile jobs.
+      extra_args: more `cmake -D...` arguments.
+      log: where progress lines go.
+
+    Returns:
+      The build folder; programs are at `<build_dir>/<subdir>/<target>` (see `program_path`).
+    """
+    import torch.utils
+
+    build_dir = Path(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    configure = ["cmake", "-S", str(SOURCE_DIR), "-B", str(build_dir), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+                 *extra_args]
+    build = ["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets]
+    for step, cmd in (("configure", configure), ("build", build)):
+        log(f"cmake {step}: {' '.join(cmd)}")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        (build_dir / f"icmoe-{step}.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            errors = [l for l in (proc.stdout + proc.stderr).splitlines() if "error" in l.lower()] or ["(no error line)"]
+            raise BuildError(f"cmake {step} failed: {errors[0].strip()} (log: {build_dir / f'icmoe-{step}.log'})")
+    return build_dir
+
+
+def program_path(build_dir: PathLike, target: str = "icmoe_aoti") -> Path:
+    sub = {"icmoe_aoti": "aoti", "icmoe_trt": "tensorrt"}[target]
+    return Path(build_dir) / sub / target
+
+
+def write_ppm(path: PathLike, image) -> Path:
+    """Write one (3, H, W) RGB image in 0..255 (float or uint8) as a binary PPM, the C++ programs' input.
+
+    Float values are rounded to the nearest integer: the program then sees exactly `read_ppm(path)`.
+    """
+    x = np.asarray(image)
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"write_ppm takes one (3, H, W) RGB image, got shape {x.shape}")
+    pixels = np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(1, 2, 0)  # (H, W, 3)
+    header = f"P6\n{x.shape[2]} {x.shape[1]}\n255\n".encode()
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(header + pixels.tobytes())
+    return Path(path)
+
+
+def read_pgm(path: PathLike) -> np.ndarray:
+    """Read a binary PGM (P5, 8-bit, as the programs write masks) -> (H, W) uint8."""
+    data = Path(path).read_bytes()
+    fields, pos = [], 2
+    if data[:2] != b"P5":
+        raise ValueError(f"{path}: not a binary PGM")
+    while len(fields) < 3:
+        while data[pos:pos + 1].isspace():
+            pos += 1
+        start = pos
+        while not data[pos:pos + 1].isspace():
+            pos += 1
+        fields.append(int(data[start:pos]))
+    w, h, _ = fields
+    pixels = np.frombuffer(data[pos + 1:pos + 1 + w * h], np.uint8)
+    if pixels.size != w * h:
+        raise ValueError(f"{path}: truncated PGM")
+    return pixels.reshape(h, w)
+
+
+def run_program(program: PathLike, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one of the programs; returns the completed process (stdout, stderr, returncode)."""
+    return subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+__all__ = ["SOURCE_DIR", "BuildError", "build_programs", "program_path", "write_ppm", "read_pgm", "run_program"]
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use python -m engines.cpp.aoti or python -m engines.cpp.build")
