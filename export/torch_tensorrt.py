@@ -12,8 +12,9 @@ Needs torch-tensorrt, TensorRT and a CUDA GPU; not run in this project's CI.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 from icmoe.io import PathLike, atomic_path
 
@@ -30,7 +31,9 @@ class TorchTensorRTError(RuntimeError):
 def compile_and_save(
     build_dir: PathLike,
     *,
+    model: Optional[Any] = None,
     batch: Tuple[int, int, int] = (1, 1, 8),
+    precision: str = "fp16",
     optimization_level: int = 3,
     log: Callable[[str], None] = print,
 ) -> Path:
@@ -38,7 +41,9 @@ def compile_and_save(
 
     Arguments:
       build_dir: a build directory whose manifest names the checkpoint.
+      model: the eager model to compile (default: load the manifest's checkpoint).
       batch: (min, opt, max) dynamic batch range.
+      precision: "fp16" (autocast, voting/fusion/LayerNorm/softmax kept FP32) or "fp32".
       optimization_level: TensorRT builder optimization level.
       log: where progress lines go.
 
@@ -60,18 +65,25 @@ def compile_and_save(
         raise TorchTensorRTError(f"torch-tensorrt is not installed: {e}") from None
     if not torch.cuda.is_available():
         raise TorchTensorRTError("torch-tensorrt needs a CUDA GPU (torch.cuda.is_available() is False)")
+    if precision not in ("fp16", "fp32"):
+        raise TorchTensorRTError(f"precision must be fp16 or fp32, got {precision!r}")
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
-    ckpt = (manifest.get("checkpoint") or {}).get("path")
-    if not ckpt:
-        raise TorchTensorRTError(f"{build_dir}: the manifest names no checkpoint to compile")
-    ckpt_path = Path(ckpt) if Path(ckpt).is_absolute() else build_dir / ckpt
-    model = icmoe.load(ckpt_path, expect=manifest["model"]["name"]).eval().cuda()
+    if model is None:
+        ckpt = (manifest.get("checkpoint") or {}).get("path")
+        if not ckpt:
+            raise TorchTensorRTError(f"{build_dir}: the manifest names no checkpoint to compile")
+        ckpt_path = Path(ckpt) if Path(ckpt).is_absolute() else build_dir / ckpt
+        model = icmoe.load(ckpt_path, expect=manifest["model"]["name"])
+    else:
+        model = copy.deepcopy(model)  # the caller's model stays where it is (CPU parity checks use it)
+    model = model.eval().cuda()
     s = int(manifest["image_size"])
     bmin, bopt, bmax = batch
     example = torch.rand(max(bopt, 2), 3, s, s, device="cuda") * 255
     dim = torch.export.Dim("batch", min=bmin, max=bmax)
-    log(f"torch-tensorrt {torch_tensorrt.__version__}: exporting and compiling (FP16 autocast, batch {bmin}..{bmax})")
+    fp16 = precision == "fp16"
+    log(f"torch-tensorrt {torch_tensorrt.__version__}: exporting and compiling ({precision}, batch {bmin}..{bmax})")
     with torch.inference_mode(False), torch.no_grad():
         program = torch.export.export(VoteGraph(model), (example,), dynamic_shapes={"image": {0: dim}})
         inputs = [torch_tensorrt.Input(min_shape=(bmin, 3, s, s), opt_shape=(bopt, 3, s, s), max_shape=(bmax, 3, s, s),
@@ -80,9 +92,9 @@ def compile_and_save(
             trt_module = torch_tensorrt.dynamo.compile(
                 program,
                 arg_inputs=inputs,
-                enable_autocast=True,
-                autocast_low_precision_type=torch.float16,
-                autocast_excluded_ops=[_aten(op) for op in FP32_OPS],
+                enable_autocast=fp16,
+                autocast_low_precision_type=torch.float16 if fp16 else None,
+                autocast_excluded_ops=[_aten(op) for op in FP32_OPS] if fp16 else [],
                 min_block_size=1,
                 optimization_level=optimization_level,
             )
@@ -91,7 +103,7 @@ def compile_and_save(
         out = build_dir / TS_NAME
         with atomic_path(out) as tmp:
             torch_tensorrt.save(trt_module, str(tmp), output_format="torchscript", arg_inputs=[example])
-    add_artifact(build_dir, TS_NAME, kind="torch_tensorrt", precision="fp16", format="torchscript",
+    add_artifact(build_dir, TS_NAME, kind="torch_tensorrt", precision=precision, format="torchscript",
                  torch_tensorrt=torch_tensorrt.__version__, batch={"min": bmin, "opt": bopt, "max": bmax})
     log(f"wrote {out}")
     return out
