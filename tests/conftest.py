@@ -18,3 +18,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# --- Shared build fixtures (H4; session-scoped, tiny config, seed 0). Do not modify these dirs:
+# copy them first (shutil.copytree) to damage something.
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Checkpoint folder of a random-init tiny IC-MoE (seed 0), written with icmoe.save_checkpoint."""
+    import torch
+
+    import icmoe
+
+    torch.manual_seed(0)
+    model = icmoe.build_icmoe("tiny")
+    return icmoe.save_checkpoint(model, tmp_path_factory.mktemp("tiny_checkpoint") / "ckpt", dataset="none", epoch=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_checkpoint, tmp_path_factory):
+    """FP32 + FP16 build directory of `tiny_checkpoint` (ONNX Runtime backend, batch 1..4, 16 parity images)."""
+    from export.build import build
+
+    out = tmp_path_factory.mktemp("tiny_build") / "tiny-fp16"
+    return build(tiny_checkpoint, precision="fp16", out=out, batch=(1, 2, 4), backend="onnxruntime",
+                 verify=True, verify_images=16, progress=False, log=lambda _msg: None)

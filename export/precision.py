@@ -1,0 +1,172 @@
+"""FP16: a strongly typed mixed-precision graph made with NVIDIA ModelOpt AutoCast.
+
+TensorRT 11 takes precision from the graph itself (spec section 7), so the FP16
+graph carries its types: the experts run in FP16; LayerNormalization, Softmax (and
+the ReduceMean/Pow/Sqrt of SAM's own LayerNorm2d in the neck and decoder), the
+bilinear upsampling of the expert logits, the voting and the fusion stay FP32.
+Inputs and outputs keep the FP32 graph's types.
+
+The voting and fusion island is found structurally: every node downstream of the
+three `Resize` nodes that upsample the expert logits (they feed only the voting).
+
+Why AutoCast without its `[onnx]` extra: `nvidia-modelopt[onnx]` pins
+onnxruntime-gpu and onnx~=1.21, which would put a second ONNX Runtime next to the
+CPU one. `modelopt.onnx.autocast` itself needs only nvidia-modelopt plus onnxslim,
+ml_dtypes, lief and onnxconverter-common (listed in pyproject.toml); it runs its
+reference inference with the installed CPU ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Callable, List, Set
+
+import onnx
+
+from icmoe.io import PathLike, atomic_path
+
+# Op types kept FP32 wherever they are (numerically sensitive reductions and normalisations).
+FP32_OP_TYPES = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt")
+
+
+class PrecisionError(RuntimeError):
+    """The FP16 conversion failed or produced a graph that breaks the contract."""
+
+
+def voting_island(proto: onnx.ModelProto) -> List[str]:
+    """Names of the nodes that upsample the expert logits, vote and fuse (kept FP32).
+
+    Arguments:
+      proto: the FP32 IC-MoE graph.
+
+    Returns:
+      list[str]: node names, the three logits `Resize` nodes and everything downstream.
+    """
+    g = proto.graph
+    consumers = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    starts = [n for n in g.node if n.op_type == "Resize"]
+    if len(starts) != 3:
+        raise PrecisionError(f"expected 3 Resize nodes (one per expert's logits), found {len(starts)}")
+    seen: Set[str] = set()
+    stack = list(starts)
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        for o in n.output:
+            stack.extend(consumers.get(o, []))
+    return sorted(seen)
+
+
+def convert_fp16(src: PathLike, dst: PathLike, *, log: Callable[[str], None] = print) -> Path:
+    """Convert an FP32 IC-MoE graph to the strongly typed FP16 graph, atomically.
+
+    Arguments:
+      src: the FP32 ONNX file.
+      dst: the FP16 ONNX file to write.
+      log: where progress lines go.
+
+    Returns:
+      Path: `dst`.
+
+    Raises:
+      PrecisionError: AutoCast is missing or failed, or the result breaks the I/O contract.
+    """
+    try:
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+        from modelopt.onnx.logging_config import configure_logging
+    except ImportError as e:
+        raise PrecisionError(f"FP16 needs NVIDIA ModelOpt AutoCast (pip install -e .): {e}") from None
+    src, dst = Path(src), Path(dst)
+    island = voting_island(onnx.load(str(src), load_external_data=False))
+    configure_logging(logging.WARNING)  # AutoCast logs every node at INFO
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            out = convert_to_mixed_precision(
+                onnx_path=str(src),
+                low_precision_type="fp16",
+                nodes_to_exclude=island,
+                op_types_to_exclude=list(FP32_OP_TYPES),
+                keep_io_types=True,
+                providers=["cpu"],
+            )
+    except Exception as e:
+        raise PrecisionError(f"AutoCast FP16 conversion failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    for line in buf.getvalue().splitlines():
+        if line.strip():
+            log(f"  [autocast] {line.strip()}")
+    merged = dedupe_initializers(out)
+    if merged:
+        log(f"fp16: merged {merged} duplicated initializers (AutoCast copies shared weights per consumer)")
+    check_io_types(out)
+    onnx.checker.check_model(out)
+    with atomic_path(dst) as tmp:
+        onnx.save_model(out, str(tmp))
+    return dst
+
+
+def dedupe_initializers(proto: onnx.ModelProto) -> int:
+    """Merge initializers with identical type, shape and bytes (in place); returns how many were dropped.
+
+    AutoCast gives a weight consumed by several nodes one copy per consumer; the frozen ViT's
+    weights are consumed by the trunk, the frozen tail and the adaptive path, so without this
+    pass the FP16 graph would store them several times (spec section 5: stored once).
+    """
+    import hashlib
+
+    g = proto.graph
+    keep, rename = {}, {}
+    kept = []
+    for init in g.initializer:
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(onnx.numpy_helper.to_array(init).tobytes()).hexdigest())
+        if key in keep:
+            rename[init.name] = keep[key]
+        else:
+            keep[key] = init.name
+            kept.append(init)
+    if not rename:
+        return 0
+    outputs = {o.name for o in g.output}
+    rename = {k: v for k, v in rename.items() if k not in outputs}
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    dropped = [i for i in g.initializer if i.name in rename]
+    for init in dropped:
+        g.initializer.remove(init)
+    names = {i.name for i in g.initializer}
+    for vi in [v for v in g.value_info if v.name in rename and v.name not in names]:
+        g.value_info.remove(vi)
+    return len(dropped)
+
+
+def check_io_types(proto: onnx.ModelProto) -> None:
+    """The FP16 graph must keep the FP32 graph's I/O types (float32 in; float32, uint8, int32 out)."""
+    want = {"image": onnx.TensorProto.FLOAT, "logits": onnx.TensorProto.FLOAT,
+            "mask": onnx.TensorProto.UINT8, "expert": onnx.TensorProto.INT32}
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        t = vi.type.tensor_type.elem_type
+        if vi.name in want and t != want[vi.name]:
+            raise PrecisionError(f"{vi.name}: element type {onnx.TensorProto.DataType.Name(t)} "
+                                 f"after conversion, expected {onnx.TensorProto.DataType.Name(want[vi.name])}")
+
+
+def tensor_types(proto: onnx.ModelProto) -> dict:
+    """Element type of every tensor in the graph (after shape inference): name -> TensorProto type."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    g = inferred.graph
+    types = {}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        types[vi.name] = vi.type.tensor_type.elem_type
+    for init in g.initializer:
+        types[init.name] = init.data_type
+    return types
