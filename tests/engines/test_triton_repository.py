@@ -1,0 +1,181 @@
+"""Triton model repositories from build directories: every config.pbtxt parses as Triton's ModelConfig."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the test extra)")
+from google.protobuf import text_format  # noqa: E402
+from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
+
+from engines.triton import RepositoryError, RepositoryOptions, make_repository, parse_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.UINT8: mc.TYPE_UINT8,
+                  onnx.TensorProto.INT32: mc.TYPE_INT32}
+
+
+def _parse(path: Path) -> mc.ModelConfig:
+    """Triton's own parser, independent of the code under test."""
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def cpu_repo(tiny_build, tmp_path_factory):
+    out = tmp_path_factory.mktemp("repo") / "model_repository"
+    make_repository(tiny_build, out, options=RepositoryOptions(instances=2, max_queue_delay_us=500), log=lambda _m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trt_build(tiny_build, tmp_path_factory):
+    """A copy of the tiny build that lists a model.plan (arbitrary bytes: no TensorRT here to build one)."""
+    from export.manifest import add_artifact
+
+    build = tmp_path_factory.mktemp("trt") / "tiny-fp16"
+    shutil.copytree(tiny_build, build)
+    (build / "model.plan").write_bytes(b"not a real engine: this test checks the config only" * 10)
+    add_artifact(build, "model.plan", kind="tensorrt", precision="fp16")
+    return build
+
+
+def _check_io(cfg, manifest):
+    s = manifest["image_size"]
+    assert cfg.max_batch_size == manifest["batch"]["max"] == 4
+    assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [("image", mc.TYPE_FP32, [3, s, s])]
+    outs = {o.name: o for o in cfg.output}
+    assert (outs["logits"].data_type, list(outs["logits"].dims)) == (mc.TYPE_FP32, [1, s, s])
+    assert (outs["mask"].data_type, list(outs["mask"].dims)) == (mc.TYPE_UINT8, [1, s, s])
+    assert (outs["expert"].data_type, list(outs["expert"].dims)) == (mc.TYPE_INT32, [1])
+    assert outs["expert"].HasField("reshape") and list(outs["expert"].reshape.shape) == []
+    assert not outs["logits"].HasField("reshape")
+    assert cfg.HasField("dynamic_batching")
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 4]
+
+
+def test_cpu_repository_layout_and_configs(cpu_repo, tiny_build):
+    from export.manifest import read_manifest
+
+    manifest = read_manifest(tiny_build)
+    assert sorted(p.name for p in cpu_repo.iterdir()) == ["icmoe_onnxruntime", "icmoe_python"]
+    ort = _parse(cpu_repo / "icmoe_onnxruntime/config.pbtxt")
+    assert (ort.name, ort.backend, ort.platform, ort.default_model_filename) == (
+        "icmoe_onnxruntime", "onnxruntime", "onnxruntime_onnx", "model.onnx")
+    py = _parse(cpu_repo / "icmoe_python/config.pbtxt")
+    assert (py.name, py.backend) == ("icmoe_python", "python")
+    for cfg in (ort, py):
+        _check_io(cfg, manifest)
+        assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+        assert [(g.kind, g.count) for g in cfg.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 2)]
+    # The build is FP16: both serve its FP16 graph, byte for byte.
+    assert py.parameters["precision"].string_value == "fp16"
+    graph = (tiny_build / "model.fp16.onnx").read_bytes()
+    assert (cpu_repo / "icmoe_onnxruntime/1/model.onnx").read_bytes() == graph
+    assert (cpu_repo / "icmoe_python/1/build/model.fp16.onnx").read_bytes() == graph
+    assert (cpu_repo / "icmoe_python/1/model.py").read_text().startswith('"""Triton python-backend model')
+    # The python backend's stub must find this project and its packages.
+    paths = py.parameters["python_path"].string_value.split(":")
+    assert str(ROOT) in paths and any(Path(p, "numpy").is_dir() for p in paths)
+
+
+def test_onnxruntime_config_matches_graph(cpu_repo):
+    """What Triton's onnxruntime backend checks at load: names, types and non-batch dims agree with the graph."""
+    cfg = _parse(cpu_repo / "icmoe_onnxruntime/config.pbtxt")
+    graph = onnx.load(str(cpu_repo / "icmoe_onnxruntime/1/model.onnx"), load_external_data=False).graph
+    for tensors, entries in ((graph.input, cfg.input), (graph.output, cfg.output)):
+        by_name = {t.name: t for t in tensors}
+        assert set(by_name) == {e.name for e in entries}
+        for e in entries:
+            t = by_name[e.name].type.tensor_type
+            assert ONNX_TO_TRITON[t.elem_type] == e.data_type, e.name
+            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+            assert isinstance(dims[0], str), f"{e.name}: batch axis not dynamic"
+            model_dims = list(e.reshape.shape) if e.HasField("reshape") else list(e.dims)
+            assert dims[1:] == model_dims, e.name
+
+
+def test_tensorrt_repository(trt_build, tmp_path):
+    out = tmp_path / "repo"
+    make_repository(trt_build, out, log=lambda _m: None)  # a build with a plan -> the tensorrt model only
+    assert [p.name for p in out.iterdir()] == ["icmoe_tensorrt"]
+    cfg = _parse(out / "icmoe_tensorrt/config.pbtxt")
+    assert (cfg.backend, cfg.platform, cfg.default_model_filename) == ("tensorrt", "tensorrt_plan", "model.plan")
+    assert [(g.kind, g.count) for g in cfg.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1)]
+    from export.manifest import read_manifest
+
+    _check_io(cfg, read_manifest(trt_build))
+    assert (out / "icmoe_tensorrt/1/model.plan").read_bytes() == (trt_build / "model.plan").read_bytes()
+
+
+def test_every_written_config_parses(cpu_repo, trt_build, tmp_path):
+    out = tmp_path / "all"
+    make_repository(trt_build, out, kinds=["tensorrt", "onnxruntime", "python"], log=lambda _m: None)
+    configs = sorted(out.glob("*/config.pbtxt")) + sorted(cpu_repo.glob("*/config.pbtxt"))
+    assert len(configs) == 5
+    for path in configs:
+        cfg = parse_config(path)
+        assert cfg.name == path.parent.name and cfg.max_batch_size == 4
+
+
+def test_invalid_config_text_is_refused():
+    with pytest.raises(RepositoryError, match="not a valid Triton model config") as err:
+        parse_config('name: "x"\nmax_batch_size: "four"\n')
+    assert "\n" not in str(err.value)
+
+
+def test_damaged_artifact_refused_and_nothing_written(tiny_build, tmp_path):
+    from export.manifest import ManifestError
+
+    build = tmp_path / "build"
+    shutil.copytree(tiny_build, build)
+    data = (build / "model.fp16.onnx").read_bytes()
+    (build / "model.fp16.onnx").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "repo"
+    with pytest.raises(ManifestError, match="model.fp16.onnx"):
+        make_repository(build, out, log=lambda _m: None)
+    assert not out.exists() or not list(out.glob("*/config.pbtxt"))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "engines.triton", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_cli(tiny_build, tmp_path):
+    proc = _cli(tiny_build, "--out", tmp_path / "repo", "--kind", "python", "--precision", "fp32", "--name", "seg")
+    assert proc.returncode == 0, proc.stderr
+    cfg = _parse(tmp_path / "repo/seg_python/config.pbtxt")
+    assert cfg.parameters["precision"].string_value == "fp32"
+    assert (tmp_path / "repo/seg_python/1/build/model.onnx").is_file()
+
+
+@pytest.mark.parametrize("problem", ["no_build", "no_plan"])
+def test_cli_errors_are_one_line(tiny_build, tmp_path, problem):
+    if problem == "no_build":
+        proc = _cli(tmp_path / "missing", "--out", tmp_path / "repo")
+        expected = "no such build directory"
+    else:
+        proc = _cli(tiny_build, "--out", tmp_path / "repo", "--kind", "tensorrt")
+        expected = "no model.plan"
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and expected in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "repo").exists() or not list((tmp_path / "repo").iterdir())
+
+
+def test_batch_range_must_start_at_one(tiny_build):
+    from export.manifest import read_manifest
+
+    from engines.triton import model_config
+
+    manifest = read_manifest(tiny_build)
+    manifest["batch"] = {"min": 2, "opt": 2, "max": 4}
+    with pytest.raises(RepositoryError, match="smallest batch is 2"):
+        model_config(manifest, "onnxruntime", RepositoryOptions())
+    assert read_manifest(tiny_build)["batch"]["min"] == 1  # the shared build is untouched

@@ -1,0 +1,213 @@
+"""A real Triton server (the tritonserver binary of the nvidia-pytriton wheel) on 127.0.0.1.
+
+The repository is generated from the shared tiny build (FP32 graph), the server loads its python-backend
+model (the project's ONNX Runtime engine), and tritonclient talks to it over HTTP and gRPC. Outputs are
+compared with eager PyTorch on the same checkpoint. The server binary comes from the nvidia-pytriton
+wheel, fetched with `pip download --no-deps` on first use (the package pins NumPy < 2, so it is not a
+pip dependency of this project; see engines/triton/server.py).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import numpy as np
+import pytest
+import torch
+
+tritonclient_http = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http] (the test extra)")
+tritonclient_grpc = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the test extra)")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from engines.triton import RepositoryOptions, make_repository  # noqa: E402
+from engines.triton.server import TritonServer, fetch_server  # noqa: E402
+
+MODEL = "icmoe_python"
+N_IMAGES = 8
+LOAD_REQUESTS = 504  # >= 500, a multiple of the concurrency
+CONCURRENCY = 8
+LOGIT_ATOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def images():
+    from icmoe.data.synthetic import synthetic_images
+
+    x, _ = synthetic_images(N_IMAGES, 128, 7)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_checkpoint, images):
+    import icmoe
+
+    model = icmoe.load(tiny_checkpoint)
+    with torch.no_grad():
+        vote = model(torch.from_numpy(images))
+    return {"logits": vote.logits.numpy(), "mask": vote.mask.numpy(), "expert": vote.expert.numpy()}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_build, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("triton") / "model_repository"
+    make_repository(tiny_build, repo, kinds=["python"], options=RepositoryOptions(precision="fp32"), log=lambda _m: None)
+    srv = TritonServer(repo, models=[MODEL], root=fetch_server(log=print), startup_timeout=180)
+    t0 = time.monotonic()
+    srv.start()
+    print(f"\ntritonserver ready in {time.monotonic() - t0:.1f} s (HTTP {srv.http_url}, gRPC {srv.grpc_url})")
+    try:
+        yield srv
+    finally:  # always stop it, whatever happened in the tests
+        srv.stop()
+        srv.cleanup()
+
+
+def _inputs(module, x):
+    inp = module.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return [inp]
+
+
+def _check(out, ref, idx):
+    """Server outputs for images `idx` against eager: logits within LOGIT_ATOL, same expert, same mask."""
+    logits, mask, expert = out
+    assert logits.dtype == np.float32 and mask.dtype == np.uint8 and expert.dtype == np.int32
+    assert logits.shape == (len(idx), 1, 128, 128) and mask.shape == (len(idx), 1, 128, 128)
+    assert expert.shape == (len(idx), 1)  # (B,) exposed as (B, 1) by the config's reshape
+    diff = float(np.abs(logits - ref["logits"][idx]).max())
+    assert diff <= LOGIT_ATOL, f"max |logit diff| {diff:.3g} > {LOGIT_ATOL}"
+    np.testing.assert_array_equal(expert[:, 0], ref["expert"][idx])
+    # Same mask, except (never seen in practice) pixels whose eager logit is within the tolerance of 0.
+    differ = mask != ref["mask"][idx]
+    assert not (differ & (np.abs(ref["logits"][idx]) > LOGIT_ATOL)).any()
+    return diff
+
+
+def _result(res):
+    return res.as_numpy("logits"), res.as_numpy("mask"), res.as_numpy("expert")
+
+
+def test_metadata(server):
+    client = tritonclient_http.InferenceServerClient(server.http_url)
+    meta = client.get_model_metadata(MODEL)
+    assert [i["name"] for i in meta["inputs"]] == ["image"]
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {"logits": "FP32", "mask": "UINT8", "expert": "INT32"}
+    config = client.get_model_config(MODEL)
+    assert config["max_batch_size"] == 4 and "dynamic_batching" in config
+    client.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_parity_with_eager(server, images, eager, protocol):
+    module = tritonclient_http if protocol == "http" else tritonclient_grpc
+    client = module.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
+    worst = 0.0
+    for idx in ([0], [1, 2], [3, 4, 5, 6], [7]):  # batch 1, 2 and the build's largest (4)
+        worst = max(worst, _check(_result(client.infer(MODEL, _inputs(module, images[idx]))), eager, idx))
+    print(f"\n{protocol}: max |logit diff| vs eager {worst:.3g} over {N_IMAGES} images; experts "
+          f"{eager['expert'].tolist()}; masks equal")
+    client.close()
+
+
+def test_load_dynamic_batching(server, images, eager):
+    """LOAD_REQUESTS single-image requests from CONCURRENCY threads (gRPC); every answer checked."""
+    rng = np.random.default_rng(0)
+    order = rng.integers(0, N_IMAGES, LOAD_REQUESTS)
+    per_worker = np.array_split(order, CONCURRENCY)
+
+    def worker(indices):
+        client = tritonclient_grpc.InferenceServerClient(server.grpc_url)
+        latencies, errors = [], []
+        try:
+            for i in indices:
+                t0 = time.perf_counter()
+                try:
+                    res = client.infer(MODEL, _inputs(tritonclient_grpc, images[i:i + 1]), client_timeout=60)
+                    latencies.append(time.perf_counter() - t0)
+                    _check(_result(res), eager, [int(i)])
+                except Exception as e:  # counted, reported below
+                    errors.append(f"image {i}: {e}")
+        finally:
+            client.close()
+        return latencies, errors
+
+    before = _batch_stats(server)
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(CONCURRENCY) as pool:
+        results = list(pool.map(worker, per_worker))
+    wall = time.perf_counter() - t0
+    latencies = np.array([lat for r in results for lat in r[0]]) * 1e3
+    errors = [e for r in results for e in r[1]]
+    after = _batch_stats(server)
+    executions = after[1] - before[1]
+    inferences = after[0] - before[0]
+    print(f"\nload: {LOAD_REQUESTS} requests, concurrency {CONCURRENCY}: {LOAD_REQUESTS / wall:.1f} req/s, "
+          f"p50 {np.percentile(latencies, 50):.1f} ms, p99 {np.percentile(latencies, 99):.1f} ms, "
+          f"{inferences} inferences in {executions} executions (mean batch {inferences / max(executions, 1):.2f}), "
+          f"{len(errors)} errors (2 shared CPU cores: noisy)")
+    assert not errors, errors[:3]
+    assert len(latencies) == LOAD_REQUESTS
+    assert inferences == LOAD_REQUESTS
+    assert executions < inferences, "dynamic batching never combined requests"
+
+
+def _batch_stats(server):
+    client = tritonclient_http.InferenceServerClient(server.http_url)
+    stats = client.get_inference_statistics(MODEL)["model_stats"][0]
+    client.close()
+    return int(stats["inference_count"]), int(stats["execution_count"])
+
+
+@pytest.mark.parametrize("case", ["wrong_shape", "wrong_dtype", "missing_input", "batch_too_large", "unknown_model"])
+def test_malformed_requests_refused(server, images, eager, case):
+    client = tritonclient_http.InferenceServerClient(server.http_url)
+    model = MODEL
+    if case == "wrong_shape":
+        inp = tritonclient_http.InferInput("image", [1, 3, 64, 64], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 3, 64, 64), np.float32))
+        inputs = [inp]
+    elif case == "wrong_dtype":
+        inp = tritonclient_http.InferInput("image", [1, 3, 128, 128], "UINT8")
+        inp.set_data_from_numpy(np.zeros((1, 3, 128, 128), np.uint8))
+        inputs = [inp]
+    elif case == "missing_input":
+        inp = tritonclient_http.InferInput("pixels", [1, 3, 128, 128], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 3, 128, 128), np.float32))
+        inputs = [inp]
+    elif case == "batch_too_large":
+        inputs = _inputs(tritonclient_http, np.concatenate([images[:4], images[:1]]))  # 5 > max_batch_size 4
+    else:
+        model, inputs = "no_such_model", _inputs(tritonclient_http, images[:1])
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(model, inputs)
+    assert str(err.value).strip(), "error without a message"
+    # The server keeps serving correct answers.
+    assert client.is_server_live() and client.is_model_ready(MODEL)
+    _check(_result(client.infer(MODEL, _inputs(tritonclient_http, images[:1]))), eager, [0])
+    client.close()
+
+
+def test_nan_image_refused_by_engine(server, images):
+    """An input Triton accepts but the engine refuses (NaN) comes back as an error naming the problem."""
+    client = tritonclient_grpc.InferenceServerClient(server.grpc_url)
+    x = images[:1].copy()
+    x[0, 0, 0, 0] = np.nan
+    with pytest.raises(InferenceServerException, match="NaN"):
+        client.infer(MODEL, _inputs(tritonclient_grpc, x))
+    assert client.is_model_ready(MODEL)
+    client.close()
+
+
+def test_clean_shutdown(server):
+    """Runs last in this module: SIGTERM, the server drains and exits 0, the ports close."""
+    import socket
+
+    process = server.process
+    code = server.stop()
+    assert code == 0, f"tritonserver exited with {code}: {server.log_tail(5)}"
+    assert process.poll() == 0
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", server.http_port)) != 0, "HTTP port still open after shutdown"
+    log = server.log_path.read_text(errors="replace")
+    assert "successfully unloaded" in log
