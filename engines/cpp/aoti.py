@@ -1,6 +1,7 @@
 """AOTInductor package of IC-MoE for the C++ program `icmoe_aoti` (CPU, libtorch).
 
     python -m engines.cpp.aoti CHECKPOINT_OR_BUILD_DIR --out icmoe.pt2
+    python -m engines.cpp.aoti --random-init --config tiny --out tiny.pt2     # untrained, for trying it out
 
 `torch.export` of images (1, 3, S, S) float32 RGB 0..255 -> (logits, mask, expert), compiled ahead of
 time by Inductor into a `.pt2` package (C++ kernels + weights in one zip). The package's metadata
@@ -42,10 +43,13 @@ class VoteOutputs(nn.Module):
         return vote.logits, vote.mask, vote.expert
 
 
-def load_model(source: PathLike) -> nn.Module:
-    """IC-MoE from a checkpoint folder, or from the checkpoint a build directory's manifest names."""
+def load_model(source) -> nn.Module:
+    """IC-MoE from a checkpoint folder, or from the checkpoint a build directory's manifest names
+    (a model passes through)."""
     import icmoe
 
+    if isinstance(source, nn.Module):
+        return source
     source = Path(source)
     if (source / "manifest.json").is_file():
         from export.manifest import read_manifest
@@ -57,11 +61,11 @@ def load_model(source: PathLike) -> nn.Module:
     return icmoe.load(source)
 
 
-def package_aoti(source: PathLike, out: PathLike, *, fast_compile: bool = False, log=print) -> Path:
+def package_aoti(source, out: PathLike, *, fast_compile: bool = False, log=print) -> Path:
     """Export and AOT-compile IC-MoE into an AOTInductor package.
 
     Arguments:
-      source: a checkpoint folder (`icmoe.load`) or a build directory (its manifest's checkpoint).
+      source: a checkpoint folder (`icmoe.load`), a build directory (its manifest's checkpoint) or an IC-MoE model.
       out: the `.pt2` file to write (atomically).
       fast_compile: -O0 wrapper and no pattern matcher: quicker to build, same outputs.
       log: where progress lines go.
@@ -98,13 +102,24 @@ def package_aoti(source: PathLike, out: PathLike, *, fast_compile: bool = False,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engines.cpp.aoti",
                                      description="AOTInductor package (.pt2) of IC-MoE for the C++ program icmoe_aoti.")
-    parser.add_argument("source", help="checkpoint folder, or build directory (uses the checkpoint its manifest names)")
+    parser.add_argument("source", nargs="?", help="checkpoint folder, or build directory (uses the checkpoint its manifest names)")
+    parser.add_argument("--random-init", action="store_true", help="package the untrained architecture instead")
+    parser.add_argument("--config", default="tiny", help="configuration for --random-init: tiny or vit_b (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init")
     parser.add_argument("--out", default=PACKAGE_NAME, help="package to write (default: %(default)s)")
     parser.add_argument("--fast-compile", action="store_true", help="-O0 wrapper, no pattern matcher: quicker build")
     args = parser.parse_args(argv)
+    if (args.source is None) == (not args.random_init):
+        parser.error("give a checkpoint/build directory or --random-init (not both)")
     try:
-        package_aoti(args.source, args.out, fast_compile=args.fast_compile)
-    except (EngineError, ValueError, OSError) as e:  # CheckpointError / ManifestError are ValueErrors
+        source = args.source
+        if args.random_init:
+            import icmoe
+
+            torch.manual_seed(args.seed)
+            source = icmoe.build_icmoe(args.config)
+        package_aoti(source, args.out, fast_compile=args.fast_compile)
+    except (EngineError, ValueError, KeyError, OSError) as e:  # CheckpointError / ManifestError are ValueErrors
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 1
     return 0
