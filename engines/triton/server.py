@@ -299,13 +299,23 @@ def main(argv=None) -> int:
         models = args.model or sorted(p.name for p in Path(args.repository).iterdir() if p.name.endswith("_python"))
         server = TritonServer(args.repository, models=models, http_port=args.http_port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port, root=root)
+        def interrupt(*_):
+            raise KeyboardInterrupt
+
+        # Ctrl-C and SIGTERM both stop the server cleanly (even where SIGINT was inherited as ignored).
+        signal.signal(signal.SIGINT, interrupt)
+        signal.signal(signal.SIGTERM, interrupt)
         with server:
             print(f"serving {', '.join(models)}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C stops)", flush=True)
             try:
                 while server.process.poll() is None:
                     time.sleep(1)
             except KeyboardInterrupt:
-                pass
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+                print("stopping ...", flush=True)
+            code = server.stop()
+        print(f"tritonserver exited with code {code}", flush=True)
+        return 0 if code == 0 else 1
     except (EngineError, OSError, ValueError) as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 1
