@@ -33,7 +33,8 @@ def build_programs(build_dir: PathLike, *, targets: Sequence[str] = ("icmoe_aoti
 
     Arguments:
       build_dir: CMake build folder (created).
-      targets: targets to build (`icmoe_aoti`; `icmoe_trt` only exists where TensorRT was found).
+      targets: targets to build (`icmoe_aoti`; `icmoe_trt` only exists where TensorRT was found);
+        empty: configure only.
       jobs: parallel compile jobs.
       extra_args: more `cmake -D...` arguments.
       log: where progress lines go.
@@ -48,7 +49,8 @@ def build_programs(build_dir: PathLike, *, targets: Sequence[str] = ("icmoe_aoti
     configure = ["cmake", "-S", str(SOURCE_DIR), "-B", str(build_dir), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
                  *extra_args]
     build = ["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets]
-    for step, cmd in (("configure", configure), ("build", build)):
+    steps = [("configure", configure)] + ([("build", build)] if targets else [])
+    for step, cmd in steps:
         log(f"cmake {step}: {' '.join(cmd)}")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         (build_dir / f"icmoe-{step}.log").write_text(proc.stdout + proc.stderr)
