@@ -62,6 +62,7 @@ def save_checkpoint(
     os.close(fd)
     try:
         save_file(state, tmp_name, metadata={"format": FORMAT, "config": cfg.name})
+        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600 files
         sha = sha256_file(tmp_name)
         weights_name = f"weights-{sha[:12]}.safetensors"
         os.replace(tmp_name, directory / weights_name)
