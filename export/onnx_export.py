@@ -27,6 +27,7 @@ from torch import nn
 from icmoe.io import PathLike, atomic_path
 
 DEFAULT_OPSET = 18
+FOLD_LIMIT = 1024  # largest tensor (elements) constant folding may consume or produce
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "mask", "expert")
 
@@ -92,9 +93,14 @@ def export_onnx(
                 output_names=list(OUTPUT_NAMES),
                 dynamic_shapes={"image": {0: dim}},
                 external_data=False,
-                optimize=True,
+                optimize=False,  # optimized below with limits that keep shared weights shared
                 verbose=False,
             )
+            # Fold only small constants: folding Transpose(weight) once per consumer would store a
+            # transposed copy of a frozen weight for every expert that uses it.
+            import onnxscript.optimizer
+
+            onnxscript.optimizer.optimize(program.model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT)
     except Exception as e:  # the exporter raises many types; report one line
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     for line in buf.getvalue().splitlines():
@@ -152,7 +158,7 @@ def clean_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     onnxruntime.set_default_logger_severity(3)  # folding runs ORT; its optimizer notes are noise here
     graph = gs.import_onnx(proto)
     with contextlib.redirect_stdout(io.StringIO()), _quiet_gs():
-        graph.fold_constants(size_threshold=1 << 16).cleanup(remove_unused_graph_inputs=False).toposort()
+        graph.fold_constants(size_threshold=4 * FOLD_LIMIT).cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph, do_type_check=True)
     out.ir_version = proto.ir_version
     del out.opset_import[:]
@@ -214,3 +220,38 @@ def export_from_checkpoint(checkpoint: Optional[PathLike], path: PathLike, **kw)
 
     model = icmoe.load(checkpoint)
     return export_onnx(model, path, **kw)
+
+
+def compare_naive(config: str = "vit_b", *, seed: int = 0, out_dir: Optional[PathLike] = None,
+                  log: Callable[[str], None] = print) -> Dict[str, float]:
+    """Export the shared graph and the naive three-expert graph of the same weights; compare initializers.
+
+    The weights are random (seeded) but made distinct per expert first (the semantic tail and the
+    decoders are perturbed), so equal tensors can only come from real sharing, as in a trained model.
+
+    Returns:
+      dict: shared and naive initializer bytes and their ratio.
+    """
+    import tempfile
+
+    import icmoe
+
+    torch.manual_seed(seed)
+    model = icmoe.build_icmoe(config)
+    with torch.no_grad():  # trained models differ from the frozen ViT where they are trainable
+        for p in list(model.encoder.semantic_tail.parameters()) + list(model.decoders.parameters()):
+            p.add_(torch.randn_like(p) * 1e-3)
+    naive = icmoe.NaiveICMoE.from_shared(model)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        shared_path = export_onnx(model, Path(tmp) / "shared.onnx", log=log)
+        naive_path = export_onnx(naive, Path(tmp) / "naive.onnx", log=log)
+        s, n = initializer_stats(shared_path), initializer_stats(naive_path)
+    return {"config": config, "shared_bytes": s["bytes"], "naive_bytes": n["bytes"], "ratio": s["bytes"] / n["bytes"],
+            "shared_params": s["params"], "naive_params": n["params"]}
+
+
+if __name__ == "__main__":  # python -m export.onnx_export [CONFIG]: the initializer size check
+    import json
+    import sys
+
+    print(json.dumps(compare_naive(sys.argv[1] if len(sys.argv) > 1 else "vit_b", log=lambda m: None), indent=2))

@@ -145,21 +145,23 @@ def verify_build(build_dir, *, n: int = 64, seed: int = 0, batch: Optional[int] 
     candidates = build_engines(build_dir, manifest)
     report = {"build_dir": str(build_dir), "model": manifest["model"]["name"], "n": n, "seed": seed,
               "engines": {}, "skipped": {}}
-    bar = tqdm(total=len(candidates) + 1, desc="verify", unit="engine", disable=not progress, leave=False)
-    with EagerEngine.from_build(build_dir) as eager:
+    # Load (and so check) every artifact before the long eager run: a damaged build fails at once.
+    engines = []
+    for label, precision, loader in candidates:
+        try:
+            engines.append((label, precision, loader()))
+        except EngineError as e:
+            if not label.startswith("tensorrt"):
+                raise
+            report["skipped"][label] = str(e)  # a plan built on a GPU host; checked there
+            log(f"verify: {label}: skipped ({e})")
+    eager = EagerEngine.from_build(build_dir)
+    bar = tqdm(total=len(engines) + 1, desc="verify", unit="engine", disable=not progress, leave=False)
+    with eager:
         reference = run_batched(eager, images, batch)
     bar.update()
-    for label, precision, loader in candidates:
+    for label, precision, engine in engines:
         bar.set_postfix_str(label)
-        try:
-            engine = loader()
-        except EngineError as e:
-            if label.startswith("tensorrt"):  # a plan built on a GPU host, checked elsewhere
-                report["skipped"][label] = str(e)
-                log(f"verify: {label}: skipped ({e})")
-                bar.update()
-                continue
-            raise
         with engine:
             out = run_batched(engine, images, batch)
         r = compare(reference, out, precision=precision)

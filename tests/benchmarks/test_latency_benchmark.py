@@ -1,0 +1,64 @@
+"""benchmarks/latency.py on the tiny build: one quick run, its JSON/Markdown/PNG and figures are sane.
+
+Speed targets are not asserted here (timings are noisy on a shared CI machine); the
+benchmark prints the ratios and the README records a measured table.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "latency.py"
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_build, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, str(SCRIPT), "--build", str(tiny_build), "--batch", "1,2", "--iters", "2", "--warmup", "1",
+           "--parity-images", "4", "--out", str(out), "--json", str(out / "copy.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc
+
+
+def test_outputs_written(bench):
+    out, proc = bench
+    stem = "latency-tiny-128"
+    for ext in ("json", "md", "png"):
+        assert (out / f"{stem}.{ext}").stat().st_size > 0
+    assert json.loads((out / "copy.json").read_text()) == json.loads((out / f"{stem}.json").read_text())
+    assert "| engine | batch | p50 ms" in proc.stdout  # the table is printed
+
+
+def test_report_figures(bench):
+    out, _ = bench
+    r = json.loads((out / "latency-tiny-128.json").read_text())
+    assert set(r["engines"]) == {"eager-naive", "eager-shared", "onnxruntime-fp32", "onnxruntime-fp16"}
+    assert "tensorrt" in r["skipped"] or "tensorrt" in r["engines"]
+    for name, e in r["engines"].items():
+        assert set(e["batches"]) == {"1", "2"}
+        assert e["peak_mib"] >= e["loaded_mib"] >= e["base_mib"] > 0
+        for b, row in e["batches"].items():
+            assert 0 < row["p50_ms"] <= row["p95_ms"] * 1.0001
+            assert row["images_per_s"] > 0 and row["iters"] == 2
+            assert row["speedup_vs_eager-shared"] > 0 and row["speedup_vs_eager-naive"] > 0
+    assert r["engines"]["eager-shared"]["batches"]["1"]["speedup_vs_eager-shared"] == pytest.approx(1.0)
+    # parity columns against eager FP32
+    assert r["engines"]["onnxruntime-fp32"]["parity"]["max_abs_logit"] <= 1e-3
+    assert r["engines"]["onnxruntime-fp32"]["parity"]["expert_agreement"] == 1.0
+    assert r["engines"]["eager-naive"]["parity"]["max_abs_logit"] <= 1e-3
+    assert r["engines"]["onnxruntime-fp16"]["parity"]["min_dice"] >= 0.995
+    assert r["threads"] >= 1
+
+
+def test_bad_engine_name(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--engines", "warp-drive", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: unknown engine(s) warp-drive")

@@ -1,0 +1,171 @@
+"""ONNX Runtime engine: loading checks, bad inputs and damaged artifacts give one-line errors and touch nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from engines import BACKENDS, EngineError, InputError, engine_class, load_engine
+from engines.onnxruntime import OnnxRuntimeEngine
+
+
+def tree_digest(root):
+    """sha256 of every file under root (name -> digest), to prove a directory was left intact."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def build_copy(tiny_build, tmp_path):
+    dst = tmp_path / "build"
+    shutil.copytree(tiny_build, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_build):
+    with load_engine(tiny_build, "onnxruntime", "fp32") as eng:
+        yield eng
+
+
+def images(b=1, s=128, seed=0):
+    return (np.random.default_rng(seed).random((b, 3, s, s)) * 255).astype(np.float32)
+
+
+def test_registry_and_session_settings(engine, tiny_build):
+    assert set(BACKENDS) >= {"eager", "onnxruntime", "tensorrt"}
+    assert engine_class("onnxruntime") is OnnxRuntimeEngine
+    assert isinstance(engine, OnnxRuntimeEngine) and engine.precision == "fp32"
+    assert engine.batch_range == (1, 4)
+    import onnxruntime as ort
+
+    opts = engine.session.get_session_options()
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert opts.intra_op_num_threads == engine.threads >= 1
+    with pytest.raises(EngineError, match="unknown backend 'nope'"):
+        load_engine(tiny_build, "nope")
+
+
+def test_tensorrt_backend_missing_is_one_line_error(tiny_build):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(EngineError) as e:
+            load_engine(tiny_build, "tensorrt")
+        assert "\n" not in str(e.value)
+    else:
+        pytest.skip("TensorRT is installed: the unavailable-backend path cannot be shown here")
+
+
+def test_outputs(engine):
+    out = engine.infer(images(2))
+    assert set(out) == {"logits", "mask", "expert"}
+    assert out["logits"].shape == (2, 1, 128, 128) and out["logits"].dtype == np.float32
+    assert out["mask"].shape == (2, 1, 128, 128) and out["mask"].dtype == np.uint8
+    assert out["expert"].shape == (2,) and out["expert"].dtype == np.int32
+    np.testing.assert_array_equal(out["mask"], (out["logits"] > 0).astype(np.uint8))
+    assert set(np.unique(out["expert"])) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (images(1).astype(np.float64), "dtype float64"),
+        (images(1).astype(np.uint8), "dtype uint8"),
+        (images(1)[0], "3-D shape"),
+        (np.zeros((1, 1, 128, 128), np.float32), "3 \\(RGB\\) channels"),
+        (np.zeros((1, 4, 128, 128), np.float32), "3 \\(RGB\\) channels"),
+        (np.zeros((1, 128, 128, 3), np.float32), "3 \\(RGB\\) channels"),
+        (images(1, 64), "128x128, got 64x64"),
+        (images(5), "batch 5 outside"),
+        (np.where(np.eye(128, dtype=bool), np.nan, images(1)).astype(np.float32), "NaN"),
+        (np.full((1, 3, 128, 128), np.inf, np.float32), "NaN or infinite"),
+    ],
+)
+def test_bad_inputs(engine, tiny_build, bad, match):
+    before = tree_digest(tiny_build)
+    with pytest.raises(InputError, match=match) as e:
+        engine.infer(bad)
+    assert "\n" not in str(e.value)
+    assert tree_digest(tiny_build) == before
+
+
+def _expect_error(build_dir, match, **kw):
+    before = tree_digest(build_dir)
+    with pytest.raises(EngineError, match=match) as e:
+        load_engine(build_dir, "onnxruntime", **kw).activate()
+    assert "\n" not in str(e.value)
+    assert tree_digest(build_dir) == before, "a failed load must not change the build directory"
+
+
+def test_truncated_graph(build_copy):
+    p = build_copy / "model.onnx"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    _expect_error(build_copy, "model.onnx: truncated", precision="fp32")
+
+
+def test_same_size_corruption_is_caught_by_sha256(build_copy):
+    p = build_copy / "model.fp16.onnx"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    _expect_error(build_copy, "model.fp16.onnx: damaged \\(sha256", precision="fp16")
+
+
+def test_missing_graph(build_copy):
+    (build_copy / "model.onnx").unlink()
+    _expect_error(build_copy, "model.onnx: missing", precision="fp32")
+
+
+def test_unverified_truncated_graph_fails_in_onnxruntime(build_copy):
+    p = build_copy / "model.onnx"
+    p.write_bytes(p.read_bytes()[:1000])
+    _expect_error(build_copy, "ONNX Runtime cannot load it", precision="fp32", verify=False)
+
+
+def _edit_manifest(build_dir, fn):
+    path = build_dir / "manifest.json"
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+def test_manifest_of_another_model(build_copy):
+    def to_vit_b(m):
+        m["model"]["name"] = "vit_b"
+    _edit_manifest(build_copy, to_vit_b)
+    _expect_error(build_copy, "build is for model 'vit_b', expected 'tiny'", expect="tiny")
+
+
+def test_graph_of_another_image_size(build_copy):
+    def resize(m):
+        m["image_size"] = 256
+    _edit_manifest(build_copy, resize)
+    _expect_error(build_copy, "does not match image size 256", precision="fp32")
+
+
+def test_precision_not_in_build(build_copy):
+    def drop_fp16(m):
+        del m["artifacts"]["model.fp16.onnx"]
+        m["precision"] = "fp32"
+    _edit_manifest(build_copy, drop_fp16)
+    _expect_error(build_copy, "no fp16 ONNX graph in this build", precision="fp16")
+
+
+def test_artifact_of_another_precision(build_copy):
+    def relabel(m):
+        m["artifacts"]["model.fp16.onnx"]["precision"] = "fp32"
+    _edit_manifest(build_copy, relabel)
+    _expect_error(build_copy, "precision 'fp32', not 'fp16'", precision="fp16")
+
+
+def test_not_a_build_directory(tmp_path):
+    _expect_error(tmp_path, "not a build directory")
+    (tmp_path / "manifest.json").write_text("{not json")
+    _expect_error(tmp_path, "damaged JSON")
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    _expect_error(tmp_path, "not an IC-MoE build manifest")
