@@ -139,7 +139,12 @@ def test_load_dynamic_batching(server, images, eager):
     wall = time.perf_counter() - t0
     latencies = np.array([lat for r in results for lat in r[0]]) * 1e3
     errors = [e for r in results for e in r[1]]
+    # The server updates its statistics just after answering: wait (bounded) for the last ones.
+    deadline = time.monotonic() + 10
     after = _batch_stats(server)
+    while after[0] - before[0] < LOAD_REQUESTS and time.monotonic() < deadline:
+        time.sleep(0.1)
+        after = _batch_stats(server)
     executions = after[1] - before[1]
     inferences = after[0] - before[0]
     print(f"\nload: {LOAD_REQUESTS} requests, concurrency {CONCURRENCY}: {LOAD_REQUESTS / wall:.1f} req/s, "
