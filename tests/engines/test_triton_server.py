@@ -132,7 +132,8 @@ def test_load_dynamic_batching(server, images, eager):
             client.close()
         return latencies, errors
 
-    before = _batch_stats(server)
+    # Earlier tests' last requests may not be counted yet: start from settled statistics.
+    before = _settled_stats(server)
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(CONCURRENCY) as pool:
         results = list(pool.map(worker, per_worker))
@@ -155,6 +156,19 @@ def test_load_dynamic_batching(server, images, eager):
     assert len(latencies) == LOAD_REQUESTS
     assert inferences == LOAD_REQUESTS
     assert executions < inferences, "dynamic batching never combined requests"
+
+
+def _settled_stats(server, quiet_s=0.5, timeout_s=10.0):
+    """Statistics once they stop changing (bounded wait)."""
+    deadline = time.monotonic() + timeout_s
+    last = _batch_stats(server)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = _batch_stats(server)
+        if now == last:
+            break
+        last = now
+    return last
 
 
 def _batch_stats(server):
