@@ -12,17 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from tests.skips import tensorrt_gpu_missing
+
 
 def _tensorrt_reason():
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as e:  # ImportError or a broken install
-        return f"needs TensorRT: `import tensorrt` failed ({type(e).__name__}: {e})"
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU: torch.cuda.is_available() is False"
-    if shutil.which("cmake") is None:
+    reason = tensorrt_gpu_missing()
+    if reason is None and shutil.which("cmake") is None:
         return "needs cmake on PATH"
-    return None
+    return reason
 
 
 REASON = _tensorrt_reason()

@@ -13,25 +13,10 @@ import numpy as np
 import pytest
 
 from engines.base import EngineError
+from tests.skips import tensorrt_gpu_missing
 
 
-def _gpu_trt_missing():
-    """Why the TensorRT tests cannot run here, or None."""
-    try:
-        import tensorrt as trt
-
-        if not hasattr(trt, "Builder"):
-            return "needs TensorRT: `import tensorrt` found no runtime (stub or namespace package)"
-    except ImportError as e:
-        return f"needs TensorRT: `import tensorrt` failed ({e})"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU: torch.cuda.is_available() is False"
-    return None
-
-
-REASON = _gpu_trt_missing()
+REASON = tensorrt_gpu_missing()
 needs_trt = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 

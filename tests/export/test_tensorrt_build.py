@@ -12,22 +12,10 @@ import torch
 
 from export import plugin
 from icmoe.voting import ppav
+from tests.skips import tensorrt_gpu_missing
 
 
-def _gpu_trt_missing():
-    try:
-        import tensorrt as trt
-
-        if not hasattr(trt, "Builder"):
-            return "needs TensorRT: `import tensorrt` found no runtime (stub or namespace package)"
-    except ImportError as e:
-        return f"needs TensorRT: `import tensorrt` failed ({e})"
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU: torch.cuda.is_available() is False"
-    return None
-
-
-REASON = _gpu_trt_missing()
+REASON = tensorrt_gpu_missing()
 needs_trt = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 
