@@ -20,11 +20,10 @@ truncated or foreign artifact is refused with one line naming the file.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from icmoe.io import PathLike, atomic_write_json, sha256_file
+from icmoe.io import PathLike, atomic_write_json, read_versioned_json, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "icmoe-build"
@@ -120,14 +119,9 @@ def read_manifest(build_dir: PathLike) -> Dict[str, Any]:
         raise ManifestError(f"{build_dir}: no such build directory (run `python -m export.build` first)")
     if not path.is_file():
         raise ManifestError(f"{build_dir}: not a build directory (no {MANIFEST_NAME})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: damaged JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ManifestError(f"{path}: not an IC-MoE build manifest (format != {FORMAT!r})")
-    if manifest.get("version") != VERSION:
-        raise ManifestError(f"{path}: manifest version {manifest.get('version')!r} is not supported (need {VERSION})")
+    manifest = read_versioned_json(
+        path, fmt=FORMAT, version=VERSION, kind="IC-MoE build manifest", label="manifest", error=ManifestError
+    )
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise ManifestError(f"{path}: manifest lacks {', '.join(missing)}")

@@ -15,7 +15,6 @@ consistent checkpoint: the weights go to a new content-named file first, then
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from icmoe.config import ICMoEConfig
-from icmoe.io import PathLike, atomic_write_json, sha256_file
+from icmoe.io import PathLike, atomic_write_json, read_versioned_json, sha256_file
 from icmoe.sam import CheckpointError
 
 FORMAT = "icmoe-checkpoint"
@@ -104,14 +103,10 @@ def read_meta(path: PathLike) -> Dict[str, Any]:
     cfg_path = directory / CONFIG_NAME
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory}: not an IC-MoE checkpoint (no {CONFIG_NAME})")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: damaged JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path}: not an IC-MoE checkpoint description (format != {FORMAT!r})")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"{cfg_path}: checkpoint version {meta.get('version')} is not supported (need {VERSION})")
+    meta = read_versioned_json(
+        cfg_path, fmt=FORMAT, version=VERSION, kind="IC-MoE checkpoint description", label="checkpoint",
+        error=CheckpointError,
+    )
     try:
         meta["config"] = ICMoEConfig.from_dict(meta["model"])
     except (KeyError, TypeError, ValueError) as e:

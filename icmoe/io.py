@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Dict, Iterator, Type, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -64,3 +64,28 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_versioned_json(
+    path: PathLike, *, fmt: str, version: int, kind: str, label: str, error: Type[Exception]
+) -> Dict[str, Any]:
+    """Read a JSON document tagged with `format` and `version`, raising `error` with one line.
+
+    Arguments:
+      path: the JSON file (known to exist).
+      fmt, version: the values its "format" and "version" keys must hold.
+      kind: what the document is, for messages ("IC-MoE build manifest").
+      label: short name for the version message ("manifest").
+      error: the exception class to raise.
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: damaged JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise error(f"{path}: not an {kind} (format != {fmt!r})")
+    if doc.get("version") != version:
+        raise error(f"{path}: {label} version {doc.get('version')!r} is not supported (need {version})")
+    return doc
+
