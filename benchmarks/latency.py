@@ -119,6 +119,7 @@ def get_build(args) -> Path:
     """Reuse `--build`, or make (and cache) an FP16 build (it holds the FP32 graph too)."""
     from export.build import build
     from export.manifest import ManifestError, read_manifest
+    from export.rewrite import REWRITES
 
     import icmoe
 
@@ -134,6 +135,7 @@ def get_build(args) -> Path:
     try:
         m = read_manifest(out)
         fresh = (m["model"]["config"] == cfg.to_dict() and "model.fp16.onnx" in m["artifacts"]
+                 and m.get("rewrites") == list(REWRITES)
                  and m["batch"]["max"] >= bmax and (m["checkpoint"]["sha256"] == sha if sha else m["checkpoint"]["random_init"]))
     except ManifestError:
         fresh = False

@@ -38,6 +38,7 @@ from export.manifest import (
 )
 from export.onnx_export import DEFAULT_OPSET, ExportError, export_onnx, initializer_stats
 from export.precision import PrecisionError, convert_fp16
+from export.rewrite import REWRITES
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch-tensorrt")
 LOG_NAME = "build.log"
@@ -128,6 +129,7 @@ def build(
     backend: str = "auto",
     opset: int = DEFAULT_OPSET,
     force: bool = False,
+    rewrite: bool = True,
     verify: bool = True,
     verify_images: int = 64,
     triton: Optional[Path] = None,
@@ -148,6 +150,7 @@ def build(
       backend: auto | onnxruntime | tensorrt | torch-tensorrt.
       opset: ONNX opset.
       force: replace an existing build of a different model.
+      rewrite: apply the export-time rewrites of `export.rewrite` (same function, less work).
       verify: run the parity check (export.verify) at the end.
       verify_images: size of the parity set.
       triton: also write a Triton model repository there.
@@ -219,6 +222,7 @@ def build(
                   "random_init": True, "seed": seed}
         manifest = new_manifest(config=cfg.to_dict(), precision=precision, opset=opset, batch=batch, checkpoint=ck)
         manifest["backend"] = backend
+        manifest["rewrites"] = list(REWRITES) if rewrite else []
         write_manifest(staging, manifest)
         say(f"load: model {cfg.name} ({'random init, seed %d' % seed if random_init else checkpoint}) "
             f"in {time.time() - t:.1f}s")
@@ -227,7 +231,7 @@ def build(
         # Stage 2: FP32 ONNX graph.
         bar.set_description_str("build [onnx export]")
         t = time.time()
-        export_onnx(model, staging / "model.onnx", batch=batch, opset=opset, log=say)
+        export_onnx(model, staging / "model.onnx", batch=batch, opset=opset, rewrite=rewrite, log=say)
         stats = initializer_stats(staging / "model.onnx")
         add_artifact(staging, "model.onnx", kind="onnx", precision="fp32", initializers=stats)
         say(f"onnx: model.onnx ({stats['bytes'] / 2**20:.1f} MiB of initializers, {stats['count']} tensors) "
@@ -320,6 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="auto: TensorRT where it and a GPU exist, else ONNX Runtime")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--force", action="store_true", help="replace an existing build of a different model")
+    p.add_argument("--no-rewrite", action="store_true",
+                   help="export SAM's windowed attention as is, padded projections included (export.rewrite)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check")
     p.add_argument("--verify-images", type=int, default=64, help="parity images (default 64)")
     p.add_argument("--triton", type=Path, default=None, metavar="DIR", help="also write a Triton model repository")
@@ -329,7 +335,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = build(
             args.checkpoint, random_init=args.random_init, config=args.config, precision=args.precision,
             out=args.out, batch=parse_batch(args.batch), backend=args.backend, opset=args.opset, force=args.force,
-            verify=not args.no_verify, verify_images=args.verify_images, triton=args.triton, seed=args.seed,
+            rewrite=not args.no_rewrite, verify=not args.no_verify, verify_images=args.verify_images,
+            triton=args.triton, seed=args.seed,
         )
     except (BuildError, ManifestError, ExportError, PrecisionError, icmoe.CheckpointError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -5,6 +5,7 @@ Because the three experts reference the same frozen ViT parameters, torch.export
 each of them once, so the frozen weights appear once in the initializers; the trunk runs
 once (spec section 5). The voting (argmin over L1 distances to the majority mask) and the
 fusion `z2 + alpha * z_chosen` are standard ONNX ops, so any ONNX runtime runs the graph.
+Windowed attention is exported without its padded projections (`export.rewrite`).
 
     image  (B, 3, S, S) float32 RGB 0..255   -> logits (B, 1, S, S) float32
                                                 mask   (B, 1, S, S) uint8
@@ -24,6 +25,7 @@ import onnx
 import torch
 from torch import nn
 
+from export.rewrite import padding_free_windows
 from icmoe.io import PathLike, atomic_path
 
 DEFAULT_OPSET = 18
@@ -55,6 +57,7 @@ def export_onnx(
     batch: Tuple[int, int, int] = (1, 1, 8),
     opset: int = DEFAULT_OPSET,
     clean: bool = True,
+    rewrite: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Export an IC-MoE model (shared or naive) to a single-file ONNX graph, atomically.
@@ -65,6 +68,8 @@ def export_onnx(
       batch: (min, opt, max) of the dynamic batch axis.
       opset: ONNX opset.
       clean: fold constants and drop dead nodes with onnx-graphsurgeon.
+      rewrite: export windowed attention without padded projections (`export.rewrite`;
+        the same function, about a quarter fewer ViT FLOPs at 256x256).
       log: where progress lines go.
 
     Returns:
@@ -82,7 +87,8 @@ def export_onnx(
     buf = io.StringIO()
     try:
         # The exporter prints its own progress; keep it in the log instead of the terminal.
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), _quiet_loggers():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), _quiet_loggers(), \
+                (padding_free_windows(model) if rewrite else contextlib.nullcontext(0)) as swapped:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 VoteGraph(model),
@@ -103,6 +109,8 @@ def export_onnx(
             onnxscript.optimizer.optimize(program.model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT)
     except Exception as e:  # the exporter raises many types; report one line
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if swapped:
+        log(f"  rewrite: {swapped} windowed attention blocks project real tokens only (export.rewrite)")
     for line in buf.getvalue().splitlines():
         if line.strip():
             log(f"  [torch.onnx] {line.strip()}")

@@ -12,6 +12,7 @@ Needs torch-tensorrt, TensorRT and a CUDA GPU; not run in this project's CI.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any, Callable, Optional, Tuple
@@ -58,6 +59,7 @@ def compile_and_save(
     import icmoe
     from export.manifest import add_artifact, read_manifest
     from export.onnx_export import VoteGraph
+    from export.rewrite import padding_free_windows
 
     try:
         import torch_tensorrt
@@ -84,8 +86,10 @@ def compile_and_save(
     dim = torch.export.Dim("batch", min=bmin, max=bmax)
     fp16 = precision == "fp16"
     log(f"torch-tensorrt {torch_tensorrt.__version__}: exporting and compiling ({precision}, batch {bmin}..{bmax})")
+    rewrite = "padding_free_windows" in manifest.get("rewrites", [])  # as the build's ONNX graph
     with torch.inference_mode(False), torch.no_grad():
-        program = torch.export.export(VoteGraph(model), (example,), dynamic_shapes={"image": {0: dim}})
+        with padding_free_windows(model) if rewrite else contextlib.nullcontext():
+            program = torch.export.export(VoteGraph(model), (example,), dynamic_shapes={"image": {0: dim}})
         inputs = [torch_tensorrt.Input(min_shape=(bmin, 3, s, s), opt_shape=(bopt, 3, s, s), max_shape=(bmax, 3, s, s),
                                        dtype=torch.float32, name="image")]
         try:

@@ -38,6 +38,7 @@ def test_build_directory_layout(tiny_build, tiny_checkpoint):
     m = read_manifest(tiny_build)
     assert m["model"]["name"] == "tiny" and m["model"]["config"] == icmoe.get_config("tiny").to_dict()
     assert m["precision"] == "fp16" and m["image_size"] == 128 and m["opset"] == 18
+    assert m["rewrites"] == ["padding_free_windows"]  # export.rewrite, on by default
     assert m["batch"] == {"min": 1, "opt": 2, "max": 4}
     assert m["checkpoint"]["sha256"] == icmoe.checkpoint.read_meta(tiny_checkpoint)["weights_sha256"]
     assert [i["name"] for i in m["inputs"]] == ["image"]

@@ -37,6 +37,9 @@ def test_vit_b_parity_64_inputs(vit_b_build):
 
     report = verify_build(vit_b_build, n=64, batch=8, log=lambda _m: None, progress=False)
     fp32, fp16 = report["engines"]["onnxruntime-fp32"], report["engines"]["onnxruntime-fp16"]
+    for name, r in (("fp32", fp32), ("fp16", fp16)):  # the figures, for `pytest -s`
+        print(f"vit_b {name}: max|dlogit| {r['max_abs_logit']:.3g} min Dice {r['min_dice']:.4f} "
+              f"experts {100 * r['expert_agreement']:.0f}%")
     assert fp32["max_abs_logit"] <= 1e-3 and fp32["expert_agreement"] == 1.0, fp32
     assert fp16["min_dice"] >= 0.995 and fp16["expert_agreement"] >= 0.99, fp16
 
