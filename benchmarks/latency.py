@@ -100,15 +100,12 @@ def worker(args) -> int:
 
 def tensorrt_available(build_dir: Path) -> Optional[str]:
     """None if a TensorRT engine can run here, else the reason it cannot."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as e:
-        return f"TensorRT not importable ({e})"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
     from export.manifest import read_manifest
+    from export.tensorrt import unavailable_reason
+
+    why = unavailable_reason()
+    if why:
+        return why
 
     if not any(a.get("kind") == "tensorrt" for a in read_manifest(build_dir)["artifacts"].values()):
         return "the build has no TensorRT plan (build on a GPU host with --backend tensorrt)"
@@ -152,13 +149,12 @@ def run(args) -> Dict:
     """Measure every engine (one subprocess each) and assemble the report."""
     from tqdm import tqdm
 
-    from export.verify import compare
     from engines.eager import default_threads
+    from export.manifest import read_manifest
+    from export.verify import compare
 
     build_dir = get_build(args)
     threads = args.threads or default_threads()
-    from export.manifest import read_manifest
-
     manifest = read_manifest(build_dir)
     report: Dict = {"build": str(build_dir), "model": manifest["model"]["name"], "image_size": manifest["image_size"],
                     "checkpoint": manifest["checkpoint"], "threads": threads, "batches": args.batch,
@@ -166,9 +162,8 @@ def run(args) -> Dict:
                     "cpu": _cpu_name(), "cores": os.cpu_count(), "load_avg_before": os.getloadavg()[0],
                     "engines": {}, "skipped": {}, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     outputs = {}
-    todo = [e for e in args.engines]
     with tempfile.TemporaryDirectory(prefix="icmoe-bench-") as tmp:
-        for name in tqdm(todo, desc="benchmark", unit="engine"):
+        for name in tqdm(args.engines, desc="benchmark", unit="engine"):
             if name == "tensorrt":
                 why = tensorrt_available(build_dir)
                 if why:
@@ -241,6 +236,8 @@ def markdown(report: Dict) -> str:
 def plot(report: Dict, path: Path) -> None:
     import matplotlib
 
+    from icmoe.io import atomic_path
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -254,7 +251,8 @@ def plot(report: Dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 

@@ -29,7 +29,6 @@ import torch
 
 import icmoe
 from export.manifest import (
-    MANIFEST_NAME,
     ManifestError,
     add_artifact,
     new_manifest,
@@ -75,14 +74,11 @@ def resolve_backend(backend: str, log: Callable[[str], None]) -> str:
     """`auto` -> tensorrt where TensorRT imports and a CUDA GPU exists, else onnxruntime (says which)."""
     if backend != "auto":
         return backend
-    try:
-        import tensorrt  # noqa: F401
+    from export.tensorrt import unavailable_reason  # light: TensorRT itself is imported inside
 
-        trt_ok, why = torch.cuda.is_available(), "no CUDA GPU"
-    except ImportError as e:
-        trt_ok, why = False, f"TensorRT not importable ({e})"
-    chosen = "tensorrt" if trt_ok else "onnxruntime"
-    log(f"backend auto: using {chosen}" + ("" if trt_ok else f" ({why})"))
+    why = unavailable_reason()
+    chosen = "onnxruntime" if why else "tensorrt"
+    log(f"backend auto: using {chosen}" + (f" ({why})" if why else ""))
     return chosen
 
 

@@ -37,8 +37,9 @@ from segment_anything.modeling.image_encoder import (
 )
 from torch import nn
 
+PADDING_FREE_WINDOWS = "padding_free_windows"
 # names of the rewrites `export_onnx(rewrite=True)` applies, recorded in the build manifest
-REWRITES = ("padding_free_windows",)
+REWRITES = (PADDING_FREE_WINDOWS,)
 
 
 class PaddingFreeWindowAttention(nn.Module):

@@ -53,6 +53,24 @@ def tensorrt_version() -> Tuple[int, int]:
     return major, minor
 
 
+def unavailable_reason() -> Optional[str]:
+    """Why TensorRT engines cannot be built or run here, or None where TensorRT and a CUDA GPU exist.
+
+    Returns:
+      "TensorRT not importable (...)" (missing, broken, or a stub/namespace package),
+      "no CUDA GPU (...)", or None.
+    """
+    try:
+        tensorrt_version()
+    except Exception as e:  # ImportError, or a broken install
+        return f"TensorRT not importable ({type(e).__name__}: {e})"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (torch.cuda.is_available() is False)"
+    return None
+
+
 def compute_capability() -> str:
     """The current CUDA device's compute capability, e.g. "8.9"."""
     import torch

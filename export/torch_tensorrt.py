@@ -59,7 +59,7 @@ def compile_and_save(
     import icmoe
     from export.manifest import add_artifact, read_manifest
     from export.onnx_export import VoteGraph
-    from export.rewrite import padding_free_windows
+    from export.rewrite import PADDING_FREE_WINDOWS, padding_free_windows
 
     try:
         import torch_tensorrt
@@ -86,7 +86,7 @@ def compile_and_save(
     dim = torch.export.Dim("batch", min=bmin, max=bmax)
     fp16 = precision == "fp16"
     log(f"torch-tensorrt {torch_tensorrt.__version__}: exporting and compiling ({precision}, batch {bmin}..{bmax})")
-    rewrite = "padding_free_windows" in manifest.get("rewrites", [])  # as the build's ONNX graph
+    rewrite = PADDING_FREE_WINDOWS in manifest.get("rewrites", [])  # as the build's ONNX graph
     with torch.inference_mode(False), torch.no_grad():
         with padding_free_windows(model) if rewrite else contextlib.nullcontext():
             program = torch.export.export(VoteGraph(model), (example,), dynamic_shapes={"image": {0: dim}})

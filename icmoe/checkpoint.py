@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from icmoe.config import ICMoEConfig
-from icmoe.io import PathLike, atomic_write_json, read_versioned_json, sha256_file
+from icmoe.io import PathLike, atomic_write_json, give_default_mode, read_versioned_json, sha256_file
 from icmoe.sam import CheckpointError
 
 FORMAT = "icmoe-checkpoint"
@@ -61,7 +61,7 @@ def save_checkpoint(
     os.close(fd)
     try:
         save_file(state, tmp_name, metadata={"format": FORMAT, "config": cfg.name})
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600 files
+        give_default_mode(tmp_name)
         sha = sha256_file(tmp_name)
         weights_name = f"weights-{sha[:12]}.safetensors"
         os.replace(tmp_name, directory / weights_name)

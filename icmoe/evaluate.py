@@ -32,7 +32,7 @@ from icmoe.checkpoint import CheckpointError, load
 from icmoe.data.dataset import SegmentationDataset, build_dataset
 from icmoe.data.readers import DATASETS, DataError
 from icmoe.io import atomic_path
-from icmoe.metrics import METRICS, MetricAccumulator, confusion, format_metrics, metrics_from_counts
+from icmoe.metrics import MetricAccumulator, format_metrics
 
 GT_COLOUR = (0, 230, 0)
 PRED_COLOUR = (255, 40, 40)

@@ -32,18 +32,19 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        if tmp_path.exists():  # mkstemp makes 0600 files; give the usual umask-based mode
-            os.chmod(tmp_path, 0o666 & ~_umask())
+        if tmp_path.exists():
+            give_default_mode(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def _umask() -> int:
+def give_default_mode(path: PathLike) -> None:
+    """mkstemp makes 0600 files: give `path` the mode a plain `open()` would (0666 minus the umask)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    os.chmod(path, 0o666 & ~mask)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -88,4 +89,3 @@ def read_versioned_json(
     if doc.get("version") != version:
         raise error(f"{path}: {label} version {doc.get('version')!r} is not supported (need {version})")
     return doc
-

@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder
+from segment_anything.modeling import MaskDecoder, PromptEncoder
 from torch import nn
 
 from icmoe.config import ICMoEConfig, get_config

@@ -7,15 +7,7 @@ from typing import Optional
 
 def tensorrt_gpu_missing() -> Optional[str]:
     """The reason TensorRT tests must skip here, or None where TensorRT and a CUDA GPU exist."""
-    try:
-        import tensorrt as trt
+    from export.tensorrt import unavailable_reason
 
-        if not hasattr(trt, "Builder"):
-            return "needs TensorRT: `import tensorrt` found no runtime (stub or namespace package)"
-    except Exception as e:  # ImportError, or a broken install
-        return f"needs TensorRT: `import tensorrt` failed ({type(e).__name__}: {e})"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU: torch.cuda.is_available() is False"
-    return None
+    why = unavailable_reason()
+    return f"needs TensorRT and a CUDA GPU: {why}" if why else None

@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import shutil
 import site
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence

@@ -299,6 +299,7 @@ def main(argv=None) -> int:
         models = args.model or sorted(p.name for p in Path(args.repository).iterdir() if p.name.endswith("_python"))
         server = TritonServer(args.repository, models=models, http_port=args.http_port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port, root=root)
+
         def interrupt(*_):
             raise KeyboardInterrupt
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
@@ -11,12 +10,7 @@ import pytest
 
 from engines import BACKENDS, EngineError, InputError, engine_class, load_engine
 from engines.onnxruntime import OnnxRuntimeEngine
-
-
-def tree_digest(root):
-    """sha256 of every file under root (name -> digest), to prove a directory was left intact."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+from tests.helpers import tree_digest
 
 
 @pytest.fixture()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
@@ -11,11 +10,7 @@ import pytest
 from export import build as build_mod
 from export import verify as verify_mod
 from export.build import BuildError, newest_run_checkpoint, parse_batch
-
-
-def tree_digest(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+from tests.helpers import tree_digest
 
 
 def one_line_error(capsys, rc, match):

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 
 import icmoe
 from engines import load_engine

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from export import plugin
 from icmoe.voting import ppav
