@@ -1,12 +1,13 @@
 """Latency, throughput, peak memory and parity of every engine, measured in one run.
 
-    python benchmarks/latency.py                         # vit_b at 256, random init, batch 1,4,8
+    python benchmarks/latency.py                         # IC-MoE vit_b at 256, random init, batch 1,4,8
     python benchmarks/latency.py --checkpoint runs/x/best --json out.json
-    python benchmarks/latency.py --config tiny --batch 1 --iters 3   # quick
+    python benchmarks/latency.py --config tiny --batch-sizes 1 --iters 3   # quick
 
-Engines: eager-naive (three full experts, as the paper stores them), eager-shared
-(the frozen ViT once), onnxruntime-fp32, onnxruntime-fp16, and tensorrt when TensorRT,
-a GPU and a plan are present. The build is made (or reused) with `export.build`.
+Engines: the family's eager structures (IC-MoE: eager-naive, three full experts as the
+paper stores them, and eager-shared, the frozen ViT once), onnxruntime-fp32,
+onnxruntime-fp16, and tensorrt when TensorRT, a GPU and a plan are present. The build is
+made (or reused) with `export.build`.
 
 Fairness: every CPU engine uses the same intra-op thread count (the usable cores);
 eager runs under `torch.inference_mode`; ONNX Runtime has all graph optimizations on.
@@ -14,8 +15,9 @@ Each engine runs in its own subprocess, so its peak memory is that process's RSS
 high-water mark (`ru_maxrss`, which includes the Python/torch runtime: `base_mib` is
 the RSS before the engine was loaded). Latency: `--warmup` untimed runs, then `--iters`
 timed runs per batch size; p50/p95 over the runs; images/s = batch / mean latency.
-Parity columns compare each engine with eager-shared FP32 on `--parity-images` images
-(half synthetic lesions, half random).
+Parity columns compare each engine with the family's default eager structure (FP32) on
+`--parity-images` images (half the family's synthetic images, half random), by the
+family's gates.
 
 Writes JSON, a Markdown table and a PNG plot to `benchmarks/results/` (or `--out`).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -31,12 +34,34 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-ENGINES = ("eager-naive", "eager-shared", "onnxruntime-fp32", "onnxruntime-fp16", "tensorrt")
-REFERENCE = "eager-shared"
+from engines import load_engine
+from engines.eager import default_threads
+from engines.tensorrt import unavailable_reason
+from export.build import build
+from export.rewrite import REWRITES
+from export.verify import parity_inputs, run_batched
+from icmoe.checkpoint import read_meta
+from icmoe.core import cli
+from icmoe.core.io import atomic_path, atomic_write_bytes, atomic_write_json
+from icmoe.core.manifest import ManifestError, family_of, read_manifest
+from icmoe.families import Family, add_model_args, get_family
+
+log = logging.getLogger("benchmarks.latency")
+GRAPH_ENGINES = ("onnxruntime-fp32", "onnxruntime-fp16", "tensorrt")
+
+
+def engine_names(family: Family) -> List[str]:
+    """Every engine the benchmark knows for a family: its eager structures first, the reference second to last."""
+    eager = [family.eager_label(v) for v in family.variants] + [reference_name(family)]
+    return eager + list(GRAPH_ENGINES)
+
+
+def reference_name(family: Family) -> str:
+    return family.eager_label()
 
 
 def _rss_mib() -> float:
@@ -46,12 +71,10 @@ def _rss_mib() -> float:
 
 def load(build_dir: Path, engine: str, threads: Optional[int]):
     """Load one engine of the build by its benchmark name."""
-    from engines import load_engine
-
-    if engine == "eager-naive":
-        return load_engine(build_dir, "eager", naive=True, threads=threads)
-    if engine == "eager-shared":
-        return load_engine(build_dir, "eager", threads=threads)
+    if engine == "eager" or engine.startswith("eager-"):
+        family = get_family(family_of(read_manifest(build_dir)))
+        variant = next((v for v in family.variants if family.eager_label(v) == engine), None)
+        return load_engine(build_dir, "eager", variant=variant, threads=threads)
     if engine.startswith("onnxruntime-"):
         return load_engine(build_dir, "onnxruntime", engine.split("-")[1], threads=threads)
     if engine == "tensorrt":
@@ -61,16 +84,14 @@ def load(build_dir: Path, engine: str, threads: Optional[int]):
 
 def worker(args) -> int:
     """Child process: measure one engine, write {latency, memory} JSON and parity outputs (npz)."""
-    from export.verify import parity_inputs, run_batched
-
     base = _rss_mib()
     engine = load(args.build, args.worker, args.threads).activate()
     s = engine.image_size
     loaded = _rss_mib()
     rng = np.random.default_rng(0)
     result: Dict = {"engine": args.worker, "base_mib": base, "loaded_mib": loaded, "batches": {}}
-    for b in args.batch:
-        x = (rng.random((b, 3, s, s)) * 255).astype(np.float32)
+    for b in args.batch_sizes:
+        x = (rng.random(engine.inputs[0].concrete(b)) * 255).astype(np.float32)
         for _ in range(args.warmup):
             engine.infer(x)
         times = []
@@ -88,8 +109,9 @@ def worker(args) -> int:
         }
         print(f"  {args.worker} batch {b}: p50 {result['batches'][str(b)]['p50_ms']:.1f} ms", file=sys.stderr, flush=True)
     if args.parity_images:
-        images = parity_inputs(args.parity_images, s, seed=0)
-        out = run_batched(engine, images, max(1, min(max(args.batch), 8)))
+        family = get_family(family_of(read_manifest(args.build)))
+        images = parity_inputs(family, args.parity_images, s, seed=0)
+        out = run_batched(engine, images, max(1, min(max(args.batch_sizes), 8)))
         np.savez(args.result.with_suffix(".npz"), **out)
     engine.deactivate()
     result["peak_mib"] = _rss_mib()
@@ -100,98 +122,104 @@ def worker(args) -> int:
 
 def tensorrt_available(build_dir: Path) -> Optional[str]:
     """None if a TensorRT engine can run here, else the reason it cannot."""
-    from export.manifest import read_manifest
-    from export.tensorrt import unavailable_reason
-
     why = unavailable_reason()
     if why:
         return why
-
     if not any(a.get("kind") == "tensorrt" for a in read_manifest(build_dir)["artifacts"].values()):
         return "the build has no TensorRT plan (build on a GPU host with --backend tensorrt)"
     return None
 
 
+def _fresh(out: Path, family: str, cfg, sha: Optional[str], bmax: int) -> bool:
+    """Whether `out` holds a build this benchmark can reuse."""
+    try:
+        m = read_manifest(out)
+    except ManifestError:
+        return False
+    return (m["model"]["family"] == family and m["model"]["config"] == cfg.to_dict()
+            and "model.fp16.onnx" in m["artifacts"] and m.get("rewrites") == list(REWRITES)
+            and m["batch"]["max"] >= bmax
+            and (m["checkpoint"]["sha256"] == sha if sha else m["checkpoint"]["random_init"]))
+
+
 def get_build(args) -> Path:
     """Reuse `--build`, or make (and cache) an FP16 build (it holds the FP32 graph too)."""
-    from export.build import build
-    from export.manifest import ManifestError, read_manifest
-    from export.rewrite import REWRITES
-
-    import icmoe
-
     if args.build:
         return args.build
     if args.checkpoint:
-        meta = icmoe.checkpoint.read_meta(args.checkpoint)
-        cfg, sha = meta["config"], meta["weights_sha256"]
+        meta = read_meta(args.checkpoint)
+        family, cfg, sha = meta["family"], meta["config"], meta["weights_sha256"]
     else:
-        cfg, sha = icmoe.get_config(args.config), None
-    out = args.out / f"build-{cfg.name}-{'ckpt-' + sha[:8] if sha else 'random'}"
-    bmax = max(max(args.batch), 8)
-    try:
-        m = read_manifest(out)
-        fresh = (m["model"]["config"] == cfg.to_dict() and "model.fp16.onnx" in m["artifacts"]
-                 and m.get("rewrites") == list(REWRITES)
-                 and m["batch"]["max"] >= bmax and (m["checkpoint"]["sha256"] == sha if sha else m["checkpoint"]["random_init"]))
-    except ManifestError:
-        fresh = False
-    if fresh:
-        print(f"benchmark: reusing build {out}", file=sys.stderr)
+        family, cfg, sha = args.model, get_family(args.model).get_config(args.config), None
+    out = args.out / f"build-{family}-{cfg.name}-{'ckpt-' + sha[:8] if sha else 'random'}"
+    bmax = max(max(args.batch_sizes), 8)
+    if _fresh(out, family, cfg, sha, bmax):
+        log.info(f"benchmark: reusing build {out}")
         return out
-    print(f"benchmark: building {out} (export, FP16; verified separately by the parity columns)", file=sys.stderr)
-    return build(args.checkpoint, random_init=args.checkpoint is None, config=cfg.name, precision="fp16", out=out,
-                 batch=(1, 1, bmax), backend="onnxruntime", force=True, verify=False,
-                 log=lambda m: print(m, file=sys.stderr))
+    log.info(f"benchmark: building {out} (export, FP16; verified separately by the parity columns)")
+    return build(args.checkpoint, random_init=args.checkpoint is None, model=family, config=cfg.name,
+                 precision="fp16", out=out, batch=(1, 1, bmax), backend="onnxruntime", force=True, verify=False,
+                 progress=not args.no_progress)
+
+
+def _measure(args, build_dir: Path, name: str, threads: int, tmp: Path) -> Tuple[Optional[Dict], Optional[str]]:
+    """Run one engine's worker subprocess; returns (result, None) or (None, why it was skipped)."""
+    if name == "tensorrt":
+        why = tensorrt_available(build_dir)
+        if why:
+            return None, why
+    res = tmp / f"{name}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--build", str(build_dir),
+           "--result", str(res), "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--iters", str(args.iters),
+           "--warmup", str(args.warmup), "--threads", str(threads), "--parity-images", str(args.parity_images)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0 or not res.is_file():
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        return None, f"failed: {lines[-1] if lines else proc.returncode}"
+    return json.loads(res.read_text()), None
+
+
+def _ratios(report: Dict, outputs: Dict[str, Dict[str, np.ndarray]], family: Family) -> None:
+    """Speedups over every eager engine and parity against the reference, all from this run."""
+    eager = [n for n in report["engines"] if n.split("-")[0] == "eager"]
+    reference = reference_name(family)
+    for name, r in report["engines"].items():
+        for b, row in r["batches"].items():
+            for ref in eager:
+                base = report["engines"][ref]["batches"].get(b)
+                row[f"speedup_vs_{ref}"] = row["images_per_s"] / base["images_per_s"] if base else None
+        if reference in outputs and name in outputs:
+            c = family.compare(outputs[reference], outputs[name], family.tolerances("fp16" if "fp16" in name else "fp32"))
+            r["parity"] = {k: c.get(k) for k in ("max_abs_logit", "flipped", "min_dice", "agreement", "passed")}
 
 
 def run(args) -> Dict:
     """Measure every engine (one subprocess each) and assemble the report."""
     from tqdm import tqdm
 
-    from engines.eager import default_threads
-    from export.manifest import read_manifest
-    from export.verify import compare
-
     build_dir = get_build(args)
     threads = args.threads or default_threads()
     manifest = read_manifest(build_dir)
-    report: Dict = {"build": str(build_dir), "model": manifest["model"]["name"], "image_size": manifest["image_size"],
-                    "checkpoint": manifest["checkpoint"], "threads": threads, "batches": args.batch,
-                    "warmup": args.warmup, "iters": args.iters, "parity_images": args.parity_images,
-                    "cpu": _cpu_name(), "cores": os.cpu_count(), "load_avg_before": os.getloadavg()[0],
-                    "engines": {}, "skipped": {}, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    family = get_family(family_of(manifest))
+    report: Dict = {"build": str(build_dir), "family": family.name, "model": manifest["model"]["name"],
+                    "image_size": manifest["image_size"], "checkpoint": manifest["checkpoint"], "threads": threads,
+                    "batches": args.batch_sizes, "warmup": args.warmup, "iters": args.iters,
+                    "parity_images": args.parity_images, "cpu": _cpu_name(), "cores": os.cpu_count(),
+                    "load_avg_before": os.getloadavg()[0], "engines": {}, "skipped": {},
+                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     outputs = {}
+    names = args.engines or engine_names(family)
     with tempfile.TemporaryDirectory(prefix="icmoe-bench-") as tmp:
-        for name in tqdm(args.engines, desc="benchmark", unit="engine"):
-            if name == "tensorrt":
-                why = tensorrt_available(build_dir)
-                if why:
-                    report["skipped"][name] = why
-                    continue
-            res = Path(tmp) / f"{name}.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--build", str(build_dir),
-                   "--result", str(res), "--batch", ",".join(map(str, args.batch)), "--iters", str(args.iters),
-                   "--warmup", str(args.warmup), "--threads", str(threads), "--parity-images", str(args.parity_images)]
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            if proc.returncode != 0 or not res.is_file():
-                lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-                report["skipped"][name] = f"failed: {lines[-1] if lines else proc.returncode}"
+        for name in tqdm(names, desc="benchmark", unit="engine", disable=args.no_progress):
+            result, why = _measure(args, build_dir, name, threads, Path(tmp))
+            if why:
+                report["skipped"][name] = why
                 continue
-            report["engines"][name] = json.loads(res.read_text())
-            if res.with_suffix(".npz").is_file():
-                outputs[name] = dict(np.load(res.with_suffix(".npz")))
-    # Speedups and parity, all from this run.
-    for name, r in report["engines"].items():
-        for b, row in r["batches"].items():
-            for ref in ("eager-naive", "eager-shared"):
-                base = report["engines"].get(ref, {}).get("batches", {}).get(b)
-                row[f"speedup_vs_{ref}"] = row["images_per_s"] / base["images_per_s"] if base else None
-        if REFERENCE in outputs and name in outputs:
-            prec = "fp16" if "fp16" in name else "fp32"
-            c = compare(outputs[REFERENCE], outputs[name], precision=prec)
-            r["parity"] = {k: c[k] for k in ("max_abs_logit", "mean_abs_logit", "min_dice", "mean_dice",
-                                               "expert_agreement", "passed")}
+            report["engines"][name] = result
+            npz = Path(tmp) / f"{name}.npz"
+            if npz.is_file():
+                outputs[name] = dict(np.load(npz))
+    _ratios(report, outputs, family)
     report["load_avg_after"] = os.getloadavg()[0]
     return report
 
@@ -210,33 +238,36 @@ def _cpu_name() -> str:
 
 def markdown(report: Dict) -> str:
     """The report as a Markdown table (one row per engine and batch size)."""
-    head = (f"IC-MoE `{report['model']}` at {report['image_size']}x{report['image_size']}, "
+    family = get_family(report["family"])
+    head = (f"{family.title} `{report['model']}` at {report['image_size']}x{report['image_size']}, "
             f"{'random init' if report['checkpoint'].get('random_init') else 'checkpoint'}, "
             f"{report['threads']} threads, {report['cpu']}, {report['iters']} timed runs after "
             f"{report['warmup']} warm-up, load average {report['load_avg_before']:.1f} -> {report['load_avg_after']:.1f}\n\n")
-    rows = ["| engine | batch | p50 ms | p95 ms | img/s | peak MiB | x naive | x shared | max abs dlogit | min Dice | expert agree |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    eager = [n for n in report["engines"] if n.split("-")[0] == "eager"]
+    rows = ["| engine | batch | p50 ms | p95 ms | img/s | peak MiB | " + " | ".join(f"x {e}" for e in eager)
+            + " | max abs dlogit | flipped px | min Dice | agree |",
+            "|---" * (10 + len(eager)) + "|"]
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
     for name, r in report["engines"].items():
         p = r.get("parity", {})
+        agree = p.get("agreement")
         for b, row in r["batches"].items():
+            ratios = " | ".join(f(row.get(f"speedup_vs_{e}"), ".2f") for e in eager)
             rows.append(
                 f"| {name} | {b} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['images_per_s']:.2f} | "
-                f"{r['peak_mib']:.0f} | {f(row['speedup_vs_eager-naive'], '.2f')} | "
-                f"{f(row['speedup_vs_eager-shared'], '.2f')} | {f(p.get('max_abs_logit'), '.2e')} | "
-                f"{f(p.get('min_dice'), '.4f')} | {f(None if p.get('expert_agreement') is None else 100 * p['expert_agreement'], '.0f')}% |")
+                f"{r['peak_mib']:.0f} | {ratios} | {f(p.get('max_abs_logit'), '.2e')} | "
+                f"{f(None if p.get('flipped') is None else 100 * p['flipped'], '.3f')}% | {f(p.get('min_dice'), '.4f')} | "
+                f"{f(None if agree is None else 100 * agree, '.0f')}% |")
     for name, why in report["skipped"].items():
-        rows.append(f"| {name} | - | skipped: {why} | | | | | | | | |")
+        rows.append(f"| {name} | - | skipped: {why} |" + " |" * (7 + len(eager)))
     return head + "\n".join(rows) + "\n"
 
 
 def plot(report: Dict, path: Path) -> None:
     import matplotlib
-
-    from icmoe.io import atomic_path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -247,7 +278,8 @@ def plot(report: Dict, path: Path) -> None:
         ax.plot(bs, [r["batches"][str(b)]["images_per_s"] for b in bs], marker="o", label=name)
     ax.set_xlabel("batch size")
     ax.set_ylabel("images / s")
-    ax.set_title(f"IC-MoE {report['model']} {report['image_size']}px, {report['threads']} CPU threads")
+    ax.set_title(f"{get_family(report['family']).title} {report['model']} {report['image_size']}px, "
+                 f"{report['threads']} CPU threads")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -256,65 +288,65 @@ def plot(report: Dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _batches(text: str) -> List[int]:
+def _sizes(text: str) -> List[int]:
     try:
         out = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch must be comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
     if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"--batch sizes must be >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--batch-sizes must be >= 1, got {text!r}")
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _parser():
+    p = cli.parser("python benchmarks/latency.py", __doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: random init)")
-    p.add_argument("--config", default="vit_b", help="configuration without a checkpoint (default vit_b)")
+    add_model_args(p, config_help="size variant without a checkpoint")
     p.add_argument("--build", type=Path, default=None, help="use this build directory instead of building")
-    p.add_argument("--batch", type=_batches, default=[1, 4, 8], help="batch sizes (default 1,4,8)")
+    p.add_argument("--batch-sizes", type=_sizes, default=[1, 4, 8], help="batch sizes to time (default 1,4,8)")
     p.add_argument("--iters", type=int, default=10, help="timed runs per batch size (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per batch size (default 2)")
-    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    p.add_argument("--engines", default=None, help="comma-separated subset (default: every engine of the family)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per engine (default: usable cores)")
     p.add_argument("--parity-images", type=int, default=8, help="images for the parity columns (0: none)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
-    p.add_argument("--json", type=Path, default=None, help="also write the JSON report here")
+    cli.add_json(p)
+    cli.add_progress(p)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def _main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     if args.worker:
         return worker(args)
-    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    bad = [e for e in args.engines if e not in ENGINES]
-    if bad:
-        print(f"error: unknown engine(s) {', '.join(bad)}; choose from {', '.join(ENGINES)}", file=sys.stderr)
-        return 2
-    from engines import EngineError
-    from export.build import BuildError
-    from export.manifest import ManifestError
-
-    import icmoe
-
+    cli.setup_logging(args.verbosity)
+    if args.engines is not None:
+        args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+        known = engine_names(get_family(args.model))
+        bad = [e for e in args.engines if e not in known]
+        if bad:
+            raise cli.UsageError(f"unknown engine(s) {', '.join(bad)}; choose from {', '.join(known)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        report = run(args)
-    except (BuildError, ManifestError, EngineError, icmoe.CheckpointError, KeyError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 2
-    from icmoe.io import atomic_write_bytes, atomic_write_json
-
-    stem = f"latency-{report['model']}-{report['image_size']}"
+    report = run(args)
+    stem = f"latency-{report['family']}-{report['model']}-{report['image_size']}"
     atomic_write_json(args.out / f"{stem}.json", report)
     table = markdown(report)
     atomic_write_bytes(args.out / f"{stem}.md", table.encode())
     if not args.no_plot and report["engines"]:
         plot(report, args.out / f"{stem}.png")
-    if args.json:
-        atomic_write_json(args.json, report)
+    cli.write_json(report, args.json)
     print(table)
     print(f"results: {args.out / stem}.{{json,md{'' if args.no_plot else ',png'}}}")
-    return 0 if report["engines"] else 1
+    if not report["engines"]:
+        raise cli.CheckFailed("no engine could be measured")
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

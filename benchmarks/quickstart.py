@@ -6,59 +6,55 @@ Each step is the project's own CLI/API, so this is also the shortest tour of the
 
 1. `icmoe.train.train(dataset="synthetic", config="tiny")` (generates the synthetic set in
    data/synthetic on first use; the `demo` recipe, a few minutes on a CPU) -> runs/quickstart/best
-2. `export.build.build(..., precision="fp16")` -> build/tiny-fp16 (model.onnx, model.fp16.onnx,
-   manifest.json, build.log), which ends with the parity check of `export.verify`
-3. `benchmarks/latency.py --build build/tiny-fp16 --config tiny` -> the table (tiny at 128x128)
+2. `export.build.build(..., precision="fp16")` -> build/icmoe-tiny-fp16 (model.onnx, model.fp16.onnx,
+   checkpoint/, manifest.json, build.log), which ends with the parity check of `export.verify`
+3. `benchmarks/latency.py --build build/icmoe-tiny-fp16` -> the table (tiny at 128x128)
 
 `--epochs` shortens or lengthens the training; `--skip-train` reuses runs/quickstart.
 """
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from export.build import build
+from icmoe.core import cli
+from icmoe.train import train
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+def _main(argv=None) -> int:
+    p = cli.parser("python benchmarks/quickstart.py", __doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo recipe's)")
     p.add_argument("--run", type=Path, default=Path("runs/quickstart"), help="run folder")
     p.add_argument("--data-root", type=Path, default=Path("data/synthetic"))
-    p.add_argument("--build", type=Path, default=Path("build/tiny-fp16"))
+    p.add_argument("--build", type=Path, default=Path("build/icmoe-tiny-fp16"))
     p.add_argument("--skip-train", action="store_true", help="reuse the run folder's checkpoint")
     p.add_argument("--iters", type=int, default=10, help="benchmark timed runs per batch size")
     args = p.parse_args(argv)
-
-    import icmoe
-    from engines import EngineError
-    from export.build import BuildError, build
-    from export.manifest import ManifestError
-
+    cli.setup_logging(args.verbosity)
     t0 = time.time()
-    try:
-        ckpt = args.run / "best"
-        if not args.skip_train:
-            from icmoe.train import train
-
-            print(f"[1/3] training tiny on the synthetic set ({args.data_root}) -> {args.run}", flush=True)
-            train(dataset="synthetic", data_root=args.data_root, out=args.run, config="tiny", epochs=args.epochs,
-                  resume=(args.run / "last").is_dir(), device="cpu")
-        if not (ckpt / "config.json").is_file():
-            ckpt = args.run / "last"
-        print(f"[2/3] exporting {ckpt} (FP32 + FP16) and verifying parity -> {args.build}", flush=True)
-        build(ckpt, precision="fp16", out=args.build, backend="onnxruntime", force=True)
-    except (BuildError, ManifestError, EngineError, icmoe.CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ckpt = args.run / "best"
+    if not args.skip_train:
+        print(f"[1/3] training tiny on the synthetic set ({args.data_root}) -> {args.run}", flush=True)
+        train(dataset="synthetic", data_root=args.data_root, out=args.run, config="tiny", epochs=args.epochs,
+              resume=(args.run / "last").is_dir(), device="cpu")
+    if not (ckpt / "config.json").is_file():
+        ckpt = args.run / "last"
+    print(f"[2/3] exporting {ckpt} (FP32 + FP16) and verifying parity -> {args.build}", flush=True)
+    build(ckpt, precision="fp16", out=args.build, backend="onnxruntime", force=True)
     print(f"[3/3] benchmarking every engine of {args.build}", flush=True)
     bench = Path(__file__).resolve().parent / "latency.py"
     rc = subprocess.call([sys.executable, str(bench), "--build", str(args.build), "--iters", str(args.iters),
-                          "--batch", "1,4,8"])
+                          "--batch-sizes", "1,4,8"])
     print(f"quick start done in {time.time() - t0:.0f}s")
     return rc
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

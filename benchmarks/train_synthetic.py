@@ -1,7 +1,7 @@
 """The learning demonstration: train `tiny` on the synthetic set on a CPU, check DSC on held-out images.
 
     python benchmarks/train_synthetic.py                 # default recipe of `python -m icmoe.train`
-    python benchmarks/train_synthetic.py --json
+    python benchmarks/train_synthetic.py --json          # the result as JSON on stdout
 
 Steps, all timed together as one wall-clock figure:
   1. `icmoe.train.train(dataset="synthetic", config="tiny")` with its default
@@ -17,8 +17,6 @@ the machine; the JSON records the CPU count and load average at the start.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import shutil
@@ -30,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 
+from icmoe.core import cli  # noqa: E402
+from icmoe.core.io import atomic_write_json  # noqa: E402
 from icmoe.data import make_synthetic_dataset  # noqa: E402
 from icmoe.data.synthetic import has_synthetic_dataset  # noqa: E402
 from icmoe.evaluate import evaluate  # noqa: E402
-from icmoe.io import atomic_write_json  # noqa: E402
 from icmoe.metrics import format_metrics  # noqa: E402
 from icmoe.train import train  # noqa: E402
 
@@ -86,8 +85,9 @@ def run(
     }
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Learning demonstration: tiny IC-MoE on the synthetic set, on a CPU.")
+def _main(argv=None) -> int:
+    p = cli.parser("benchmarks/train_synthetic.py",
+                   "Learning demonstration: tiny IC-MoE on the synthetic set, on a CPU.")
     p.add_argument("--out", type=Path, default=Path("runs/synthetic-demo"))
     p.add_argument("--data-root", type=Path, default=Path("data/synthetic-demo"))
     p.add_argument("--test-root", type=Path, default=Path("data/synthetic-test"))
@@ -95,15 +95,15 @@ def main(argv=None) -> int:
     p.add_argument("--target", type=float, default=0.85)
     p.add_argument("--time-limit", type=float, default=600.0)
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/train_synthetic.json"))
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    cli.add_json(p, "the result")
+    cli.add_progress(p)
     a = p.parse_args(argv)
+    cli.setup_logging(a.verbosity)
     res = run(out=a.out, data_root=a.data_root, test_root=a.test_root, test_seed=a.test_seed, target=a.target,
               time_limit=a.time_limit, progress=not a.no_progress)
     atomic_write_json(a.results, res)
-    if a.json:
-        print(json.dumps(res, indent=2, sort_keys=True))
-    else:
+    cli.write_json(res, a.json)
+    if a.json != "-":
         print(f"held-out test set (seed {res['test_seed']}, {res['test']['n_images']} images):")
         print(format_metrics(res["test"]))
         print(f"validation DSC {res['val_dsc_pooled']:.4f}; total {res['seconds_total']:.0f}s "
@@ -112,7 +112,11 @@ def main(argv=None) -> int:
         print(f"{'PASS' if res['passed'] else 'FAIL'}: test DSC {res['test_dsc_pooled']:.4f} "
               f"(target {a.target}) in {res['seconds_total']:.0f}s (limit {a.time_limit:.0f}s)")
         print(f"result: {a.results}")
-    return 0 if res["passed"] else 1
+    return cli.EXIT_OK if res["passed"] else cli.EXIT_CHECK_FAILED
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Inference engines with one interface (`engines.base.Engine`) and a name-to-class registry.
 
     from engines import load_engine
-    with load_engine("build/tiny-fp16", backend="onnxruntime", precision="fp16") as engine:
-        out = engine.infer(images)   # {"logits", "mask", "expert"} NumPy arrays
+    with load_engine("build/icmoe-tiny-fp16", backend="onnxruntime", precision="fp16") as engine:
+        out = engine.infer(images)   # {output name: NumPy array}, names from the build's manifest
 
 Backends are imported lazily, so a missing optional library (TensorRT) disables its
 backend only.
@@ -13,13 +13,14 @@ from __future__ import annotations
 import importlib
 from typing import Dict, Optional
 
-from engines.base import INPUT_NAME, OUTPUT_NAMES, Engine, EngineError, InputError, check_images
+from engines.base import BuildInfo, Engine, EngineError, InputError, check_input
 
 # name -> "module:Class"; every class has `from_build(build_dir, **kw)`.
 BACKENDS: Dict[str, str] = {
     "eager": "engines.eager:EagerEngine",
     "onnxruntime": "engines.onnxruntime:OnnxRuntimeEngine",
     "tensorrt": "engines.tensorrt:TensorRTEngine",
+    "torch-tensorrt": "engines.torch_tensorrt:TorchTensorRTEngine",
 }
 
 
@@ -45,7 +46,7 @@ def load_engine(build_dir, backend: str = "onnxruntime", precision: Optional[str
       build_dir: a directory written by `python -m export.build`.
       backend: a key of `BACKENDS`.
       precision: "fp32" or "fp16"; None takes the build's precision.
-      kw: passed to the engine's `from_build` (e.g. `threads`, `expect`).
+      kw: passed to the engine's `from_build` (e.g. `threads`, `expect`, `variant` for eager).
 
     Returns:
       Engine: call `activate()` or use it as a context manager.
@@ -58,12 +59,11 @@ def load_engine(build_dir, backend: str = "onnxruntime", precision: Optional[str
 
 __all__ = [
     "BACKENDS",
+    "BuildInfo",
     "Engine",
     "EngineError",
-    "INPUT_NAME",
     "InputError",
-    "OUTPUT_NAMES",
-    "check_images",
+    "check_input",
     "engine_class",
     "load_engine",
 ]

@@ -1,28 +1,29 @@
 """One interface for every backend (after Polygraphy's runners): activate, infer, deactivate.
 
-Every engine takes images as float32 RGB in 0..255, shape (B, 3, S, S), and
-returns a dict of NumPy arrays:
-    logits  (B, 1, S, S) float32   fused logits z_final
-    mask    (B, 1, S, S) uint8     z_final > 0
-    expert  (B,)         int32     chosen candidate (0 basic, 1 semantic, 2 fused)
+An engine runs one build's graph. What it takes and returns is the build's contract, read
+from the manifest's tensor specs, never assumed here: the input is an image batch (for the
+families so far float32 RGB in 0..255, shape (B, 3, S, S)) and `infer` returns a dict of
+NumPy arrays keyed by the output names (IC-MoE: logits, mask, expert).
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-OUTPUT_NAMES = ("logits", "mask", "expert")
-INPUT_NAME = "image"
+from icmoe.core.errors import IcmoeError
+from icmoe.core.manifest import ManifestError, artifact_path, io_specs, read_manifest
+from icmoe.core.specs import BATCH, TensorSpec
+from icmoe.families import check_expected
 
 
-class EngineError(RuntimeError):
+class EngineError(IcmoeError, RuntimeError):
     """An engine or build artifact that cannot be used (missing, damaged, mismatched)."""
 
 
-class InputError(ValueError):
+class InputError(IcmoeError, ValueError):
     """Images an engine cannot take (shape, dtype, channels, batch, NaN)."""
 
 
@@ -32,37 +33,62 @@ def to_numpy(images) -> np.ndarray:
     return np.asarray(images)
 
 
-def check_images(images, image_size: int, batch_range: Optional[Tuple[int, int]] = None) -> np.ndarray:
-    """Validate a batch of images and return it as a float32 array.
+def check_input(x, spec: TensorSpec, batch_range: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """Validate one input batch against its spec and return it as a contiguous array.
 
     Raises:
-      InputError: one line naming what is wrong.
+      InputError: one line naming what is wrong (dtype, rank, channels, size, batch, NaN).
     """
-    x = to_numpy(images)
-    if x.dtype != np.float32:
-        raise InputError(f"images must be float32 RGB in 0..255, got dtype {x.dtype}")
-    if x.ndim != 4:
-        raise InputError(f"images must be (B, 3, {image_size}, {image_size}), got {x.ndim}-D shape {x.shape}")
-    if x.shape[1] != 3:
-        raise InputError(f"images must have 3 (RGB) channels on axis 1, got {x.shape[1]} in shape {x.shape}")
-    if x.shape[2:] != (image_size, image_size):
-        raise InputError(f"images must be {image_size}x{image_size}, got {x.shape[2]}x{x.shape[3]}")
+    x = to_numpy(x)
+    want = tuple("B" if d == BATCH else d for d in spec.shape)
+    if x.dtype != spec.np_dtype:
+        raise InputError(f"{spec.name} must be {spec.dtype} {'RGB in 0..255 ' if len(want) == 4 else ''}"
+                         f"of shape {want}, got dtype {x.dtype}")
+    if x.ndim != len(spec.shape):
+        raise InputError(f"{spec.name} must have shape {want}, got {x.ndim}-D shape {x.shape}")
+    if len(want) == 4 and x.shape[1] != want[1]:
+        raise InputError(f"{spec.name} must have {want[1]} {'(RGB) ' if want[1] == 3 else ''}channels on axis 1, got {x.shape[1]} in shape {x.shape}")
+    fixed = [(i, d) for i, d in enumerate(spec.shape) if d != BATCH]
+    if any(x.shape[i] != d for i, d in fixed):
+        if len(want) == 4:
+            raise InputError(f"{spec.name} must be {want[2]}x{want[3]}, got {x.shape[2]}x{x.shape[3]}")
+        raise InputError(f"{spec.name} must have shape {want}, got {x.shape}")
     if batch_range is not None and not batch_range[0] <= x.shape[0] <= batch_range[1]:
         raise InputError(f"batch {x.shape[0]} outside this engine's range {batch_range[0]}..{batch_range[1]}")
-    if not np.isfinite(x).all():
-        raise InputError("images contain NaN or infinite values")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise InputError(f"{spec.name} contains NaN or infinite values")
     return np.ascontiguousarray(x)
 
 
 class Engine(abc.ABC):
-    """Base class of all engines. Use as a context manager or call activate()/deactivate()."""
+    """Base class of all engines. Use as a context manager or call activate()/deactivate().
+
+    Arguments (keyword-only):
+      inputs, outputs: the graph's tensor specs (from the build's manifest).
+      batch_range: (min, max) batch the engine accepts, or None for any.
+    """
 
     name: str = "engine"
 
-    def __init__(self, *, image_size: int, batch_range: Optional[Tuple[int, int]] = None) -> None:
-        self.image_size = image_size
+    def __init__(self, *, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 batch_range: Optional[Tuple[int, int]] = None) -> None:
+        self.inputs: List[TensorSpec] = list(inputs)
+        self.outputs: List[TensorSpec] = list(outputs)
         self.batch_range = batch_range
         self.is_active = False
+
+    @property
+    def input_name(self) -> str:
+        return self.inputs[0].name
+
+    @property
+    def output_names(self) -> List[str]:
+        return [o.name for o in self.outputs]
+
+    @property
+    def image_size(self) -> int:
+        """Side of the (square) input images."""
+        return int(self.inputs[0].shape[-1])
 
     def activate(self) -> "Engine":
         if not self.is_active:
@@ -82,10 +108,10 @@ class Engine(abc.ABC):
         self.deactivate()
 
     def infer(self, images) -> Dict[str, np.ndarray]:
-        """Run the model on (B, 3, S, S) float32 RGB 0..255 images; returns logits, mask, expert."""
+        """Run the model on a batch of the graph's input; returns {output name: array}."""
         if not self.is_active:
             self.activate()
-        x = check_images(images, self.image_size, self.batch_range)
+        x = check_input(images, self.inputs[0], self.batch_range)
         return self._infer(x)
 
     @abc.abstractmethod
@@ -96,3 +122,38 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def _infer(self, images: np.ndarray) -> Dict[str, np.ndarray]: ...
+
+
+class BuildInfo:
+    """What every engine reads from a build directory's manifest (checked once, one-line errors).
+
+    Attributes:
+      build_dir, manifest: the build and its parsed manifest.
+      inputs, outputs: the graph's tensor specs.
+      batch_range: (min, max) of the build's dynamic batch axis.
+    """
+
+    def __init__(self, build_dir, *, expect=None) -> None:
+        try:
+            self.manifest = read_manifest(build_dir)
+        except ManifestError as e:
+            raise EngineError(str(e)) from None
+        self.build_dir = build_dir
+        model = self.manifest["model"]
+        why = check_expected(model["family"], {**model["config"], "name": model["name"]}, expect)
+        if why:
+            raise EngineError(f"{build_dir}: build is for {why}")
+        specs = io_specs(self.manifest)
+        self.inputs, self.outputs = specs["inputs"], specs["outputs"]
+        b = self.manifest["batch"]
+        self.batch_range = (int(b["min"]), int(b["max"]))
+
+    def artifact(self, name: str, *, verify: bool = True):
+        """The path of a registered artifact, checked (size, sha256) against the manifest."""
+        try:
+            return artifact_path(self.build_dir, name, verify=verify)
+        except ManifestError as e:
+            raise EngineError(str(e)) from None
+
+    def specs(self) -> dict:
+        return {"inputs": self.inputs, "outputs": self.outputs, "batch_range": self.batch_range}

@@ -1,4 +1,4 @@
-"""ONNX Runtime engine for the FP32 and FP16 graphs of a build directory.
+"""ONNX Runtime engine for the FP32 and FP16 graphs of a build directory (any model family).
 
 Session settings are chosen for a fair CPU comparison with eager PyTorch: all graph
 optimizations on, intra-op threads = the cores eager uses, sequential execution.
@@ -12,11 +12,9 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from engines.base import INPUT_NAME, OUTPUT_NAMES, Engine, EngineError
-from engines.eager import _check_expect, default_threads
-
-# precision -> artifact file in the build directory
-ARTIFACTS = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
+from engines.base import BuildInfo, Engine, EngineError
+from engines.eager import default_threads
+from icmoe.core.manifest import ONNX_GRAPHS
 
 
 def session_options(threads: Optional[int] = None, *, optimized_model: Optional[str] = None):
@@ -35,20 +33,20 @@ def session_options(threads: Optional[int] = None, *, optimized_model: Optional[
 
 
 class OnnxRuntimeEngine(Engine):
-    """An IC-MoE ONNX graph in ONNX Runtime.
+    """A build's ONNX graph in ONNX Runtime.
 
     Arguments (keyword-only):
       path: the ONNX file.
-      image_size: the graph's input side.
+      inputs, outputs: the graph's tensor specs (from the manifest).
       batch_range: (min, max) batch the build allows, or None.
       precision: "fp32" or "fp16" (label only; the graph decides).
       threads: intra-op threads (default: the usable cores).
       providers: ORT execution providers (default CPU).
     """
 
-    def __init__(self, *, path, image_size: int, batch_range=None, precision: str = "fp32",
+    def __init__(self, *, path, inputs, outputs, batch_range=None, precision: str = "fp32",
                  threads: Optional[int] = None, providers: Optional[Sequence[str]] = None) -> None:
-        super().__init__(image_size=image_size, batch_range=batch_range)
+        super().__init__(inputs=inputs, outputs=outputs, batch_range=batch_range)
         self.path = Path(path)
         self.precision = precision
         self.threads = threads or default_threads()
@@ -64,34 +62,25 @@ class OnnxRuntimeEngine(Engine):
         Arguments:
           build_dir: a build directory.
           precision: "fp32" (model.onnx) or "fp16" (model.fp16.onnx); None: the build's precision.
-          expect: a model name (or ICMoEConfig) the build must be for.
+          expect: what the build must be for (see `icmoe.families.check_expected`).
           verify: compare the artifact's size and sha256 with the manifest.
 
         Raises:
           EngineError: no manifest, the artifact is missing, truncated, damaged, of another
             precision, or the build is for another model.
         """
-        from export.manifest import ManifestError, artifact_path, read_manifest
-
-        try:
-            manifest = read_manifest(build_dir)
-            precision = precision or manifest["precision"]
-            if precision not in ARTIFACTS:
-                raise EngineError(f"unknown precision {precision!r}; choose from {', '.join(ARTIFACTS)}")
-            name = ARTIFACTS[precision]
-            _check_expect(manifest, expect, build_dir)
-            info = manifest["artifacts"].get(name)
-            if info is None:
-                have = sorted(a for a, i in manifest["artifacts"].items() if i.get("kind") == "onnx")
-                raise EngineError(f"{build_dir}: no {precision} ONNX graph in this build (has: {', '.join(have) or 'none'})")
-            if info.get("precision") != precision:
-                raise EngineError(f"{build_dir}/{name}: manifest says precision {info.get('precision')!r}, not {precision!r}")
-            path = artifact_path(build_dir, name, verify=verify)
-        except ManifestError as e:
-            raise EngineError(str(e)) from None
-        b = manifest["batch"]
-        return cls(path=path, image_size=int(manifest["image_size"]), batch_range=(int(b["min"]), int(b["max"])),
-                   precision=precision, **kw)
+        info = BuildInfo(build_dir, expect=expect)
+        precision = precision or info.manifest["precision"]
+        if precision not in ONNX_GRAPHS:
+            raise EngineError(f"unknown precision {precision!r}; choose from {', '.join(ONNX_GRAPHS)}")
+        name = ONNX_GRAPHS[precision]
+        entry = info.manifest["artifacts"].get(name)
+        if entry is None:
+            have = sorted(a for a, i in info.manifest["artifacts"].items() if i.get("kind") == "onnx")
+            raise EngineError(f"{build_dir}: no {precision} ONNX graph in this build (has: {', '.join(have) or 'none'})")
+        if entry.get("precision") != precision:
+            raise EngineError(f"{build_dir}/{name}: manifest says precision {entry.get('precision')!r}, not {precision!r}")
+        return cls(path=info.artifact(name, verify=verify), precision=precision, **info.specs(), **kw)
 
     def _activate(self) -> None:
         import onnxruntime as ort
@@ -103,18 +92,20 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError(f"{self.path}: ONNX Runtime cannot load it ({_first_line(e)})") from None
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
-        if inputs != [INPUT_NAME] or sorted(outputs) != sorted(OUTPUT_NAMES):
-            raise EngineError(f"{self.path}: graph I/O {inputs} -> {outputs} is not an IC-MoE graph")
+        if inputs != [s.name for s in self.inputs] or sorted(outputs) != sorted(self.output_names):
+            raise EngineError(f"{self.path}: graph I/O {inputs} -> {outputs} differs from the manifest's "
+                              f"{[s.name for s in self.inputs]} -> {self.output_names}")
         shape = self.session.get_inputs()[0].shape
-        if shape[1:] != [3, self.image_size, self.image_size]:
-            raise EngineError(f"{self.path}: graph input shape {shape} does not match image size {self.image_size}")
+        if list(shape[1:]) != list(self.inputs[0].shape[1:]):
+            raise EngineError(f"{self.path}: graph input shape {shape} does not match the manifest's "
+                              f"{list(self.inputs[0].shape)}")
 
     def _deactivate(self) -> None:
         self.session = None
 
     def _infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
-        outs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
-        return dict(zip(OUTPUT_NAMES, outs))
+        outs = self.session.run(self.output_names, {self.input_name: images})
+        return dict(zip(self.output_names, outs))
 
 
 def _first_line(e: Exception) -> str:

@@ -1,14 +1,17 @@
 """TensorRT engine: `model.plan` of a build directory, run with TensorRT's Python runtime.
 
-Device buffers are PyTorch CUDA tensors (no extra CUDA binding needed); inference
-is `execute_async_v3` on a PyTorch stream. With `cuda_graphs=True` the enqueue
-is captured once per batch size into a CUDA graph and replayed (static buffers).
+Device buffers are PyTorch CUDA tensors (no extra CUDA binding needed), sized from the
+engine's own tensor shapes and types once the input shape is set; inference is
+`execute_async_v3` on a PyTorch stream. With `cuda_graphs=True` the enqueue is captured
+once per batch size into a CUDA graph and replayed (static buffers).
 
 The plan is checked before it is loaded: listed in manifest.json with a matching
 size and sha256, kind "tensorrt", the requested precision, the expected model,
 the same TensorRT version (unless version-compatible) and GPU compute capability
 (unless hardware-compatible); and after loading, its I/O names and dtypes must
-be the build's. Each mismatch is refused with one line.
+be the manifest's tensor specs. Each mismatch is refused with one line.
+
+`unavailable_reason()` says why TensorRT engines cannot run (or be built) on this host.
 
 Needs TensorRT and a CUDA GPU; not run in this project's CI (no GPU there):
 tests/engines/test_tensorrt_engine.py runs on a GPU host.
@@ -21,12 +24,44 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from engines.base import INPUT_NAME, OUTPUT_NAMES, Engine, EngineError
+from engines.base import BuildInfo, Engine, EngineError
+from icmoe.core.manifest import PLAN_NAME
 
-PLAN_NAME = "model.plan"
-# TensorRT I/O dtype name (DataType.name) -> torch dtype name
+# TensorRT I/O dtype name (DataType.name) -> NumPy/torch dtype name
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "UINT8": "uint8", "INT64": "int64", "BOOL": "bool"}
-_EXPECTED = {INPUT_NAME: "float32", "logits": "float32", "mask": "uint8", "expert": "int32"}
+
+
+def tensorrt_version() -> Tuple[int, int]:
+    """(major, minor) of the installed TensorRT.
+
+    Raises:
+      ImportError: TensorRT is missing, or is a stub-only/namespace package without a version.
+    """
+    import tensorrt as trt
+
+    version = getattr(trt, "__version__", None)
+    if not version or not hasattr(trt, "Builder"):
+        raise ImportError("`import tensorrt` found no TensorRT runtime (a stub or namespace package?)")
+    major, minor = (int(p) for p in version.split(".")[:2])
+    return major, minor
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why TensorRT engines cannot be built or run here, or None where TensorRT and a CUDA GPU exist.
+
+    Returns:
+      "TensorRT not importable (...)" (missing, broken, or a stub/namespace package),
+      "no CUDA GPU (...)", or None.
+    """
+    try:
+        tensorrt_version()
+    except Exception as e:  # ImportError, or a broken install
+        return f"TensorRT not importable ({type(e).__name__}: {e})"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (torch.cuda.is_available() is False)"
+    return None
 
 
 class TensorRTEngine(Engine):
@@ -34,16 +69,16 @@ class TensorRTEngine(Engine):
 
     Arguments (keyword-only):
       plan: path of the serialized engine (model.plan).
-      image_size: input side S.
+      inputs, outputs: the graph's tensor specs (from the manifest).
       batch_range: (min, max) batch of the engine's optimization profile.
       precision: label ("fp16"/"fp32").
       cuda_graphs: capture each batch size's enqueue in a CUDA graph and replay it.
       device: CUDA device index.
     """
 
-    def __init__(self, *, plan: Path, image_size: int, batch_range: Optional[Tuple[int, int]] = None,
+    def __init__(self, *, plan: Path, inputs, outputs, batch_range: Optional[Tuple[int, int]] = None,
                  precision: str = "fp16", cuda_graphs: bool = False, device: int = 0) -> None:
-        super().__init__(image_size=image_size, batch_range=batch_range)
+        super().__init__(inputs=inputs, outputs=outputs, batch_range=batch_range)
         self.plan = Path(plan)
         self.precision = precision
         self.cuda_graphs = cuda_graphs
@@ -55,39 +90,31 @@ class TensorRTEngine(Engine):
 
     @classmethod
     def from_build(cls, build_dir, *, precision: Optional[str] = None, expect=None, cuda_graphs: bool = False,
-                   device: int = 0, verify: bool = True, **kw) -> "TensorRTEngine":
+                   device: int = 0, verify: bool = True) -> "TensorRTEngine":
         """The build's `model.plan`, checked against manifest.json, this TensorRT and this GPU.
 
         Arguments:
           build_dir: a build directory with a TensorRT engine.
           precision: required precision ("fp16"/"fp32"); None accepts the plan's.
-          expect: a model name (or ICMoEConfig) the build must be for.
+          expect: what the build must be for (see `icmoe.families.check_expected`).
           cuda_graphs: replay CUDA graphs.
           verify: check size and sha256 of the plan.
 
         Raises:
           EngineError: one line naming the missing, damaged or mismatched part.
         """
-        from export.manifest import ManifestError, artifact_path, read_manifest
-
-        from engines.eager import _check_expect
-
-        try:
-            manifest = read_manifest(build_dir)
-            plan = artifact_path(build_dir, PLAN_NAME, verify=verify)
-        except ManifestError as e:
-            raise EngineError(str(e)) from None
-        _check_expect(manifest, expect, build_dir)
-        info = manifest["artifacts"][PLAN_NAME]
-        if info.get("kind") != "tensorrt":
-            raise EngineError(f"{plan}: registered as {info.get('kind')!r}, not a TensorRT engine")
-        have = info.get("precision", manifest["precision"])
+        info = BuildInfo(build_dir, expect=expect)
+        plan = info.artifact(PLAN_NAME, verify=verify)
+        entry = info.manifest["artifacts"][PLAN_NAME]
+        if entry.get("kind") != "tensorrt":
+            raise EngineError(f"{plan}: registered as {entry.get('kind')!r}, not a TensorRT engine")
+        have = entry.get("precision", info.manifest["precision"])
         if precision is not None and precision != have:
             raise EngineError(f"{plan}: engine was built for {have}, not {precision}")
-        check_runtime(info, plan)
-        batch = info.get("batch") or manifest["batch"]
-        return cls(plan=plan, image_size=int(manifest["image_size"]), batch_range=(int(batch["min"]), int(batch["max"])),
-                   precision=have, cuda_graphs=cuda_graphs, device=device, **kw)
+        check_runtime(entry, plan)
+        batch = entry.get("batch") or info.manifest["batch"]
+        specs = {**info.specs(), "batch_range": (int(batch["min"]), int(batch["max"]))}
+        return cls(plan=plan, precision=have, cuda_graphs=cuda_graphs, device=device, **specs)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -108,9 +135,10 @@ class TensorRTEngine(Engine):
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             io[name] = (_DTYPES.get(engine.get_tensor_dtype(name).name, "?"), engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT)
-        want = {n: (d, n == INPUT_NAME) for n, d in _EXPECTED.items()}
+        want = {s.name: (s.dtype, True) for s in self.inputs}
+        want.update({s.name: (s.dtype, False) for s in self.outputs})
         if io != want:
-            raise EngineError(f"{self.plan}: engine I/O {io} differs from the IC-MoE contract {want}")
+            raise EngineError(f"{self.plan}: engine I/O {io} differs from the manifest's {want}")
         self.engine = engine
         self.context = engine.create_execution_context()
         self.stream = torch.cuda.Stream(device=self.device)
@@ -124,25 +152,32 @@ class TensorRTEngine(Engine):
     # ------------------------------------------------------------------ inference
 
     def _buffers(self, batch: int) -> Dict[str, Any]:
+        """Device tensors for one batch size: the input's shape is set on the context, and every
+        output is sized from the shape TensorRT then reports for it (and the engine's dtype)."""
         import torch
 
-        s = self.image_size
         dev = torch.device("cuda", self.device)
-        bufs = {
-            INPUT_NAME: torch.empty((batch, 3, s, s), dtype=torch.float32, device=dev),
-            "logits": torch.empty((batch, 1, s, s), dtype=torch.float32, device=dev),
-            "mask": torch.empty((batch, 1, s, s), dtype=torch.uint8, device=dev),
-            "expert": torch.empty((batch,), dtype=torch.int32, device=dev),
-        }
+        spec = self.inputs[0]
+        shape = spec.concrete(batch)
+        if not self.context.set_input_shape(spec.name, shape):
+            raise EngineError(f"the engine refused input shape {shape}")
+        bufs = {spec.name: torch.empty(shape, dtype=getattr(torch, spec.dtype), device=dev)}
+        for out in self.outputs:
+            dims = tuple(self.context.get_tensor_shape(out.name))
+            if any(d < 0 for d in dims):
+                raise EngineError(f"TensorRT reports no concrete shape for output {out.name!r} ({dims})")
+            dtype = _DTYPES.get(self.engine.get_tensor_dtype(out.name).name, out.dtype)
+            bufs[out.name] = torch.empty(dims, dtype=getattr(torch, dtype), device=dev)
         return bufs
 
     def _bind(self, bufs: Dict[str, Any]) -> None:
         ctx = self.context
-        if not ctx.set_input_shape(INPUT_NAME, tuple(bufs[INPUT_NAME].shape)):
-            raise EngineError(f"the engine refused input shape {tuple(bufs[INPUT_NAME].shape)}")
-        for name, t in bufs.items():
-            if not ctx.set_tensor_address(name, t.data_ptr()):
-                raise EngineError(f"could not bind tensor {name!r}")
+        name = self.input_name
+        if not ctx.set_input_shape(name, tuple(bufs[name].shape)):
+            raise EngineError(f"the engine refused input shape {tuple(bufs[name].shape)}")
+        for key, t in bufs.items():
+            if not ctx.set_tensor_address(key, t.data_ptr()):
+                raise EngineError(f"could not bind tensor {key!r}")
 
     def _enqueue(self) -> None:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
@@ -165,15 +200,15 @@ class TensorRTEngine(Engine):
                     self._graphs[b] = (graph, bufs)
                 graph, bufs = self._graphs[b]
                 self._bind(bufs)
-                bufs[INPUT_NAME].copy_(torch.from_numpy(images), non_blocking=False)
+                bufs[self.input_name].copy_(torch.from_numpy(images), non_blocking=False)
                 graph.replay()
             else:
                 bufs = self._buffers(b)
-                bufs[INPUT_NAME].copy_(torch.from_numpy(images))
+                bufs[self.input_name].copy_(torch.from_numpy(images))
                 self._bind(bufs)
                 self._enqueue()
             self.stream.synchronize()
-            return {n: bufs[n].cpu().numpy() for n in OUTPUT_NAMES}
+            return {n: bufs[n].cpu().numpy() for n in self.output_names}
 
 
 def check_runtime(info: Dict[str, Any], plan: Path) -> None:

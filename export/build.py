@@ -1,50 +1,148 @@
-"""Turn IC-MoE weights into verified deployment artifacts: `python -m export.build`.
+"""Turn model weights into verified deployment artifacts: `python -m export.build`.
 
-    python -m export.build                          # newest run under runs/, FP32
-    python -m export.build --precision fp16         # + strongly typed FP16 graph
+    python -m export.build                                  # newest run under runs/, FP32
+    python -m export.build --precision fp16                 # + strongly typed FP16 graph
     python -m export.build --random-init --config vit_b --out build/latency
 
-Stages (each shown in the progress bar and in build.log): load the weights, export the
-FP32 ONNX graph, convert to FP16 (--precision fp16), build the TensorRT engine (GPU
-hosts), verify parity with eager FP32, and (--triton) write a Triton model repository.
+The build is a list of named stages (`STAGES`), each shown in the progress bar and in
+build.log: load the weights, export the FP32 ONNX graph, convert to FP16 (--precision
+fp16), any stages the model family adds, build the GPU engine (TensorRT or
+torch-tensorrt, GPU hosts), verify parity with eager FP32, and (--triton) write a Triton
+model repository.
 
-The build is assembled in a staging folder next to `--out` and swapped in only when
-complete, so an interrupted or failed build never leaves a half-written directory, and
-an existing build of a different model is replaced only with `--force`.
+Every stage runs in a staging folder next to `--out`; only when all of them passed,
+verification included, is it swapped in. A failed build leaves the previous one
+untouched and is kept as `<out>.failed/` for inspection. An existing build of another
+model is replaced only with `--force`.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import datetime as _dt
+import logging
 import os
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm import tqdm
 
-import icmoe
-from export.manifest import (
+from engines.tensorrt import unavailable_reason
+from engines.triton import RepositoryOptions, make_repository
+from export.onnx_export import DEFAULT_OPSET, export_onnx, initializer_stats
+from export.precision import convert_fp16
+from export.rewrite import REWRITES
+from export.tensorrt import EngineSettings, build_engine
+from export.torch_tensorrt import compile_and_save
+from export.verify import add_tolerance_args, tolerance_overrides, verify_build
+from icmoe.checkpoint import load, read_meta, save_checkpoint
+from icmoe.core import cli
+from icmoe.core.errors import CheckFailed, IcmoeError
+from icmoe.core.io import atomic_write_bytes, give_default_mode
+from icmoe.core.manifest import (
+    CHECKPOINT_DIR,
+    LOG_NAME,
+    ONNX_GRAPHS,
+    PRECISIONS,
     ManifestError,
     add_artifact,
+    model_label,
     new_manifest,
     read_manifest,
     write_manifest,
 )
-from export.onnx_export import DEFAULT_OPSET, ExportError, export_onnx, initializer_stats
-from export.precision import PrecisionError, convert_fp16
-from export.rewrite import REWRITES
+from icmoe.families import (
+    DEFAULT_CONFIG,
+    DEFAULT_FAMILY,
+    Family,
+    add_model_args,
+    get_family,
+)
 
+log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch-tensorrt")
-LOG_NAME = "build.log"
 
 
-class BuildError(RuntimeError):
+class BuildError(IcmoeError, RuntimeError):
     """A build that cannot proceed; one-line message."""
+
+
+class ParityFailed(CheckFailed):
+    """The build's engines are outside their parity gates; the previous build is untouched."""
+
+
+@dataclass
+class BuildOptions:
+    """Everything `build` needs; the CLI's flags map one to one onto these fields.
+
+    Attributes:
+      checkpoint: checkpoint folder; None: the newest run under runs/ (unless random_init).
+      random_init: export the untrained architecture `model`/`config` (seeded).
+      model, config: family and size variant for random_init (a checkpoint names its own).
+      precision: "fp32" (model.onnx) or "fp16" (model.onnx + model.fp16.onnx).
+      out: build directory; default build/<family>-<config>-<precision>.
+      batch: (min, opt, max) dynamic batch range.
+      backend: auto | onnxruntime | tensorrt | torch-tensorrt.
+      opset: ONNX opset.
+      force: replace an existing build of a different model.
+      rewrite: apply the export-time rewrites of `export.rewrite` (same function, less work).
+      verify, verify_images, tolerances: the parity stage, its set size and gate overrides.
+      triton: also write a Triton model repository there.
+      seed: seed of the random initialisation.
+      progress: show the stage progress bar.
+      engine: TensorRT builder settings.
+    """
+
+    checkpoint: Optional[Path] = None
+    random_init: bool = False
+    model: str = DEFAULT_FAMILY
+    config: str = DEFAULT_CONFIG
+    precision: str = "fp32"
+    out: Optional[Path] = None
+    batch: Tuple[int, int, int] = (1, 1, 8)
+    backend: str = "auto"
+    opset: int = DEFAULT_OPSET
+    force: bool = False
+    rewrite: bool = True
+    verify: bool = True
+    verify_images: int = 64
+    tolerances: Dict[str, float] = field(default_factory=dict)
+    triton: Optional[Path] = None
+    seed: int = 0
+    progress: bool = True
+    engine: EngineSettings = EngineSettings()
+
+
+@dataclass
+class BuildState:
+    """What the stages share: the options, the model, and the staging folder they fill."""
+
+    options: BuildOptions
+    family: Family
+    config: Any
+    out: Path
+    backend: str
+    staging: Path = Path()
+    model: Any = None
+    report: Optional[Dict[str, Any]] = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named build step: runs when `applies(state)`; `run(state)` fills `state.staging`."""
+
+    name: str
+    run: Callable[[BuildState], None]
+    applies: Callable[[BuildState], bool] = lambda state: True
+
+
+# ------------------------------------------------------------------------------------------ inputs
 
 
 def newest_run_checkpoint(runs: Path = Path("runs")) -> Optional[Path]:
@@ -64,27 +162,25 @@ def parse_batch(text: str) -> Tuple[int, int, int]:
     try:
         parts = tuple(int(p) for p in text.split(","))
     except ValueError:
-        raise BuildError(f"--batch must be MIN,OPT,MAX integers, got {text!r}") from None
+        raise BuildError(f"--dynamic-batch must be MIN,OPT,MAX integers, got {text!r}") from None
     if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
-        raise BuildError(f"--batch must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
+        raise BuildError(f"--dynamic-batch must be MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
     return parts  # type: ignore[return-value]
 
 
-def resolve_backend(backend: str, log: Callable[[str], None]) -> str:
+def resolve_backend(backend: str) -> str:
     """`auto` -> tensorrt where TensorRT imports and a CUDA GPU exists, else onnxruntime (says which)."""
     if backend != "auto":
         return backend
-    from export.tensorrt import unavailable_reason  # light: TensorRT itself is imported inside
-
     why = unavailable_reason()
     chosen = "onnxruntime" if why else "tensorrt"
-    log(f"backend auto: using {chosen}" + (f" ({why})" if why else ""))
+    log.info(f"backend auto: using {chosen}" + (f" ({why})" if why else ""))
     return chosen
 
 
-def _check_target(out: Path, config: dict, force: bool) -> None:
+def _check_target(out: Path, family: str, config: Dict[str, Any], force: bool) -> None:
     """Refuse to replace a build of another model (or a non-build folder) without --force."""
-    if not out.exists():
+    if not out.exists() or force:
         return
     if not out.is_dir():
         raise BuildError(f"{out}: exists and is not a directory")
@@ -93,18 +189,171 @@ def _check_target(out: Path, config: dict, force: bool) -> None:
     try:
         old = read_manifest(out)
     except ManifestError as e:
-        if force:
-            return
-        raise BuildError(f"{out}: not an IC-MoE build directory ({e}); pass --force to replace it") from None
-    if old["model"]["config"] != config and not force:
-        raise BuildError(
-            f"{out}: holds a build of model {old['model']['name']!r} with another configuration; "
-            f"pass --force to replace it or choose --out"
-        )
+        raise BuildError(f"{out}: not a build directory ({e}); pass --force to replace it") from None
+    if old["model"]["family"] != family or old["model"]["config"] != config:
+        raise BuildError(f"{out}: holds a build of {model_label(old)} with another model or configuration; "
+                         f"pass --force to replace it or choose --out")
 
 
-def _swap_in(staging: Path, out: Path) -> None:
+def prepare(options: BuildOptions) -> BuildState:
+    """Check the options and find the model; nothing is written yet."""
+    if options.precision not in PRECISIONS:
+        raise BuildError(f"--precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
+    if options.backend not in BACKENDS:
+        raise BuildError(f"--backend must be one of {', '.join(BACKENDS)}, got {options.backend!r}")
+    bmin, bopt, bmax = options.batch
+    if not 1 <= bmin <= bopt <= bmax:
+        raise BuildError(f"batch range must satisfy 1 <= min <= opt <= max, got {options.batch}")
+    if options.checkpoint is not None and options.random_init:
+        raise BuildError("give either --checkpoint or --random-init, not both")
+    if options.checkpoint is None and not options.random_init:
+        options.checkpoint = newest_run_checkpoint()
+        if options.checkpoint is None:
+            raise BuildError("no checkpoint: train one (python -m icmoe.train --dataset synthetic --config tiny), "
+                             "pass --checkpoint DIR, or use --random-init to export the untrained architecture")
+        log.info(f"checkpoint: newest run {options.checkpoint}")
+    if options.checkpoint is not None:
+        meta = read_meta(options.checkpoint)
+        family, config = get_family(meta["family"]), meta["config"]
+    else:
+        family = get_family(options.model)
+        config = family.get_config(options.config)
+    out = Path(options.out) if options.out else Path("build") / f"{family.name}-{config.name}-{options.precision}"
+    _check_target(out, family.name, config.to_dict(), options.force)
+    backend = resolve_backend(options.backend)
+    why = unavailable_reason() if backend in ("tensorrt", "torch-tensorrt") else None
+    if why:  # say so before minutes of export, not after
+        raise BuildError(f"--backend {backend} is unavailable here: {why}")
+    return BuildState(options=options, family=family, config=config, out=out, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def _place_checkpoint(src: Path, dst: Path) -> None:
+    """Copy a checkpoint folder into the build, hard-linking the weights where the filesystem allows."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)
+
+
+def stage_load(state: BuildState) -> None:
+    """The weights: a copy of the checkpoint (or the seeded random init) in `<build>/checkpoint/`."""
+    o, ck_dir = state.options, state.staging / CHECKPOINT_DIR
+    if o.checkpoint is not None:
+        _place_checkpoint(Path(o.checkpoint), ck_dir)
+        state.model = load(ck_dir)
+        ck = {"random_init": False, "source": str(Path(o.checkpoint).resolve())}
+    else:
+        torch.manual_seed(o.seed)
+        state.model = state.family.build(state.config)
+        save_checkpoint(state.model, ck_dir, extra={"random_init": True, "seed": o.seed})
+        ck = {"random_init": True, "seed": o.seed}
+    ck.update(path=CHECKPOINT_DIR, sha256=read_meta(ck_dir)["weights_sha256"])
+    manifest = new_manifest(family=state.family.name, config=state.config.to_dict(), precision=o.precision,
+                            inputs=state.family.inputs(state.config), outputs=state.family.outputs(state.config),
+                            opset=o.opset, batch=o.batch, checkpoint=ck)
+    manifest.update(backend=state.backend, rewrites=list(REWRITES) if o.rewrite else [])
+    write_manifest(state.staging, manifest)
+    log.info(f"load: {state.family.title} {state.config.name} "
+             f"({'random init, seed %d' % o.seed if o.checkpoint is None else o.checkpoint})")
+
+
+def stage_onnx(state: BuildState) -> None:
+    path = export_onnx(state.model, state.staging / ONNX_GRAPHS["fp32"], batch=state.options.batch,
+                       opset=state.options.opset, rewrite=state.options.rewrite)
+    stats = initializer_stats(path)
+    add_artifact(state.staging, path.name, kind="onnx", precision="fp32", initializers=stats)
+    log.info(f"onnx: {path.name} ({stats['bytes'] / 2**20:.1f} MiB of initializers, {stats['count']} tensors)")
+
+
+def stage_fp16(state: BuildState) -> None:
+    dst = state.staging / ONNX_GRAPHS["fp16"]
+    convert_fp16(state.staging / ONNX_GRAPHS["fp32"], dst, family=state.family,
+                 inputs=state.family.inputs(state.config), outputs=state.family.outputs(state.config))
+    add_artifact(state.staging, dst.name, kind="onnx", precision="fp16", tool="modelopt.onnx.autocast")
+    log.info(f"fp16: {dst.name}")
+
+
+def stage_family_steps(state: BuildState) -> None:
+    """Steps the family adds (e.g. extra artifacts), in its order."""
+    for name, step in state.family.build_steps:
+        step(state.staging, state.model, read_manifest(state.staging))
+        log.info(f"{name}: done")
+
+
+def stage_tensorrt(state: BuildState) -> None:
+    build_engine(state.staging, onnx_name=ONNX_GRAPHS[state.options.precision], batch=state.options.batch,
+                 settings=state.options.engine)
+
+
+def stage_torch_tensorrt(state: BuildState) -> None:
+    compile_and_save(state.staging, model=state.model, batch=state.options.batch, precision=state.options.precision,
+                     optimization_level=state.options.engine.optimization_level)
+
+
+def stage_verify(state: BuildState) -> None:
+    o = state.options
+    report = verify_build(state.staging, n=o.verify_images, overrides=o.tolerances, progress=o.progress)
+    manifest = read_manifest(state.staging)
+    manifest["verify"] = {k: v for k, v in report.items() if k != "build_dir"}
+    write_manifest(state.staging, manifest)
+    state.report = report
+    if not report["passed"]:
+        failed = [k for k, r in report["engines"].items() if not r["passed"]] or ["no engine ran"]
+        raise ParityFailed(f"parity with eager FP32 failed for {', '.join(failed)} (see {LOG_NAME})")
+
+
+def stage_triton(state: BuildState) -> None:
+    """The model repository, written next to the build's staging folder and moved in with it."""
+    make_repository(state.staging, state.staging / ".triton", options=RepositoryOptions())
+
+
+STAGES: List[Stage] = [
+    Stage("load", stage_load),
+    Stage("onnx", stage_onnx),
+    Stage("fp16", stage_fp16, lambda s: s.options.precision == "fp16"),
+    Stage("family", stage_family_steps, lambda s: bool(s.family.build_steps)),
+    Stage("tensorrt", stage_tensorrt, lambda s: s.backend == "tensorrt"),
+    Stage("torch-tensorrt", stage_torch_tensorrt, lambda s: s.backend == "torch-tensorrt"),
+    Stage("verify", stage_verify, lambda s: s.options.verify),
+    Stage("triton", stage_triton, lambda s: s.options.triton is not None),
+]
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+@contextlib.contextmanager
+def _captured_log(lines: List[str]) -> Iterator[None]:
+    """Collect every log line of the toolkit's loggers for build.log (they still go where they went)."""
+
+    class ListHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(f"{_dt.datetime.now():%H:%M:%S} {record.getMessage()}")
+
+    handler = ListHandler(logging.INFO)
+    loggers = [logging.getLogger(n) for n in cli.LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)  # build.log is complete even when the terminal is quiet
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+
+
+def _swap_in(staging: Path, out: Path, triton: Optional[Path]) -> None:
     """Replace `out` by the completed `staging` folder (old build removed only after the rename)."""
+    repo = staging / ".triton"
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -112,241 +361,129 @@ def _swap_in(staging: Path, out: Path) -> None:
     os.replace(staging, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    if triton is not None:
+        _move_models(out / repo.name, triton)
 
 
-def build(
-    checkpoint: Optional[Path] = None,
-    *,
-    random_init: bool = False,
-    config: str = "vit_b",
-    precision: str = "fp32",
-    out: Optional[Path] = None,
-    batch: Tuple[int, int, int] = (1, 1, 8),
-    backend: str = "auto",
-    opset: int = DEFAULT_OPSET,
-    force: bool = False,
-    rewrite: bool = True,
-    verify: bool = True,
-    verify_images: int = 64,
-    triton: Optional[Path] = None,
-    seed: int = 0,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Build (and verify) the deployment artifacts of an IC-MoE model.
+def _move_models(src: Path, repository: Path) -> None:
+    """Move each model folder of `src` into `repository`, replacing a model of the same name."""
+    repository.mkdir(parents=True, exist_ok=True)
+    for model in sorted(src.iterdir()):
+        target = repository / model.name
+        old = target.with_name(f".{model.name}.old-{os.getpid()}")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(model, target)
+        shutil.rmtree(old, ignore_errors=True)
+        log.info(f"triton: {target}")
+    shutil.rmtree(src, ignore_errors=True)
 
-    Arguments:
-      checkpoint: checkpoint folder; None: the newest run under runs/ (unless random_init).
-      random_init: export the untrained architecture `config` (seeded); its weights are kept in
-        `<out>/checkpoint/` so the build can be verified.
-      config: model configuration for random_init (ignored with a checkpoint).
-      precision: "fp32" (model.onnx) or "fp16" (model.onnx + model.fp16.onnx).
-      out: build directory; default build/<model-name>-<precision>.
-      batch: (min, opt, max) dynamic batch range.
-      backend: auto | onnxruntime | tensorrt | torch-tensorrt.
-      opset: ONNX opset.
-      force: replace an existing build of a different model.
-      rewrite: apply the export-time rewrites of `export.rewrite` (same function, less work).
-      verify: run the parity check (export.verify) at the end.
-      verify_images: size of the parity set.
-      triton: also write a Triton model repository there.
-      seed: seed of the random initialisation.
-      progress: show the stage progress bar.
-      log: where progress lines go (they are also written to build.log).
+
+def _keep_failed(staging: Path, out: Path) -> Path:
+    failed = out.with_name(f"{out.name}.failed")
+    shutil.rmtree(failed, ignore_errors=True)
+    os.replace(staging, failed)
+    return failed
+
+
+def build(checkpoint: Optional[Path] = None, **fields: Any) -> Path:
+    """Build (and verify) the deployment artifacts of a model; see `BuildOptions` for the fields.
 
     Returns:
       Path: the build directory.
 
     Raises:
-      BuildError, ManifestError, ExportError, PrecisionError, icmoe.CheckpointError: one line each.
+      IcmoeError (BuildError, ManifestError, ExportError, ...): one line; ParityFailed (a
+      CheckFailed) when the engines are outside their gates. On any failure the previous build
+      is untouched and the failed one is kept in `<out>.failed/` when a stage had started.
     """
-    from tqdm import tqdm
-
-    if precision not in ("fp32", "fp16"):
-        raise BuildError(f"--precision must be fp32 or fp16, got {precision!r}")
-    if backend not in BACKENDS:
-        raise BuildError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    state = prepare(BuildOptions(checkpoint=checkpoint, **fields))
+    stages = [s for s in STAGES if s.applies(state)]
+    state.out.parent.mkdir(parents=True, exist_ok=True)
+    state.staging = Path(tempfile.mkdtemp(prefix=f".{state.out.name}.staging-", dir=state.out.parent))
+    give_default_mode(state.staging)
     lines: List[str] = []
-
-    def say(msg: str) -> None:
-        stamp = _dt.datetime.now().strftime("%H:%M:%S")
-        lines.append(f"{stamp} {msg}")
-        log(msg)
-
-    # Stage 0: which weights.
-    if checkpoint is None and not random_init:
-        checkpoint = newest_run_checkpoint()
-        if checkpoint is None:
-            raise BuildError(
-                "no checkpoint: train one (python -m icmoe.train --dataset synthetic --config tiny --epochs 2), "
-                "pass --checkpoint DIR, or use --random-init to export the untrained architecture"
-            )
-        say(f"checkpoint: newest run {checkpoint}")
-    if checkpoint is not None and random_init:
-        raise BuildError("give either --checkpoint or --random-init, not both")
-    if checkpoint is not None:
-        meta = icmoe.checkpoint.read_meta(checkpoint)
-        cfg = meta["config"]
-    else:
-        cfg = icmoe.get_config(config)
-    out = Path(out) if out is not None else Path("build") / f"{cfg.name}-{precision}"
-    _check_target(out, cfg.to_dict(), force)
-    backend = resolve_backend(backend, say)
-    if batch[2] < 1 or not batch[0] <= batch[1] <= batch[2]:
-        raise BuildError(f"batch range must satisfy 1 <= min <= opt <= max, got {batch}")
-
-    stages = ["load", "onnx"] + (["fp16"] if precision == "fp16" else []) + (
-        [backend] if backend in ("tensorrt", "torch-tensorrt") else []) + (["verify"] if verify else []) + (
-        ["triton"] if triton else [])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    bar = tqdm(total=len(stages), desc="build", unit="stage", disable=not progress,
+    bar = tqdm(total=len(stages), desc="build", unit="stage", disable=not state.options.progress,
                bar_format="{desc}: {n_fmt}/{total_fmt} stages |{bar}| {elapsed}")
     t_all = time.time()
     try:
-        # Stage 1: weights.
-        bar.set_description_str("build [load]")
-        t = time.time()
-        if checkpoint is not None:
-            model = icmoe.load(checkpoint)
-            ck = {"path": str(Path(checkpoint).resolve()), "sha256": meta["weights_sha256"], "random_init": False}
-        else:
-            torch.manual_seed(seed)
-            model = icmoe.build_icmoe(cfg)
-            icmoe.save_checkpoint(model, staging / "checkpoint", extra={"random_init": True, "seed": seed})
-            ck = {"path": "checkpoint", "sha256": icmoe.checkpoint.read_meta(staging / "checkpoint")["weights_sha256"],
-                  "random_init": True, "seed": seed}
-        manifest = new_manifest(config=cfg.to_dict(), precision=precision, opset=opset, batch=batch, checkpoint=ck)
-        manifest["backend"] = backend
-        manifest["rewrites"] = list(REWRITES) if rewrite else []
-        write_manifest(staging, manifest)
-        say(f"load: model {cfg.name} ({'random init, seed %d' % seed if random_init else checkpoint}) "
-            f"in {time.time() - t:.1f}s")
-        bar.update()
-
-        # Stage 2: FP32 ONNX graph.
-        bar.set_description_str("build [onnx export]")
-        t = time.time()
-        export_onnx(model, staging / "model.onnx", batch=batch, opset=opset, rewrite=rewrite, log=say)
-        stats = initializer_stats(staging / "model.onnx")
-        add_artifact(staging, "model.onnx", kind="onnx", precision="fp32", initializers=stats)
-        say(f"onnx: model.onnx ({stats['bytes'] / 2**20:.1f} MiB of initializers, {stats['count']} tensors) "
-            f"in {time.time() - t:.1f}s")
-        bar.update()
-
-        # Stage 3: FP16 graph.
-        if precision == "fp16":
-            bar.set_description_str("build [fp16 autocast]")
-            t = time.time()
-            convert_fp16(staging / "model.onnx", staging / "model.fp16.onnx", log=say)
-            add_artifact(staging, "model.fp16.onnx", kind="onnx", precision="fp16", tool="modelopt.onnx.autocast")
-            say(f"fp16: model.fp16.onnx in {time.time() - t:.1f}s")
-            bar.update()
-
-        # Stage 4: GPU backends (H5's modules, imported only here).
-        onnx_name = "model.fp16.onnx" if precision == "fp16" else "model.onnx"
-        if backend == "tensorrt":
-            bar.set_description_str("build [tensorrt]")
-            t = time.time()
-            try:
-                from export.tensorrt import build_engine
-            except ImportError as e:
-                raise BuildError(f"--backend tensorrt is unavailable here: {e}") from None
-            build_engine(staging, onnx_name=onnx_name, batch=batch, log=say)
-            say(f"tensorrt: model.plan in {time.time() - t:.1f}s")
-            bar.update()
-        elif backend == "torch-tensorrt":
-            bar.set_description_str("build [torch-tensorrt]")
-            t = time.time()
-            try:
-                from export.torch_tensorrt import compile_and_save
-            except ImportError as e:
-                raise BuildError(f"--backend torch-tensorrt is unavailable here: {e}") from None
-            compile_and_save(staging, model=model, batch=batch, precision=precision, log=say)
-            say(f"torch-tensorrt: done in {time.time() - t:.1f}s")
-            bar.update()
-
-        # Stage 5: parity with eager FP32.
-        report = None
-        if verify:
-            bar.set_description_str("build [verify]")
-            from export.verify import verify_build
-
-            report = verify_build(staging, n=verify_images, log=say, progress=progress)
-            manifest = read_manifest(staging)
-            manifest["verify"] = {k: v for k, v in report.items() if k != "build_dir"}
-            write_manifest(staging, manifest)
-            bar.update()
-
-        say(f"build: {out} complete in {time.time() - t_all:.1f}s")
-        _write_log(staging, lines)
-        _swap_in(staging, out)
-        if triton:
-            bar.set_description_str("build [triton]")
-            try:
-                from engines.triton import make_repository
-            except ImportError as e:
-                raise BuildError(f"--triton is unavailable here: {e}") from None
-            make_repository(out, triton, log=say)
-            _write_log(out, lines)
-            bar.update()
-        if report is not None and not report["passed"]:
-            failed = [k for k, r in report["engines"].items() if not r["passed"]]
-            raise BuildError(f"{out}: built, but parity with eager FP32 failed for {', '.join(failed)} (see {LOG_NAME})")
-        return out
+        with _captured_log(lines):
+            for stage in stages:
+                bar.set_description_str(f"build [{stage.name}]")
+                t = time.time()
+                stage.run(state)
+                log.info(f"stage {stage.name}: {time.time() - t:.1f}s")
+                bar.update()
+            log.info(f"build: {state.out} complete in {time.time() - t_all:.1f}s")
+        atomic_write_bytes(state.staging / LOG_NAME, ("\n".join(lines) + "\n").encode())
+        _swap_in(state.staging, state.out, state.options.triton)
+        return state.out
+    except IcmoeError as e:
+        if (state.staging / "manifest.json").is_file():
+            atomic_write_bytes(state.staging / LOG_NAME, ("\n".join(lines) + f"\nfailed: {e}\n").encode())
+            kept = _keep_failed(state.staging, state.out)
+            raise type(e)(f"{e}; {state.out} is untouched, the failed build is kept in {kept}") from e
+        raise
     finally:
         bar.close()
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(state.staging, ignore_errors=True)
 
 
-def _write_log(build_dir: Path, lines: Sequence[str]) -> None:
-    from icmoe.io import atomic_write_bytes
+def _options(args) -> Dict[str, Any]:
+    engine = EngineSettings(optimization_level=args.opt_level, version_compatible=args.version_compatible,
+                            hardware_compatible=args.hardware_compatible,
+                            workspace_bytes=int(args.workspace * 2**20) if args.workspace else None,
+                            timing_cache_dir=args.timing_cache, progress=not args.no_progress,
+                            passes=not args.no_graph_passes)
+    return dict(random_init=args.random_init, model=args.model, config=args.config, precision=args.precision,
+                out=args.out, batch=parse_batch(args.dynamic_batch), backend=args.backend, opset=args.opset,
+                force=args.force, rewrite=not args.no_rewrite, verify=not args.no_verify,
+                verify_images=args.verify_images, tolerances=tolerance_overrides(args), triton=args.triton,
+                seed=args.seed, progress=not args.no_progress, engine=engine)
 
-    atomic_write_bytes(build_dir / LOG_NAME, ("\n".join(lines) + "\n").encode())
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.splitlines()[0])
+def _parser():
+    p = cli.parser("python -m export.build", __doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", type=Path, default=None,
-                     help="checkpoint folder (default: the newest runs/*/best)")
+    src.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the newest runs/*/best)")
     src.add_argument("--random-init", action="store_true", help="export the untrained architecture (latency work)")
-    p.add_argument("--config", default="vit_b", help="configuration for --random-init: vit_b or tiny (default vit_b)")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    p.add_argument("--out", type=Path, default=None, help="build directory (default build/<model>-<precision>)")
-    p.add_argument("--batch", default="1,1,8", help="dynamic batch range MIN,OPT,MAX (default 1,1,8)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: TensorRT where it and a GPU exist, else ONNX Runtime")
+    add_model_args(p, config_help="size variant for --random-init (a checkpoint names its own)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--out", type=Path, default=None, help="build directory (default build/<model>-<config>-<precision>)")
+    p.add_argument("--dynamic-batch", default="1,1,8", metavar="MIN,OPT,MAX",
+                   help="the graphs' dynamic batch range (default 1,1,8)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: TensorRT where it and a GPU exist, else ONNX Runtime")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--force", action="store_true", help="replace an existing build of a different model")
     p.add_argument("--no-rewrite", action="store_true",
                    help="export SAM's windowed attention as is, padded projections included (export.rewrite)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check")
     p.add_argument("--verify-images", type=int, default=64, help="parity images (default 64)")
+    add_tolerance_args(p)
     p.add_argument("--triton", type=Path, default=None, metavar="DIR", help="also write a Triton model repository")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
-    args = p.parse_args(argv)
-    try:
-        out = build(
-            args.checkpoint, random_init=args.random_init, config=args.config, precision=args.precision,
-            out=args.out, batch=parse_batch(args.batch), backend=args.backend, opset=args.opset, force=args.force,
-            rewrite=not args.no_rewrite, verify=not args.no_verify, verify_images=args.verify_images,
-            triton=args.triton, seed=args.seed,
-        )
-    except (BuildError, ManifestError, ExportError, PrecisionError, icmoe.CheckpointError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except Exception as e:  # engines' errors (EngineError, InputError) during verify
-        from engines import EngineError, InputError
+    trt = p.add_argument_group("TensorRT builder (--backend tensorrt / torch-tensorrt)")
+    trt.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimization level (default 3)")
+    trt.add_argument("--workspace", type=float, default=None, metavar="MIB", help="workspace memory limit in MiB")
+    trt.add_argument("--timing-cache", type=Path, default=None, metavar="DIR",
+                     help="timing-cache folder (default ~/.cache/icmoe/tensorrt)")
+    trt.add_argument("--version-compatible", action="store_true", help="engine runs on later TensorRT versions")
+    trt.add_argument("--hardware-compatible", action="store_true", help="engine runs on any Ampere or newer GPU")
+    trt.add_argument("--no-graph-passes", action="store_true", help="skip the family's graph passes (e.g. a fused plugin)")
+    cli.add_progress(p)
+    return p
 
-        if isinstance(e, (EngineError, InputError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    cli.setup_logging(args.verbosity)
+    out = build(args.checkpoint, **_options(args))
     print(f"build: {out}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

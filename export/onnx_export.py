@@ -1,15 +1,15 @@
-"""IC-MoE to ONNX: one portable FP32 graph with the shared backbone, voting and fusion inside.
+"""A model of any family to ONNX: one portable FP32 graph, shared weights stored once.
 
-The graph is exported from the shared-backbone `ICMoE` with `torch.onnx.export(dynamo=True)`.
-Because the three experts reference the same frozen ViT parameters, torch.export lifts
-each of them once, so the frozen weights appear once in the initializers; the trunk runs
-once (spec section 5). The voting (argmin over L1 distances to the majority mask) and the
-fusion `z2 + alpha * z_chosen` are standard ONNX ops, so any ONNX runtime runs the graph.
-Windowed attention is exported without its padded projections (`export.rewrite`).
+The graph is the family's `export_module` traced with `torch.onnx.export(dynamo=True)`,
+with the family's tensor specs as its inputs and outputs (the batch axis dynamic).
+Parameters that several parts of a model reference (IC-MoE: the frozen ViT used by three
+experts) are lifted once by torch.export, so they appear once in the initializers, and
+constant folding is limited so that no weight gets a folded copy. Everything the model
+computes, post-processing included (IC-MoE: the voting and the fusion), is standard ONNX
+ops, so any ONNX runtime runs the graph. SAM's windowed attention is exported without
+its padded projections (`export.rewrite`).
 
-    image  (B, 3, S, S) float32 RGB 0..255   -> logits (B, 1, S, S) float32
-                                                mask   (B, 1, S, S) uint8
-                                                expert (B,)         int32
+    python -m export.onnx_export --config vit_b     # initializer bytes vs the family's variant (IC-MoE: naive)
 """
 
 from __future__ import annotations
@@ -17,37 +17,28 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import onnx
 import torch
 from torch import nn
 
 from export.rewrite import padding_free_windows
-from icmoe.io import PathLike, atomic_path
+from icmoe.core import cli
+from icmoe.core.errors import IcmoeError
+from icmoe.core.io import PathLike, atomic_path
+from icmoe.families import Family, add_model_args, get_family
 
 DEFAULT_OPSET = 18
 FOLD_LIMIT = 1024  # largest tensor (elements) constant folding may consume or produce
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "mask", "expert")
+log = logging.getLogger(__name__)
 
 
-class ExportError(RuntimeError):
+class ExportError(IcmoeError, RuntimeError):
     """The model could not be exported or the exported graph failed its checks."""
-
-
-class VoteGraph(nn.Module):
-    """Inference wrapper: images -> (logits, mask, expert), with the voting inside."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        vote = self.model(image)  # Vote(logits (B,1,S,S), mask (B,1,S,S) uint8, expert (B,) int32)
-        return vote.logits, vote.mask, vote.expert
 
 
 def export_onnx(
@@ -58,19 +49,19 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     clean: bool = True,
     rewrite: bool = True,
-    log: Callable[[str], None] = print,
+    family: Optional[Family] = None,
 ) -> Path:
-    """Export an IC-MoE model (shared or naive) to a single-file ONNX graph, atomically.
+    """Export a model of a registered family to a single-file ONNX graph, atomically.
 
     Arguments:
-      model: `ICMoE` (or `NaiveICMoE`), on the CPU; it is put in eval mode.
+      model: the family's model (or one of its eager variants), on the CPU; put in eval mode.
       path: destination file (written to a temporary name, then renamed).
       batch: (min, opt, max) of the dynamic batch axis.
       opset: ONNX opset.
       clean: fold constants and drop dead nodes with onnx-graphsurgeon.
       rewrite: export windowed attention without padded projections (`export.rewrite`;
         the same function, about a quarter fewer ViT FLOPs at 256x256).
-      log: where progress lines go.
+      family: the model's family (default: the one its config class names).
 
     Returns:
       Path: the written graph.
@@ -80,9 +71,10 @@ def export_onnx(
     """
     path = Path(path)
     model = model.eval()
-    s = model.config.image_size
+    family = family or get_family(type(model.config).family)
+    inputs, outputs = family.inputs(model.config), family.outputs(model.config)
     bmin, bopt, bmax = batch
-    example = torch.rand(max(bopt, 2), 3, s, s) * 255  # batch >= 2 so the axis is not specialised to 1
+    example = family.example_inputs(model.config, max(bopt, 2))  # batch >= 2: the axis stays dynamic
     dim = torch.export.Dim("batch", min=max(1, bmin), max=max(bmax, 2))
     buf = io.StringIO()
     try:
@@ -91,13 +83,13 @@ def export_onnx(
                 (padding_free_windows(model) if rewrite else contextlib.nullcontext(0)) as swapped:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                VoteGraph(model),
-                (example,),
+                family.export_module(model),
+                example,
                 dynamo=True,
                 opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
-                dynamic_shapes={"image": {0: dim}},
+                input_names=[s.name for s in inputs],
+                output_names=[s.name for s in outputs],
+                dynamic_shapes={s.name: {0: dim} for s in inputs},
                 external_data=False,
                 optimize=False,  # optimized below with limits that keep shared weights shared
                 verbose=False,
@@ -110,14 +102,14 @@ def export_onnx(
     except Exception as e:  # the exporter raises many types; report one line
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     if swapped:
-        log(f"  rewrite: {swapped} windowed attention blocks project real tokens only (export.rewrite)")
+        log.info(f"  rewrite: {swapped} windowed attention blocks project real tokens only (export.rewrite)")
     for line in buf.getvalue().splitlines():
         if line.strip():
-            log(f"  [torch.onnx] {line.strip()}")
+            log.debug(f"  [torch.onnx] {line.strip()}")
     proto = program.model_proto
     if clean:
         proto = clean_graph(proto)
-    _name_io(proto)
+    _name_io(proto, [s.name for s in inputs], [s.name for s in outputs])
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
@@ -140,13 +132,12 @@ def _quiet_loggers():
             logging.getLogger(n).setLevel(lvl)
 
 
-def _name_io(proto: onnx.ModelProto) -> None:
-    """Make sure the graph's I/O carry the contract's names and the batch axis is called "batch"."""
+def _name_io(proto: onnx.ModelProto, inputs: List[str], outputs: List[str]) -> None:
+    """Make sure the graph's I/O carry the family's names and the batch axis is called "batch"."""
     g = proto.graph
-    if [i.name for i in g.input] != [INPUT_NAME] or [o.name for o in g.output] != list(OUTPUT_NAMES):
+    if [i.name for i in g.input] != inputs or [o.name for o in g.output] != outputs:
         raise ExportError(
-            f"graph I/O are {[i.name for i in g.input]} -> {[o.name for o in g.output]}, "
-            f"expected [{INPUT_NAME!r}] -> {list(OUTPUT_NAMES)}"
+            f"graph I/O are {[i.name for i in g.input]} -> {[o.name for o in g.output]}, expected {inputs} -> {outputs}"
         )
     for vi in list(g.input) + list(g.output):
         d0 = vi.type.tensor_type.shape.dim[0]
@@ -215,51 +206,68 @@ def initializer_stats(path_or_proto) -> Dict[str, int]:
     return {"count": count, "bytes": nbytes, "params": params}
 
 
-def graph_op_counts(proto: onnx.ModelProto) -> Dict[str, int]:
-    counts: Dict[str, int] = {}
-    for n in proto.graph.node:
-        counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return counts
+def perturbed(model: nn.Module, scale: float = 1e-3, seed: int = 0) -> nn.Module:
+    """`model` with every trainable parameter moved by seeded noise (in place; returned).
+
+    A random-init model holds copies that training would make distinct (IC-MoE: the semantic
+    tail and the three decoders); perturbing them makes equal tensors mean real sharing and
+    discrete choices (IC-MoE's chosen candidate) stop being ties.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
 
 
-def export_from_checkpoint(checkpoint: Optional[PathLike], path: PathLike, **kw) -> Path:
-    """Load a checkpoint folder with `icmoe.load` and export it (see `export_onnx`)."""
-    import icmoe
-
-    model = icmoe.load(checkpoint)
-    return export_onnx(model, path, **kw)
-
-
-def compare_naive(config: str = "vit_b", *, seed: int = 0, out_dir: Optional[PathLike] = None,
-                  log: Callable[[str], None] = print) -> Dict[str, float]:
-    """Export the shared graph and the naive three-expert graph of the same weights; compare initializers.
-
-    The weights are random (seeded) but made distinct per expert first (the semantic tail and the
-    decoders are perturbed), so equal tensors can only come from real sharing, as in a trained model.
+def compare_variant(family: str, config: str, variant: str, *, seed: int = 0,
+                    out_dir: Optional[PathLike] = None) -> Dict[str, Any]:
+    """Initializer bytes of the family's model vs one of its eager variants, same (perturbed) weights.
 
     Returns:
-      dict: shared and naive initializer bytes and their ratio.
+      dict: both byte counts and parameter counts, and their ratio.
     """
     import tempfile
 
-    import icmoe
-
+    fam = get_family(family)
     torch.manual_seed(seed)
-    model = icmoe.build_icmoe(config)
-    with torch.no_grad():  # trained models differ from the frozen ViT where they are trainable
-        for p in list(model.encoder.semantic_tail.parameters()) + list(model.decoders.parameters()):
-            p.add_(torch.randn_like(p) * 1e-3)
-    naive = icmoe.NaiveICMoE.from_shared(model)
+    model = perturbed(fam.build(fam.get_config(config)), seed=seed)
+    other = fam.variant(model, variant)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        shared_path = export_onnx(model, Path(tmp) / "shared.onnx", log=log)
-        naive_path = export_onnx(naive, Path(tmp) / "naive.onnx", log=log)
-        s, n = initializer_stats(shared_path), initializer_stats(naive_path)
-    return {"config": config, "shared_bytes": s["bytes"], "naive_bytes": n["bytes"], "ratio": s["bytes"] / n["bytes"],
-            "shared_params": s["params"], "naive_params": n["params"]}
+        s = initializer_stats(export_onnx(model, Path(tmp) / "model.onnx"))
+        n = initializer_stats(export_onnx(other, Path(tmp) / f"{variant}.onnx"))
+    return {"model": family, "config": config, "variant": variant, "bytes": s["bytes"],
+            f"{variant}_bytes": n["bytes"], "ratio": s["bytes"] / n["bytes"], "params": s["params"],
+            f"{variant}_params": n["params"]}
 
 
-if __name__ == "__main__":  # python -m export.onnx_export [CONFIG]: the initializer size check
-    import json
-    import sys
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    p = cli.parser("python -m export.onnx_export",
+                   "Export a family's model and one of its eager variants (random init, trainable parts "
+                   "perturbed) and compare the bytes of their ONNX initializers.")
+    add_model_args(p)
+    p.add_argument("--variant", default=None, help="the variant to compare with (default: the family's first)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    cli.add_json(p, "the comparison")
+    args = p.parse_args(argv)
+    cli.setup_logging(args.verbosity)
+    fam = get_family(args.model)
+    variant = args.variant or next(iter(fam.variants), None)
+    if variant is None:
+        raise ExportError(f"family {fam.name!r} has no eager variant to compare with")
+    result = compare_variant(args.model, args.config, variant, seed=args.seed)
+    if args.json:
+        cli.write_json(result, args.json)
+    else:
+        print(f"{fam.title} {args.config}: initializers {result['bytes'] / 1e6:.1f} MB vs {variant} "
+              f"{result[variant + '_bytes'] / 1e6:.1f} MB: {result['ratio']:.3f}x")
+    return 0
 
-    print(json.dumps(compare_naive(sys.argv[1] if len(sys.argv) > 1 else "vit_b", log=lambda m: None), indent=2))
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,13 +1,11 @@
 """FP16: a strongly typed mixed-precision graph made with NVIDIA ModelOpt AutoCast.
 
-TensorRT 11 takes precision from the graph itself (spec section 7), so the FP16
-graph carries its types: the experts run in FP16; LayerNormalization, Softmax (and
-the ReduceMean/Pow/Sqrt of SAM's own LayerNorm2d in the neck and decoder), the
-bilinear upsampling of the expert logits, the voting and the fusion stay FP32.
-Inputs and outputs keep the FP32 graph's types.
-
-The voting and fusion island is found structurally: every node downstream of the
-three `Resize` nodes that upsample the expert logits (they feed only the voting).
+TensorRT takes precision from a strongly typed graph itself (newer TensorRT releases
+have no FP16 builder flag), so the FP16 graph carries its types: the bulk of the
+network runs in FP16, while the family names what stays FP32, by op type
+(`Family.fp32_op_types`: LayerNormalization, Softmax, ...) and by node
+(`Family.fp32_nodes`, e.g. IC-MoE's upsampling, voting and fusion). Inputs and
+outputs keep the FP32 graph's types (checked against the manifest's specs).
 
 Why AutoCast without its `[onnx]` extra: `nvidia-modelopt[onnx]` pins
 onnxruntime-gpu and onnx~=1.21, which would put a second ONNX Runtime next to the
@@ -22,56 +20,30 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import Callable, List, Set
+from typing import Sequence
 
 import onnx
 
-from icmoe.io import PathLike, atomic_path
+from icmoe.core.errors import IcmoeError
+from icmoe.core.io import PathLike, atomic_path
+from icmoe.core.specs import TensorSpec
+from icmoe.families import Family
 
-# Op types kept FP32 wherever they are (numerically sensitive reductions and normalisations).
-FP32_OP_TYPES = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt")
+log = logging.getLogger(__name__)
 
-
-class PrecisionError(RuntimeError):
+class PrecisionError(IcmoeError, RuntimeError):
     """The FP16 conversion failed or produced a graph that breaks the contract."""
 
 
-def voting_island(proto: onnx.ModelProto) -> List[str]:
-    """Names of the nodes that upsample the expert logits, vote and fuse (kept FP32).
-
-    Arguments:
-      proto: the FP32 IC-MoE graph.
-
-    Returns:
-      list[str]: node names, the three logits `Resize` nodes and everything downstream.
-    """
-    g = proto.graph
-    consumers = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    starts = [n for n in g.node if n.op_type == "Resize"]
-    if len(starts) != 3:
-        raise PrecisionError(f"expected 3 Resize nodes (one per expert's logits), found {len(starts)}")
-    seen: Set[str] = set()
-    stack = list(starts)
-    while stack:
-        n = stack.pop()
-        if n.name in seen:
-            continue
-        seen.add(n.name)
-        for o in n.output:
-            stack.extend(consumers.get(o, []))
-    return sorted(seen)
-
-
-def convert_fp16(src: PathLike, dst: PathLike, *, log: Callable[[str], None] = print) -> Path:
-    """Convert an FP32 IC-MoE graph to the strongly typed FP16 graph, atomically.
+def convert_fp16(src: PathLike, dst: PathLike, *, family: Family, outputs: Sequence[TensorSpec],
+                 inputs: Sequence[TensorSpec]) -> Path:
+    """Convert an FP32 graph to the strongly typed FP16 graph, atomically.
 
     Arguments:
       src: the FP32 ONNX file.
       dst: the FP16 ONNX file to write.
-      log: where progress lines go.
+      family: says which op types and nodes stay FP32.
+      inputs, outputs: the graph's tensor specs; their element types must survive.
 
     Returns:
       Path: `dst`.
@@ -85,7 +57,10 @@ def convert_fp16(src: PathLike, dst: PathLike, *, log: Callable[[str], None] = p
     except ImportError as e:
         raise PrecisionError(f"FP16 needs NVIDIA ModelOpt AutoCast (pip install -e .): {e}") from None
     src, dst = Path(src), Path(dst)
-    island = voting_island(onnx.load(str(src), load_external_data=False))
+    try:
+        island = family.fp32_nodes(onnx.load(str(src), load_external_data=False))
+    except IcmoeError as e:
+        raise PrecisionError(f"{src}: {e}") from None
     configure_logging(logging.WARNING)  # AutoCast logs every node at INFO
     buf = io.StringIO()
     try:
@@ -94,7 +69,7 @@ def convert_fp16(src: PathLike, dst: PathLike, *, log: Callable[[str], None] = p
                 onnx_path=str(src),
                 low_precision_type="fp16",
                 nodes_to_exclude=island,
-                op_types_to_exclude=list(FP32_OP_TYPES),
+                op_types_to_exclude=list(family.fp32_op_types),
                 keep_io_types=True,
                 providers=["cpu"],
             )
@@ -102,11 +77,11 @@ def convert_fp16(src: PathLike, dst: PathLike, *, log: Callable[[str], None] = p
         raise PrecisionError(f"AutoCast FP16 conversion failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     for line in buf.getvalue().splitlines():
         if line.strip():
-            log(f"  [autocast] {line.strip()}")
+            log.debug(f"  [autocast] {line.strip()}")
     merged = dedupe_initializers(out)
     if merged:
-        log(f"fp16: merged {merged} duplicated initializers (AutoCast copies shared weights per consumer)")
-    check_io_types(out)
+        log.info(f"fp16: merged {merged} duplicated initializers (AutoCast copies shared weights per consumer)")
+    check_io_types(out, list(inputs) + list(outputs))
     onnx.checker.check_model(out)
     with atomic_path(dst) as tmp:
         onnx.save_model(out, str(tmp))
@@ -118,7 +93,7 @@ def dedupe_initializers(proto: onnx.ModelProto) -> int:
 
     AutoCast gives a weight consumed by several nodes one copy per consumer; the frozen ViT's
     weights are consumed by the trunk, the frozen tail and the adaptive path, so without this
-    pass the FP16 graph would store them several times (spec section 5: stored once).
+    pass the FP16 graph would store them several times (they are meant to be stored once).
     """
     import hashlib
 
@@ -149,10 +124,9 @@ def dedupe_initializers(proto: onnx.ModelProto) -> int:
     return len(dropped)
 
 
-def check_io_types(proto: onnx.ModelProto) -> None:
-    """The FP16 graph must keep the FP32 graph's I/O types (float32 in; float32, uint8, int32 out)."""
-    want = {"image": onnx.TensorProto.FLOAT, "logits": onnx.TensorProto.FLOAT,
-            "mask": onnx.TensorProto.UINT8, "expert": onnx.TensorProto.INT32}
+def check_io_types(proto: onnx.ModelProto, specs: Sequence[TensorSpec]) -> None:
+    """The FP16 graph must keep the specs' I/O element types (e.g. float32 in; float32, uint8, int32 out)."""
+    want = {s.name: onnx.helper.np_dtype_to_tensor_dtype(s.np_dtype) for s in specs}
     for vi in list(proto.graph.input) + list(proto.graph.output):
         t = vi.type.tensor_type.elem_type
         if vi.name in want and t != want[vi.name]:

@@ -6,9 +6,9 @@
 What the build does:
 - Strongly typed network (`NetworkFromOnnxPath(..., strongly_typed=True)`): the
   precision comes from the graph itself (FP16 experts, FP32 LayerNorm/softmax/
-  voting), as TensorRT 11 requires (no --fp16 flag, spec section 7).
-- The voting subgraph is replaced by the `icmoe::ppav` AOT plugin first
-  (`export.plugin`), unless `plugin=False`.
+  voting), as TensorRT 11 requires (it removed the --fp16 flag and per-layer precision).
+- The family's graph passes run first (IC-MoE: its voting subgraph becomes the
+  `icmoe::ppav` AOT plugin, `icmoe/voting/plugin.py`), unless `passes=False`.
 - One optimization profile for the input `image` from the build's batch range.
 - Builder optimization level (default 3, TensorRT's default).
 - A timing cache per TensorRT version and GPU compute capability, loaded before
@@ -24,51 +24,31 @@ project's CI (no GPU there).
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from icmoe.io import PathLike, atomic_path
+from engines.tensorrt import tensorrt_version
+from icmoe.core.errors import IcmoeError
+from icmoe.core.io import PathLike, atomic_path
+from icmoe.core.manifest import (
+    PLAN_NAME,
+    add_artifact,
+    artifact_path,
+    family_of,
+    io_specs,
+    read_manifest,
+)
+from icmoe.families import get_family
 
-PLAN_NAME = "model.plan"
+log = logging.getLogger(__name__)
 MIN_TENSORRT = (10, 9)  # strongly typed networks + AOT Quickly Deployable Plugins
 
 
-class TensorRTBuildError(RuntimeError):
+class TensorRTBuildError(IcmoeError, RuntimeError):
     """The engine could not be built; one line."""
-
-
-def tensorrt_version() -> Tuple[int, int]:
-    """(major, minor) of the installed TensorRT.
-
-    Raises:
-      ImportError: TensorRT is missing, or is a stub-only/namespace package without a version.
-    """
-    import tensorrt as trt
-
-    version = getattr(trt, "__version__", None)
-    if not version or not hasattr(trt, "Builder"):
-        raise ImportError("`import tensorrt` found no TensorRT runtime (a stub or namespace package?)")
-    major, minor = (int(p) for p in version.split(".")[:2])
-    return major, minor
-
-
-def unavailable_reason() -> Optional[str]:
-    """Why TensorRT engines cannot be built or run here, or None where TensorRT and a CUDA GPU exist.
-
-    Returns:
-      "TensorRT not importable (...)" (missing, broken, or a stub/namespace package),
-      "no CUDA GPU (...)", or None.
-    """
-    try:
-        tensorrt_version()
-    except Exception as e:  # ImportError, or a broken install
-        return f"TensorRT not importable ({type(e).__name__}: {e})"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU (torch.cuda.is_available() is False)"
-    return None
 
 
 def compute_capability() -> str:
@@ -114,44 +94,30 @@ def _progress_monitor() -> Any:
     return TqdmProgress()
 
 
-def build_engine(
-    build_dir: PathLike,
-    *,
-    onnx_name: str = "model.fp16.onnx",
-    batch: Tuple[int, int, int] = (1, 1, 8),
-    log: Callable[[str], None] = print,
-    plugin: bool = True,
-    optimization_level: int = 3,
-    version_compatible: bool = False,
-    hardware_compatible: bool = False,
-    workspace_bytes: Optional[int] = None,
-    timing_cache_dir: Optional[PathLike] = None,
-    progress: bool = True,
-) -> Path:
-    """Build and register `build_dir/model.plan` from one of the build's ONNX graphs.
+@dataclass(frozen=True)
+class EngineSettings:
+    """TensorRT builder settings (the build's `--opt-level`, `--workspace`, ... flags).
 
-    Arguments:
-      build_dir: a build directory (manifest.json lists `onnx_name`).
-      onnx_name: the graph to build from ("model.fp16.onnx" or "model.onnx").
-      batch: (min, opt, max) of the optimization profile.
-      log: where progress lines go.
-      plugin: replace the voting subgraph with the `icmoe::ppav` AOT plugin.
-      optimization_level: builder optimization level 0..5.
+    Attributes:
+      optimization_level: builder optimization level 0..5 (TensorRT's default 3).
       version_compatible: engine runs on later TensorRT versions (lean runtime).
       hardware_compatible: engine runs on any Ampere or newer GPU.
       workspace_bytes: workspace memory-pool limit (None: TensorRT's default).
       timing_cache_dir: folder of the per-version, per-GPU timing caches.
+      passes: apply the family's graph passes (IC-MoE: the PPAV plugin).
       progress: show TensorRT's build phases as progress bars.
-
-    Returns:
-      Path: build_dir/model.plan.
-
-    Raises:
-      TensorRTBuildError: TensorRT missing or too old, no GPU, or the build failed.
-      ManifestError: the build directory or the graph is missing or damaged.
     """
-    from export.manifest import add_artifact, artifact_path, read_manifest
 
+    optimization_level: int = 3
+    version_compatible: bool = False
+    hardware_compatible: bool = False
+    workspace_bytes: Optional[int] = None
+    timing_cache_dir: Optional[PathLike] = None
+    passes: bool = True
+    progress: bool = True
+
+
+def _check_tensorrt() -> str:
     try:
         version = tensorrt_version()
     except ImportError as e:
@@ -162,46 +128,85 @@ def build_engine(
 
     if not torch.cuda.is_available():
         raise TensorRTBuildError("building a TensorRT engine needs a CUDA GPU (torch.cuda.is_available() is False)")
+    return compute_capability()
+
+
+def apply_passes(build_dir: Path, src: Path, manifest: Dict[str, Any], precision: str) -> Tuple[Path, list]:
+    """Run the family's graph passes on `src` in order; returns the final graph and the pass names."""
+    graph: Path = src
+    names: List[str] = []
+    for gp in get_family(family_of(manifest)).tensorrt_passes:
+        dst = build_dir / gp.output
+        gp.apply(graph, dst, manifest)
+        add_artifact(build_dir, gp.output, kind="onnx-tensorrt-pass", precision=precision, source=graph.name,
+                     graph_pass=gp.name)
+        if gp.prepare is not None:
+            gp.prepare()
+        log.info(f"graph pass {gp.name}: {graph.name} -> {gp.output}")
+        graph, names = dst, names + [gp.name]
+    return graph, names
+
+
+def _builder_config(settings: EngineSettings, shape: Tuple[str, Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]],
+                    cache: Path) -> Any:
     import tensorrt as trt
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+    from polygraphy.backend.trt import CreateConfig, Profile
+
+    name, lo, opt, hi = shape
+    return CreateConfig(
+        profiles=[Profile().add(name, min=lo, opt=opt, max=hi)],
+        builder_optimization_level=settings.optimization_level,
+        load_timing_cache=str(cache) if cache.exists() else None,
+        version_compatible=settings.version_compatible or None,
+        hardware_compatibility_level=trt.HardwareCompatibilityLevel.AMPERE_PLUS if settings.hardware_compatible else None,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: settings.workspace_bytes} if settings.workspace_bytes else None,
+        progress_monitor=_progress_monitor() if settings.progress else None,
+    )
+
+
+def build_engine(
+    build_dir: PathLike,
+    *,
+    onnx_name: str = "model.fp16.onnx",
+    batch: Tuple[int, int, int] = (1, 1, 8),
+    settings: EngineSettings = EngineSettings(),
+) -> Path:
+    """Build and register `build_dir/model.plan` from one of the build's ONNX graphs.
+
+    Arguments:
+      build_dir: a build directory (manifest.json lists `onnx_name`).
+      onnx_name: the graph to build from ("model.fp16.onnx" or "model.onnx").
+      batch: (min, opt, max) of the optimization profile.
+      settings: builder settings (optimization level, compatibility, workspace, timing cache, passes).
+
+    Returns:
+      Path: build_dir/model.plan.
+
+    Raises:
+      TensorRTBuildError: TensorRT missing or too old, no GPU, or the build failed.
+      ManifestError: the build directory or the graph is missing or damaged.
+    """
+    cc = _check_tensorrt()
+    import tensorrt as trt
+    from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
 
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     src = artifact_path(build_dir, onnx_name)
     precision = manifest["artifacts"][onnx_name].get("precision", manifest["precision"])
-    s = int(manifest["image_size"])
     bmin, bopt, bmax = (int(b) for b in batch)
     if not 1 <= bmin <= bopt <= bmax:
         raise TensorRTBuildError(f"batch range must satisfy 1 <= min <= opt <= max, got {batch}")
-
-    graph = src
-    if plugin:
-        from export.plugin import PLUGIN_GRAPH_NAME, make_plugin_graph, register_plugin
-
-        alpha = float(manifest["model"]["config"]["alpha"])
-        graph = make_plugin_graph(src, build_dir / PLUGIN_GRAPH_NAME, alpha=alpha)
-        add_artifact(build_dir, PLUGIN_GRAPH_NAME, kind="onnx-tensorrt-plugin", precision=precision, source=onnx_name)
-        register_plugin()
-        log(f"voting subgraph replaced by the {PLUGIN_GRAPH_NAME} AOT plugin node (icmoe::ppav)")
-
-    cache = timing_cache_path(timing_cache_dir)
+    graph, passes = apply_passes(build_dir, src, manifest, precision) if settings.passes else (src, [])
+    cache = timing_cache_path(settings.timing_cache_dir)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cc = compute_capability()
-    log(f"building {PLAN_NAME} from {graph.name}: TensorRT {trt.__version__}, sm {cc}, batch {bmin}/{bopt}/{bmax}, "
-        f"optimization level {optimization_level}, timing cache {cache}")
-    profile = Profile().add("image", min=(bmin, 3, s, s), opt=(bopt, 3, s, s), max=(bmax, 3, s, s))
-    config = CreateConfig(
-        profiles=[profile],
-        builder_optimization_level=optimization_level,
-        load_timing_cache=str(cache) if cache.exists() else None,
-        version_compatible=version_compatible or None,
-        hardware_compatibility_level=trt.HardwareCompatibilityLevel.AMPERE_PLUS if hardware_compatible else None,
-        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_bytes} if workspace_bytes else None,
-        progress_monitor=_progress_monitor() if progress else None,
-    )
-    network = NetworkFromOnnxPath(str(graph), strongly_typed=True)
+    spec = io_specs(manifest)["inputs"][0]
+    log.info(f"building {PLAN_NAME} from {graph.name}: TensorRT {trt.__version__}, sm {cc}, batch {bmin}/{bopt}/{bmax}, "
+             f"optimization level {settings.optimization_level}, timing cache {cache}")
+    config = _builder_config(settings, (spec.name, spec.concrete(bmin), spec.concrete(bopt), spec.concrete(bmax)), cache)
     try:
-        serialized = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache))()
+        serialized = EngineBytesFromNetwork(NetworkFromOnnxPath(str(graph), strongly_typed=True), config=config,
+                                            save_timing_cache=str(cache))()
     except Exception as e:  # Polygraphy raises PolygraphyException with TensorRT's log above it
         raise TensorRTBuildError(f"TensorRT could not build {graph.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     if serialized is None:
@@ -209,19 +214,9 @@ def build_engine(
     plan = build_dir / PLAN_NAME
     with atomic_path(plan) as tmp:
         tmp.write_bytes(bytes(serialized))
-    add_artifact(
-        build_dir,
-        PLAN_NAME,
-        kind="tensorrt",
-        precision=precision,
-        source=graph.name,
-        tensorrt=trt.__version__,
-        compute_capability=cc,
-        plugin=plugin,
-        batch={"min": bmin, "opt": bopt, "max": bmax},
-        optimization_level=optimization_level,
-        version_compatible=version_compatible,
-        hardware_compatible=hardware_compatible,
-    )
-    log(f"wrote {plan} ({plan.stat().st_size / 2**20:.1f} MiB)")
+    add_artifact(build_dir, PLAN_NAME, kind="tensorrt", precision=precision, source=graph.name,
+                 tensorrt=trt.__version__, compute_capability=cc, graph_passes=passes,
+                 batch={"min": bmin, "opt": bopt, "max": bmax}, optimization_level=settings.optimization_level,
+                 version_compatible=settings.version_compatible, hardware_compatible=settings.hardware_compatible)
+    log.info(f"wrote {plan} ({plan.stat().st_size / 2**20:.1f} MiB)")
     return plan

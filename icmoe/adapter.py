@@ -1,7 +1,7 @@
 """Medical-SAM-Adapter style adapters and the adapted forward of a frozen SAM block.
 
 The adaptive expert reuses the frozen block's modules (norms, attention, MLP)
-and only owns two bottleneck adapters per block (spec section 1):
+and only owns two bottleneck adapters per block (see docs/icmoe.md, "Adapters"):
 one with a skip connection right after attention, one in parallel with the
 MLP scaled by `mlp_scale`.
 """
@@ -9,7 +9,11 @@ MLP scaled by `mlp_scale`.
 from __future__ import annotations
 
 import torch
-from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
+from segment_anything.modeling.image_encoder import (
+    Block,
+    window_partition,
+    window_unpartition,
+)
 from torch import nn
 
 

@@ -1,11 +1,13 @@
-"""IC-MoE checkpoints: safetensors weights plus a JSON description.
+"""Checkpoints of every model family: safetensors weights plus a JSON description.
 
 A checkpoint is a folder:
 
-    config.json                      format, model config (alpha, input size,
-                                     normalisation), dataset, epoch, metrics,
-                                     the weights file's name and sha256
+    config.json                      format, version 2, the model family, its config
+                                     (input size, normalisation, ...), dataset, epoch,
+                                     metrics, the weights file's name and sha256
     weights-<sha12>.safetensors      the model's state dict (frozen ViT once)
+
+Version 1 checkpoints (no `family`) are IC-MoE checkpoints and still load.
 
 Writes are atomic and ordered so that a crash at any moment leaves a
 consistent checkpoint: the weights go to a new content-named file first, then
@@ -24,12 +26,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from icmoe.config import ICMoEConfig
-from icmoe.io import PathLike, atomic_write_json, give_default_mode, read_versioned_json, sha256_file
+from icmoe.core.io import (
+    PathLike,
+    atomic_write_json,
+    give_default_mode,
+    read_versioned_json,
+    sha256_file,
+)
+from icmoe.core.manifest import LEGACY_FAMILY
+from icmoe.families import FamilyError, check_expected, get_family
 from icmoe.sam import CheckpointError
 
 FORMAT = "icmoe-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "config.json"
 
 
@@ -42,10 +52,11 @@ def save_checkpoint(
     metrics: Optional[Dict[str, Any]] = None,
     extra: Optional[Dict[str, Any]] = None,
 ) -> Path:
-    """Save `model` (an ICMoE) to `directory` atomically.
+    """Save `model` to `directory` atomically.
 
     Arguments:
-      model: the model; its `config` is stored with the weights.
+      model: a model of a registered family; its `config` (whose class names the family) is
+        stored with the weights.
       directory: checkpoint folder (created if needed).
       dataset, epoch, metrics, extra: recorded in config.json.
 
@@ -54,7 +65,7 @@ def save_checkpoint(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    cfg: ICMoEConfig = model.config
+    cfg = model.config
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # The weights file is named by its content, so it is only known once written.
     fd, tmp_name = tempfile.mkstemp(prefix=".weights.", suffix=".tmp", dir=directory)
@@ -71,8 +82,8 @@ def save_checkpoint(
     meta = {
         "format": FORMAT,
         "version": VERSION,
+        "family": type(cfg).family,
         "model": cfg.to_dict(),
-        "alpha": cfg.alpha,
         "image_size": cfg.image_size,
         "normalization": {"pixel_mean": list(cfg.pixel_mean), "pixel_std": list(cfg.pixel_std), "input": "RGB 0..255"},
         "dataset": dataset,
@@ -102,13 +113,16 @@ def read_meta(path: PathLike) -> Dict[str, Any]:
     directory = _checkpoint_dir(path)
     cfg_path = directory / CONFIG_NAME
     if not cfg_path.is_file():
-        raise CheckpointError(f"{directory}: not an IC-MoE checkpoint (no {CONFIG_NAME})")
+        raise CheckpointError(f"{directory}: not a checkpoint folder (no {CONFIG_NAME})")
     meta = read_versioned_json(
-        cfg_path, fmt=FORMAT, version=VERSION, kind="IC-MoE checkpoint description", label="checkpoint",
+        cfg_path, fmt=FORMAT, version=READABLE_VERSIONS, kind="icmoe checkpoint description", label="checkpoint",
         error=CheckpointError,
     )
+    meta.setdefault("family", LEGACY_FAMILY)
     try:
-        meta["config"] = ICMoEConfig.from_dict(meta["model"])
+        meta["config"] = get_family(meta["family"]).config_from_dict(meta["model"])
+    except FamilyError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: bad model config ({e})") from None
     return meta
@@ -117,36 +131,34 @@ def read_meta(path: PathLike) -> Dict[str, Any]:
 def load(
     path: PathLike,
     *,
-    expect: Optional[Union[str, ICMoEConfig]] = None,
+    expect: Optional[Any] = None,
     map_location: Union[str, torch.device] = "cpu",
-    naive: bool = False,
+    variant: Optional[str] = None,
     verify_hash: bool = True,
 ):
-    """Load a ready IC-MoE (eval mode) from a checkpoint folder.
+    """Load a ready model (eval mode) of any registered family from a checkpoint folder.
 
     Arguments:
       path: the checkpoint folder (or a file inside it).
-      expect: a config name or config the checkpoint must match, if any.
+      expect: what the checkpoint must hold, if anything: a config name ("tiny"), "family/config"
+        ("icmoe/tiny"), or a config object (then every field must match).
       map_location: device for the weights.
-      naive: return the three-full-experts structure.
+      variant: another eager structure of the same weights (IC-MoE: "naive", three full experts).
       verify_hash: check the weights' sha256 against config.json.
 
     Returns:
-      ICMoE (or NaiveICMoE).
+      nn.Module: the family's model.
 
     Raises:
       CheckpointError: missing or damaged files, a mismatching model.
     """
-    from icmoe.model import NaiveICMoE, build_icmoe  # model imports checkpoint's neighbours
-
     directory = _checkpoint_dir(path)
     meta = read_meta(directory)
-    cfg: ICMoEConfig = meta["config"]
-    if expect is not None:
-        want = expect if isinstance(expect, ICMoEConfig) else None
-        name = expect if isinstance(expect, str) else expect.name
-        if cfg.name != name or (want is not None and want.to_dict() != cfg.to_dict()):
-            raise CheckpointError(f"{directory}: checkpoint is for model {cfg.name!r}, expected {name!r}")
+    cfg = meta["config"]
+    family = get_family(meta["family"])
+    why = check_expected(family.name, cfg.to_dict(), expect)
+    if why:
+        raise CheckpointError(f"{directory}: checkpoint is for {why}")
     weights = directory / str(meta.get("weights", ""))
     if not weights.is_file():
         raise CheckpointError(f"{directory}: weights file {meta.get('weights')!r} is missing")
@@ -156,7 +168,7 @@ def load(
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from None
-    model = build_icmoe(cfg)
+    model = family.build(cfg)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -170,4 +182,7 @@ def load(
             )
     model.load_state_dict(state)
     model = model.to(map_location).eval()
-    return NaiveICMoE.from_shared(model) if naive else model
+    try:
+        return family.variant(model, variant)
+    except FamilyError as e:
+        raise CheckpointError(f"{directory}: {e}") from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, ClassVar, Dict, Tuple
 
 # SAM's pixel statistics (RGB, 0..255); the model normalises inside forward.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -17,6 +17,7 @@ SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 @dataclass(frozen=True)
 class ICMoEConfig:
+    family: ClassVar[str] = "icmoe"  # the model family (registry name) this configuration belongs to
     name: str  # registry name the configuration was built from
     image_size: int = 256  # square input side in pixels (256 for ISIC/BUSI, 512 for GlaS)
     patch_size: int = 16  # ViT patch side; the token grid is image_size // patch_size

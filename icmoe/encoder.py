@@ -1,9 +1,12 @@
 """Image encoders of the three experts: the shared frozen backbone and the naive copies.
 
-`SharedEncoder` holds the frozen SAM ViT once (spec section 5). The basic and
-semantic experts run patch embedding and blocks 0..N-3 once; only the last
-`semantic_blocks` blocks run twice (frozen, and the semantic expert's trainable
-copies). The adaptive expert runs every frozen block with its adapters.
+`SharedEncoder` holds the frozen SAM ViT once (docs/icmoe.md, "The shared
+frozen backbone"): the basic expert uses it unchanged, the semantic expert
+replaces only its trailing blocks, the adaptive expert adds adapters. The
+basic and semantic experts run patch embedding and blocks 0..N-3 once; only
+the last `semantic_blocks` blocks run twice (frozen, and the semantic
+expert's trainable copies). The adaptive expert runs every frozen block with
+its adapters, since they change every block's output.
 
 `ExpertEncoder` is one expert's full encoder, as the paper stores it; three of
 them make the naive structure used to check equivalence and cost.

@@ -1,8 +1,11 @@
-"""Evaluate an IC-MoE checkpoint: five metrics pooled and per image, and contour overlays.
+"""Evaluate a checkpoint: five metrics pooled and per image, and contour overlays.
 
     python -m icmoe.evaluate --checkpoint runs/demo/best --dataset synthetic --data-root data/synthetic
-    python -m icmoe.evaluate --checkpoint runs/busi/best --dataset busi --data-root data/BUSI --json \\
-        --overlays overlays/
+    python -m icmoe.evaluate --checkpoint runs/busi/best --dataset busi --data-root data/BUSI \\
+        --json busi.json --overlays overlays/     # --json alone (or -): JSON on stdout
+
+The checkpoint names its own model (family and configuration), so no --model or
+--config is needed.
 
 Inference as deployed: no target, PPAV balancing off (an image's mask never
 depends on its batch), threshold 0.5 on the fused probability (logits > 0).
@@ -14,7 +17,6 @@ the predicted contour in red.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -28,10 +30,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from icmoe.checkpoint import CheckpointError, load
+from icmoe.checkpoint import load
+from icmoe.core import cli
+from icmoe.core.io import atomic_path
 from icmoe.data.dataset import SegmentationDataset, build_dataset
-from icmoe.data.readers import DATASETS, DataError
-from icmoe.io import atomic_path
+from icmoe.data.readers import DATASETS
 from icmoe.metrics import MetricAccumulator, format_metrics
 
 GT_COLOUR = (0, 230, 0)
@@ -195,40 +198,50 @@ def evaluate(
     }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m icmoe.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder, e.g. runs/NAME/best")
+def _parser() -> argparse.ArgumentParser:
+    p = cli.parser("python -m icmoe.evaluate", __doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="checkpoint folder, e.g. runs/NAME/best (it names its model)")
     p.add_argument("--dataset", choices=sorted(DATASETS), required=True)
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--split", choices=["train", "val"], default="val")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    cli.add_json(p, "the result")
     p.add_argument("--overlays", type=Path, default=None, help="folder for PNG contour overlays")
     p.add_argument("--n-overlays", type=int, default=8, help="number of overlays (first images of the split)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images/masks with a warning")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    try:
-        res = evaluate(a.checkpoint, dataset=a.dataset, data_root=a.data_root, split=a.split,
-                       batch_size=a.batch_size, overlays=a.overlays, n_overlays=a.n_overlays,
-                       skip_bad=a.skip_bad, device=a.device, progress=not a.no_progress and not a.json)
-    except (DataError, CheckpointError, ValueError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    if a.json:
-        print(json.dumps(res, indent=2, sort_keys=True))
-    else:
-        print(f"{res['checkpoint']} on {res['dataset']}/{res['split']}: {res['n_images']} images at "
-              f"{res['image_size']}px (threshold 0.5)")
-        print(format_metrics(res))
-        print("chosen candidate: " + ", ".join(f"{k} {v}" for k, v in res["experts"].items()))
-        if res["skipped"]:
-            print(f"skipped {len(res['skipped'])} unreadable item(s)")
-        if res["overlays"]:
-            print(f"{len(res['overlays'])} overlays in {a.overlays}")
-    return 0
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    cli.add_progress(p)
+    return p
+
+
+def _print_report(res: Dict[str, Any], overlays: Optional[Path]) -> None:
+    print(f"{res['checkpoint']} on {res['dataset']}/{res['split']}: {res['n_images']} images at "
+          f"{res['image_size']}px (threshold 0.5)")
+    print(format_metrics(res))
+    print("chosen candidate: " + ", ".join(f"{k} {v}" for k, v in res["experts"].items()))
+    if res["skipped"]:
+        print(f"skipped {len(res['skipped'])} unreadable item(s)")
+    if res["overlays"]:
+        print(f"{len(res['overlays'])} overlays in {overlays}")
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    a = _parser().parse_args(argv)
+    cli.setup_logging(a.verbosity)
+    if a.batch_size < 1 or a.n_overlays < 0:
+        raise cli.UsageError(f"need --batch-size >= 1 and --n-overlays >= 0, got {a.batch_size} and {a.n_overlays}")
+    res = evaluate(a.checkpoint, dataset=a.dataset, data_root=a.data_root, split=a.split,
+                   batch_size=a.batch_size, overlays=a.overlays, n_overlays=a.n_overlays,
+                   skip_bad=a.skip_bad, device=a.device, progress=not a.no_progress)
+    cli.write_json(res, a.json)
+    if a.json != "-":  # the table is the result on stdout unless the JSON is
+        _print_report(res, a.overlays)
+    return cli.EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Losses: binary cross-entropy, soft Dice, and semantic-guided contrastive learning (SgCL).
 
-SgCL (spec section 3), training only. With `norm` the L2 normalisation over
-channels and distances the mean absolute difference:
+SgCL shapes the experts' features during training (inference never computes it).
+y_e, fg_e, bg_e are expert e's features of the image, of its foreground only and
+of its background only; W1, W2, W3 are learned 1x1 projections whose outputs are
+L2-normalised over channels, and d is the mean absolute difference:
   L1 (maximise)  mean over experts 0..3 of d(W1 fg_e, W1 bg_e)
   L2 (minimise)  mean over experts 1, 2, 3 of d(W2 y_e, W2 y_0)   (weight preservation)
   L3 (maximise)  mean over experts 1, 3 of d(W3 y_e, W3 y_2)      (complementarity)

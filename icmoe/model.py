@@ -1,10 +1,11 @@
 """IC-MoE: three SAM experts, PPAV voting and fusion.
 
-`ICMoE` is the deployable structure: one frozen ViT shared by the experts
-(spec section 5). `NaiveICMoE` is the paper's structure, three complete
-experts; it exists to check equivalence and to measure what sharing saves.
-Both take RGB images in 0..255 (B, 3, H, W) and normalise inside, exactly as
-the exported graphs do.
+`ICMoE` is the deployable structure: the frozen ViT is stored once and shared
+by the experts, since all three use the same pretrained weights (see
+docs/icmoe.md, "The shared frozen backbone"). `NaiveICMoE` is the paper's
+structure, three complete experts; it exists to check equivalence and to
+measure what sharing saves. Both take RGB images in 0..255 (B, 3, H, W) and
+normalise inside, exactly as the exported graphs do.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class _ICMoEBase(nn.Module):
         self.decoders = decoders
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
-        # Inference voting function (same signature as icmoe.voting.ppav). engines.voting_op.install
+        # Inference voting function (same signature as icmoe.voting.ppav). icmoe.voting.op.install
         # swaps in the fused-kernel op for eager GPU inference; training (a target) always uses ppav.
         self.voter = ppav
 
@@ -207,5 +208,15 @@ def build_icmoe(
     return NaiveICMoE.from_shared(model) if naive else model
 
 
-def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+def freeze_unused_heads(model: nn.Module) -> List[str]:
+    """Freeze the decoders' IoU heads (returns their parameter names).
+
+    Prompt-free single-mask decoding never uses their output, so they would get no
+    gradient (and DDP would need find_unused_parameters); they do not count as trainable.
+    """
+    names = []
+    for name, p in model.named_parameters():
+        if ".iou_prediction_head." in f".{name}" and p.requires_grad:
+            p.requires_grad_(False)
+            names.append(name)
+    return names

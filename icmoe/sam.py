@@ -3,7 +3,8 @@
 The modules themselves are segment-anything's (`ImageEncoderViT`,
 `PromptEncoder`, `MaskDecoder`, `TwoWayTransformer`); this file only builds
 them from an `ICMoEConfig` and loads `sam_vit_b_01ec64.pth`-style state dicts
-made for 1024x1024 inputs at the configured size (spec section 1).
+made for 1024x1024 inputs at the configured size (256 for ISIC and BUSI, 512
+for GlaS): the position tables are resized, see docs/icmoe.md.
 """
 
 from __future__ import annotations
@@ -15,15 +16,21 @@ from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    TwoWayTransformer,
+)
 from torch import nn
 
 from icmoe.config import ICMoEConfig
+from icmoe.core.errors import IcmoeError
 
 PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(IcmoeError, ValueError):
     """A checkpoint file that cannot be used; the message is one line naming file and problem."""
 
 

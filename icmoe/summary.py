@@ -1,95 +1,55 @@
-"""Model summary: parameters and forward FLOPs of the shared and naive structures.
+"""Model summary: parameters and forward FLOPs of one image, for any registered family.
 
     python -m icmoe.summary --config vit_b [--image-size 512] [--json]
+
+What is counted is the family's (`Family.summarize`); for IC-MoE:
 
 - params_total: parameters the three experts use, each expert counted in full
   (what the paper's three SAM copies hold, i.e. the naive structure).
 - params_stored: unique parameters the shared model stores (frozen ViT once).
-- params_trainable: parameters that receive gradients (semantic tail blocks,
-  adapters, the three mask decoders).
-- gflops_shared / gflops_naive: forward GFLOPs for one image at the configured
-  size, counted by `torch.utils.flop_counter.FlopCounterMode` (a multiply-add
-  counts as 2 FLOPs).
+- params_trainable: parameters that receive gradients in training (semantic tail blocks,
+  adapters, the three mask decoders; not the IoU heads, which prompt-free single-mask
+  decoding never uses).
+- gflops_*: forward FLOPs counted by `torch.utils.flop_counter.FlopCounterMode`, a
+  multiply-add counted as 2 FLOPs; gmacs_*: the same in multiply-adds, the unit of the
+  paper's "GFLOPs".
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Sequence
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-from icmoe.config import CONFIGS, get_config
-from icmoe.model import NaiveICMoE, build_icmoe
+from icmoe.core import cli
+from icmoe.families import add_model_args, get_family
 
 
-def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Unique parameters (a tensor shared by several submodules counts once)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+def summarize(config: str = "vit_b", *, model: str = "icmoe", **overrides: Any) -> Dict[str, Any]:
+    """Parameter and FLOP counts of a registered configuration (random weights)."""
+    return get_family(model).summarize(config, **overrides)
 
 
-def forward_gflops(model: torch.nn.Module, image_size: int, batch: int = 1) -> float:
-    x = torch.rand(batch, 3, image_size, image_size) * 255
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    return counter.get_total_flops() / 1e9
-
-
-def summarize(config: str = "vit_b", **overrides: Any) -> Dict[str, Any]:
-    """Parameter and FLOP counts for a registered configuration (random weights).
-
-    Returns:
-      dict with params_total, params_stored, params_trainable, gflops_shared,
-      gflops_naive, and the config name and image size.
-    """
-    cfg = get_config(config, **overrides)
-    torch.manual_seed(0)
-    shared = build_icmoe(cfg)
-    naive = NaiveICMoE.from_shared(shared)
-    return {
-        "config": cfg.name,
-        "image_size": cfg.image_size,
-        "params_total": count_parameters(naive),
-        "params_stored": count_parameters(shared),
-        "params_trainable": count_parameters(shared, trainable_only=True),
-        "gflops_shared": forward_gflops(shared, cfg.image_size),
-        "gflops_naive": forward_gflops(naive, cfg.image_size),
-    }
-
-
-def format_summary(s: Dict[str, Any]) -> str:
-    m = lambda n: f"{n / 1e6:8.2f} M"  # noqa: E731
-    return "\n".join(
-        [
-            f"IC-MoE {s['config']} at {s['image_size']}x{s['image_size']}",
-            f"  parameters, total (3 experts) {m(s['params_total'])}",
-            f"  parameters, stored (shared)   {m(s['params_stored'])}",
-            f"  parameters, trainable         {m(s['params_trainable'])}",
-            f"  GFLOPs, shared structure      {s['gflops_shared']:8.2f}",
-            f"  GFLOPs, naive structure       {s['gflops_naive']:8.2f}",
-            f"  shared / naive FLOPs          {s['gflops_shared'] / s['gflops_naive']:8.3f}",
-        ]
-    )
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m icmoe.summary", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="vit_b", choices=sorted(CONFIGS), help="model configuration (default vit_b)")
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    p = cli.parser("python -m icmoe.summary", __doc__.split("\n")[0])
+    add_model_args(p)
     p.add_argument("--image-size", type=int, default=None, help="override the configured input size")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    cli.add_json(p, "the summary")
     args = p.parse_args(argv)
+    cli.setup_logging(args.verbosity)
     overrides = {} if args.image_size is None else {"image_size": args.image_size}
     try:
-        s = summarize(args.config, **overrides)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(s) if args.json else format_summary(s))
+        s = summarize(args.config, model=args.model, **overrides)
+    except ValueError as e:  # a configuration the model cannot take (e.g. a size not a multiple of the patch)
+        raise cli.UsageError(str(e)) from None
+    if args.json:
+        cli.write_json(s, args.json)
+    else:
+        print(get_family(args.model).format_summary(s))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

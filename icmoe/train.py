@@ -1,22 +1,33 @@
-"""Train IC-MoE: the paper's recipe, checkpoints, resume after a kill, DistributedDataParallel.
+"""Train a model: the paper's recipe, checkpoints, resume after a kill, DistributedDataParallel.
 
     python -m icmoe.train --dataset synthetic --data-root data/synthetic --config tiny --out runs/demo
     python -m icmoe.train --dataset busi --data-root data/BUSI --config vit_b \\
         --sam-checkpoint sam_vit_b_01ec64.pth --out runs/busi
     torchrun --nproc_per_node 2 -m icmoe.train ...        # DDP: gloo on CPUs, NCCL on GPUs
 
-Per epoch: one pass over the training split (loss = a*CE + b*Dice + g*SgCL on
-the fused logits, the foreground and background SgCL passes through the
-experts without gradient, PPAV load balancing on), validation with the five
-metrics pooled and per image, a line in `OUT/metrics.jsonl`, the checkpoint
-`OUT/last/` and, when validation DSC (pooled) improves, `OUT/best/`.
+    from icmoe.train import TrainOptions, train
+    summary = train(TrainOptions(dataset="synthetic", config="tiny", epochs=2))
+
+The model comes from its family (`--model`, default icmoe; `icmoe.families`); the
+losses and the training step are IC-MoE's. Per epoch: one pass over the training
+split (loss = a*CE + b*Dice + g*SgCL on the fused logits, the foreground and
+background SgCL passes through the experts without gradient, PPAV load balancing
+on), validation with the five metrics pooled and per image, a line in
+`OUT/metrics.jsonl`, the checkpoint `OUT/last/` and, when validation DSC (pooled)
+improves, `OUT/best/`. The default run folder is `runs/<family>-<dataset>-<config>`.
 
 Resume: after every epoch `OUT/last/trainer_state.pt` is replaced atomically.
 It holds the trainable weights, the SgCL heads, the optimizer state, the epoch
-(the learning-rate schedule is a function of the epoch), the best score and
-the RNG states; the data order of epoch e depends only on (seed, e). So a run
-killed at any moment and restarted with `--resume` loses at most the epoch in
-progress and ends with the same weights as an uninterrupted run.
+(the learning-rate schedule is a function of the epoch), the best score, the
+RNG states and what the run is (family, configuration, dataset); the data order
+of epoch e depends only on (seed, e). So a run killed at any moment and
+restarted with `--resume` loses at most the epoch in progress and ends with the
+same weights as an uninterrupted run.
+
+`train` is a short driver over the steps below (`setup`, `load_trainer_state`,
+`prepare_data`, `build_trainer`, `make_loader`, `open_log`, then per epoch
+`train_epoch`, `validate`, `save_epoch`); progress lines go to the `icmoe.train`
+logger.
 """
 
 from __future__ import annotations
@@ -24,9 +35,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,18 +51,33 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from icmoe.checkpoint import CheckpointError, load, save_checkpoint
-from icmoe.config import get_config
+from icmoe.core import cli
+from icmoe.core.errors import IcmoeError
+from icmoe.core.io import atomic_path
+from icmoe.core.manifest import LEGACY_FAMILY
 from icmoe.data.dataset import SegmentationDataset, build_dataset
 from icmoe.data.readers import DATASETS, DataError
 from icmoe.data.synthetic import has_synthetic_dataset, make_synthetic_dataset
-from icmoe.io import atomic_path
-from icmoe.losses import LossWeights, SgCL, total_loss
 from icmoe.evaluate import evaluate_model
+from icmoe.families import (
+    DEFAULT_CONFIG,
+    DEFAULT_FAMILY,
+    Family,
+    add_model_args,
+    get_family,
+)
+from icmoe.losses import LossWeights, SgCL, total_loss
 from icmoe.metrics import format_metrics
-from icmoe.model import build_icmoe
+from icmoe.model import freeze_unused_heads
+
+log = logging.getLogger("icmoe.train")  # not __name__: that is "__main__" under python -m
 
 STATE_NAME = "trainer_state.pt"
 LOG_NAME = "metrics.jsonl"
+
+
+class TrainError(IcmoeError, ValueError):
+    """Training options that cannot be used together (recipe, batch size, input size); one line."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +121,60 @@ def pick_recipe(name: str, dataset: str, config: str) -> str:
     if name != "auto":
         return name
     return "demo" if dataset == "synthetic" and config == "tiny" else "paper"
+
+
+def default_run_dir(model: str, dataset: str, config: str) -> Path:
+    """The run folder used when none is given: `runs/<family>-<dataset>-<config>`."""
+    return Path("runs") / f"{model}-{dataset}-{config}"
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass
+class TrainOptions:
+    """What one training run is asked to do; `train(**fields)` builds one.
+
+    Attributes:
+      dataset: isic, busi, glas or synthetic (generated in `data_root` if absent).
+      data_root: dataset folder (None: data/<dataset>).
+      out: run folder with best/, last/, metrics.jsonl (None: `default_run_dir`).
+      model: model family, a name of the `icmoe.families` registry.
+      config: size variant of the family (tiny, vit_b).
+      sam_checkpoint: SAM ViT-B weights to start from (None: random init).
+      recipe: "paper", "demo" or "auto" (demo for synthetic + tiny, else paper).
+      epochs, batch_size, lr, sgcl_weight, balance, seed: override the recipe (None: keep its value).
+      image_size: override the configuration's input size (e.g. 512 for GlaS).
+      resume: continue from `out/last/trainer_state.pt` if present.
+      skip_bad: skip unreadable dataset files with a warning.
+      device: "cpu", "cuda", ... (None: CUDA if available).
+      progress: show progress bars.
+    """
+
+    dataset: str
+    data_root: Optional[os.PathLike] = None
+    out: Optional[os.PathLike] = None
+    model: str = DEFAULT_FAMILY
+    config: str = DEFAULT_CONFIG
+    sam_checkpoint: Optional[os.PathLike] = None
+    recipe: str = "auto"
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    sgcl_weight: Optional[float] = None
+    balance: Optional[bool] = None
+    seed: Optional[int] = None
+    image_size: Optional[int] = None
+    resume: bool = False
+    skip_bad: bool = False
+    device: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.data_root = Path(self.data_root) if self.data_root is not None else Path("data") / self.dataset
+        self.out = Path(self.out) if self.out is not None else default_run_dir(self.model, self.dataset, self.config)
+        if self.sam_checkpoint is not None:
+            self.sam_checkpoint = Path(self.sam_checkpoint)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -149,23 +229,12 @@ class TrainStep(nn.Module):
         return total_loss(out.logits, target, sg, self.weights)
 
 
-def freeze_unused(model: nn.Module) -> List[str]:
-    """Freeze the decoders' IoU heads: prompt-free single-mask decoding never uses their output,
-    so they would get no gradient (and DDP would need find_unused_parameters)."""
-    names = []
-    for name, p in model.named_parameters():
-        if ".iou_prediction_head." in f".{name}" and p.requires_grad:
-            p.requires_grad_(False)
-            names.append(name)
-    return names
-
-
 def make_optimizer(params: Sequence[nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
     if recipe.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    raise ValueError(f"unknown optimizer {recipe.optimizer!r}; choose rmsprop or adamw")
+    raise TrainError(f"unknown optimizer {recipe.optimizer!r}; choose rmsprop or adamw")
 
 
 def _trainable_state(step: TrainStep) -> Dict[str, torch.Tensor]:
@@ -203,7 +272,236 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- run setup
+
+
+@dataclass
+class Run:
+    """What a run's options resolved to; shared by the steps of `train`.
+
+    Attributes:
+      options: the options as given (paths filled in).
+      family, config: the model family and its configuration object.
+      recipe_name, recipe: the recipe (with overrides; on resume, the saved one).
+      device, dist: where this process trains and its place in the DDP group.
+      state: the trainer state being resumed from, or None.
+    """
+
+    options: TrainOptions
+    family: Family
+    config: Any
+    recipe_name: str
+    recipe: Recipe
+    device: torch.device
+    dist: Dist
+    state: Optional[Dict[str, Any]] = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.options.out)
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / "last" / STATE_NAME
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / LOG_NAME
+
+    @property
+    def local_batch(self) -> int:
+        return self.recipe.batch_size // self.dist.world
+
+    @property
+    def show(self) -> bool:
+        return self.options.progress and self.dist.main
+
+
+def resolve_recipe(options: TrainOptions) -> Tuple[str, Recipe]:
+    """The recipe's name and the recipe with the options' overrides applied."""
+    name = pick_recipe(options.recipe, options.dataset, options.config)
+    if name not in RECIPES:
+        raise TrainError(f"unknown recipe {name!r}; choose from auto, {', '.join(RECIPES)}")
+    changes = {"epochs": options.epochs, "batch_size": options.batch_size, "lr": options.lr,
+               "sgcl": options.sgcl_weight, "balance": options.balance, "seed": options.seed}
+    recipe = replace(RECIPES[name], **{k: v for k, v in changes.items() if v is not None})
+    if recipe.batch_size < 1 or recipe.epochs < 0:
+        raise TrainError(f"need a batch size >= 1 and epochs >= 0, got {recipe.batch_size} and {recipe.epochs}")
+    return name, recipe
+
+
+def setup(options: TrainOptions) -> Run:
+    """Pick the device, join the DDP group (under torchrun), look up the family, configuration and recipe.
+
+    Raises:
+      FamilyError: unknown family or configuration.
+      TrainError: an unknown recipe, a bad batch size, an input size the configuration rejects.
+    """
+    dev = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dinfo = init_distributed(dev)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", dinfo.local_rank)
+        torch.cuda.set_device(dev)
+    family = get_family(options.model)
+    name, recipe = resolve_recipe(options)
+    overrides = {"image_size": options.image_size} if options.image_size else {}
+    try:
+        config = family.get_config(options.config, **overrides)
+    except ValueError as e:  # the configuration's own checks (e.g. a size the patches do not tile)
+        raise TrainError(f"{family.name}/{options.config}: {e}") from None
+    return Run(options=options, family=family, config=config, recipe_name=name, recipe=recipe, device=dev, dist=dinfo)
+
+
+def load_trainer_state(run: Run) -> None:
+    """Read the trainer state to resume from (sets `run.state`, and `run.recipe` to the saved recipe).
+
+    Without `resume` a run folder that already holds a run is refused (no silent
+    overwrite); with it, a state of another family, configuration or dataset is.
+    The saved recipe wins over the options, except for the number of epochs.
+
+    Raises:
+      CheckpointError: as above, or an unreadable state file.
+    """
+    path, out = run.state_path, run.out
+    if not run.options.resume:
+        if path.is_file():
+            raise CheckpointError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
+        return
+    if not path.is_file():
+        if run.dist.main:
+            log.info(f"nothing to resume in {out} (no {STATE_NAME}); starting from epoch 1")
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a damaged state file: say which, never guess
+        raise CheckpointError(f"{path}: unreadable trainer state ({type(e).__name__}: {e})") from None
+    if (state.get("family", LEGACY_FAMILY) != run.family.name or state.get("config") != run.config.to_dict()
+            or state.get("dataset") != run.options.dataset):
+        raise CheckpointError(f"{path}: the run was for another model or dataset; use another --out")
+    saved = state["recipe"]
+    run.recipe = Recipe(**{**saved, "lr_milestones": tuple(saved["lr_milestones"]),
+                           "lr_factors": tuple(saved["lr_factors"]), "epochs": run.recipe.epochs})
+    run.state = state
+
+
+def _check_batch(run: Run) -> None:
+    if run.recipe.batch_size % run.dist.world:
+        raise TrainError(f"batch size {run.recipe.batch_size} is not divisible by the {run.dist.world} DDP processes")
+
+
+def prepare_data(
+    dataset: str, data_root: Path, image_size: int, *, skip_bad: bool, progress: bool, main: bool
+) -> Tuple[SegmentationDataset, SegmentationDataset]:
+    """The training and validation splits, read into memory (the synthetic set is written first if absent).
+
+    Arguments:
+      dataset, data_root: what to read (see `icmoe.data`).
+      image_size: square side the images are resized to.
+      skip_bad: drop unreadable files with a warning.
+      progress: show progress bars.
+      main: this process is DDP rank 0 (the one that writes synthetic data and logs).
+
+    Returns:
+      (train, val) SegmentationDatasets.
+    """
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    if dataset == "synthetic" and not has_synthetic_dataset(data_root):
+        if main:
+            log.info(f"no synthetic data in {data_root}: generating {SYNTHETIC_DEFAULTS} at {image_size}x{image_size}")
+            make_synthetic_dataset(data_root, size=image_size, seed=0, **SYNTHETIC_DEFAULTS)
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks read what rank 0 wrote
+    train_ds = build_dataset(dataset, data_root, "train", image_size=image_size, skip_bad=skip_bad, progress=progress)
+    val_ds = build_dataset(dataset, data_root, "val", image_size=image_size, skip_bad=skip_bad, progress=progress)
+    skipped = len(train_ds.skipped) + len(val_ds.skipped)
+    if skipped and main:
+        log.warning(f"skipped {skipped} unreadable item(s) of {skipped + len(train_ds) + len(val_ds)} (--skip-bad)")
+    return train_ds, val_ds
+
+
+# ----------------------------------------------------------------------------- model and optimizer
+
+
+@dataclass
+class Trainer:
+    """The modules and optimizer of a run, and where the run stands.
+
+    Attributes:
+      model: the family's model (what the checkpoints hold).
+      step: model + SgCL heads (what the optimizer and the trainer state cover).
+      net: `step`, or `step` wrapped in DistributedDataParallel (what the loop calls).
+      optimizer: over the trainable parameters of `step`.
+      start_epoch: epochs already done (0, or the resumed state's).
+      best: best pooled validation DSC so far (-1 before the first epoch).
+    """
+
+    model: nn.Module
+    step: TrainStep
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    start_epoch: int = 0
+    best: float = -1.0
+
+
+def build_trainer(run: Run) -> Trainer:
+    """The model (new from its family, or the checkpoint being resumed), its training step and optimizer.
+
+    On resume the trainable weights, the SgCL heads, the optimizer state and the RNG
+    states come from `run.state`. Under DDP the step is wrapped last.
+    """
+    cfg, recipe = run.config, run.recipe
+    if run.state is not None:
+        model = load(run.out / "last", expect=cfg)  # frozen weights; trainable ones come from the state below
+    else:
+        model = run.family.build(cfg, sam_checkpoint=run.options.sam_checkpoint)
+    model.train()
+    freeze_unused_heads(model)
+    step = TrainStep(
+        model=model,
+        sgcl=SgCL(channels=cfg.out_chans),
+        weights=LossWeights(ce=recipe.ce, dice=recipe.dice, sgcl=recipe.sgcl),
+        balance=recipe.balance,
+    ).to(run.device)
+    if not recipe.sgcl:
+        step.sgcl.requires_grad_(False)  # no SgCL term: its heads get no gradient
+    optimizer = make_optimizer([p for p in step.parameters() if p.requires_grad], recipe)
+    trainer = Trainer(model=model, step=step, net=step, optimizer=optimizer)
+    if run.state is not None:
+        _restore(trainer, run.state)
+        if run.dist.main:
+            log.info(f"resuming {run.out} after epoch {trainer.start_epoch} (best pooled DSC {trainer.best:.4f})")
+    if run.dist.world > 1:
+        # Every trainable parameter gets a gradient (IoU heads frozen above), so no unused-parameter search.
+        dev = run.device
+        trainer.net = nn.parallel.DistributedDataParallel(
+            step, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=False
+        )
+    return trainer
+
+
+def _restore(trainer: Trainer, state: Dict[str, Any]) -> None:
+    own = dict(trainer.step.named_parameters())
+    with torch.no_grad():
+        for k, v in state["trainable"].items():
+            own[k].copy_(v)
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.start_epoch, trainer.best = state["epoch"], state["best"]
+    _set_rng_state(state["rng"])
+
+
+def make_loader(run: Run, train_ds: SegmentationDataset) -> DataLoader:
+    """Batches of `run.local_batch` images; the order of epoch e depends only on (seed, e), DDP-sharded."""
+    sampler = DistributedSampler(train_ds, num_replicas=run.dist.world, rank=run.dist.rank, shuffle=True,
+                                 seed=run.recipe.seed, drop_last=True)
+    loader = DataLoader(train_ds, batch_size=run.local_batch, sampler=sampler, drop_last=True)
+    if len(loader) == 0:
+        raise DataError(f"{run.options.data_root}: {len(train_ds)} training images are fewer than one batch "
+                        f"of {run.recipe.batch_size}")
+    return loader
+
+
+# ----------------------------------------------------------------------------- the log
 
 
 def _read_log(path: Path, upto_epoch: int) -> List[Dict[str, Any]]:
@@ -225,232 +523,176 @@ def _write_log(path: Path, rows: List[Dict[str, Any]]) -> None:
         tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-def prepare_data(
-    dataset: str, data_root: Path, image_size: int, *, skip_bad: bool, progress: bool, main: bool, log=print
-) -> Tuple[SegmentationDataset, SegmentationDataset]:
-    if dataset not in DATASETS:
-        raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
-    if dataset == "synthetic" and not has_synthetic_dataset(data_root):
-        if main:
-            log(f"no synthetic data in {data_root}: generating {SYNTHETIC_DEFAULTS} at {image_size}x{image_size}")
-            make_synthetic_dataset(data_root, size=image_size, seed=0, **SYNTHETIC_DEFAULTS)
-        if dist.is_initialized():
-            dist.barrier()  # the other ranks read what rank 0 wrote
-    train_ds = build_dataset(dataset, data_root, "train", image_size=image_size, skip_bad=skip_bad, progress=progress)
-    val_ds = build_dataset(dataset, data_root, "val", image_size=image_size, skip_bad=skip_bad, progress=progress)
-    skipped = len(train_ds.skipped) + len(val_ds.skipped)
-    if skipped and main:
-        log(f"warning: skipped {skipped} unreadable item(s) of {skipped + len(train_ds) + len(val_ds)} (--skip-bad)")
-    return train_ds, val_ds
+def open_log(run: Run, start_epoch: int) -> List[Dict[str, Any]]:
+    """The metrics.jsonl rows of the epochs done, rewritten without lines of a cut-short epoch (rank 0; others: [])."""
+    if not run.dist.main:
+        return []
+    rows = _read_log(run.log_path, start_epoch)
+    run.out.mkdir(parents=True, exist_ok=True)
+    _write_log(run.log_path, rows)
+    return rows
 
 
-def train(
-    *,
-    dataset: str,
-    data_root: os.PathLike,
-    out: os.PathLike,
-    config: str = "tiny",
-    sam_checkpoint: Optional[os.PathLike] = None,
-    recipe: str = "auto",
-    epochs: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    lr: Optional[float] = None,
-    sgcl_weight: Optional[float] = None,
-    balance: Optional[bool] = None,
-    seed: Optional[int] = None,
-    image_size: Optional[int] = None,
-    resume: bool = False,
-    skip_bad: bool = False,
-    device: Optional[str] = None,
-    progress: bool = True,
-    log=print,
-) -> Dict[str, Any]:
-    """Train IC-MoE and write checkpoints under `out`.
+def _describe(run: Run, train_ds: SegmentationDataset, val_ds: SegmentationDataset) -> str:
+    rec, cfg, world = run.recipe, run.config, run.dist.world
+    return (f"training {run.family.name}/{cfg.name} on {run.options.dataset} ({len(train_ds)} train / "
+            f"{len(val_ds)} val at {cfg.image_size}px), recipe {run.recipe_name}: {rec.optimizer} lr {rec.lr:g}, "
+            f"{rec.epochs} epochs, batch {rec.batch_size}"
+            + (f" ({world} processes x {run.local_batch})" if world > 1 else "") + f", device {run.device}")
 
-    Arguments:
-      dataset: isic, busi, glas or synthetic (generated in `data_root` if absent).
-      data_root: dataset folder.
-      out: run folder (best/, last/, metrics.jsonl).
-      config: model configuration name (tiny, vit_b).
-      sam_checkpoint: SAM ViT-B weights to start from (None: random init).
-      recipe: "paper", "demo" or "auto" (demo for synthetic + tiny, else paper).
-      epochs, batch_size, lr, sgcl_weight, balance, seed: override the recipe.
-      image_size: override the configuration's input size (e.g. 512 for GlaS).
-      resume: continue from `out/last/trainer_state.pt` if present.
-      skip_bad: skip unreadable dataset files with a warning.
-      device: "cpu", "cuda", ... (default: CUDA if available).
-      progress: show progress bars.
+
+# ----------------------------------------------------------------------------- one epoch
+
+
+def _epoch_flips(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """(n,) bool: which images epoch `epoch` flips, drawn from a generator of (seed, epoch) only,
+    so they are the same after a resume and whatever the number of DDP processes."""
+    aug = torch.Generator().manual_seed(seed * 100003 + epoch * 7919)
+    return torch.rand(n, generator=aug) < 0.5
+
+
+def _mean_over_ranks(run: Run, parts: Dict[str, float]) -> Dict[str, float]:
+    """The mean of each loss part over all ranks' batches, not rank 0's alone."""
+    if run.dist.world <= 1:
+        return parts
+    keys = sorted(parts)
+    t = torch.tensor([parts[k] for k in keys], dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return {k: float(v) / run.dist.world for k, v in zip(keys, t.tolist())}
+
+
+def train_epoch(run: Run, trainer: Trainer, loader: DataLoader, epoch: int) -> Dict[str, float]:
+    """One pass over the training split at the schedule's rate for (0-based) `epoch`.
 
     Returns:
-      dict: the run summary (best epoch and metrics, last metrics, paths).
+      dict: the mean of each loss part ("loss", "ce", "dice", "sgcl") over the epoch's batches.
     """
-    out = Path(out)
-    data_root = Path(data_root)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dinfo = init_distributed(dev)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", dinfo.local_rank)
-        torch.cuda.set_device(dev)
-    rname = pick_recipe(recipe, dataset, config)
-    if rname not in RECIPES:
-        raise ValueError(f"unknown recipe {rname!r}; choose from auto, {', '.join(RECIPES)}")
-    rec = RECIPES[rname]
-    changes = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "sgcl": sgcl_weight, "balance": balance, "seed": seed}
-    rec = replace(rec, **{k: v for k, v in changes.items() if v is not None})
-    if rec.batch_size % dinfo.world:
-        raise ValueError(f"batch size {rec.batch_size} is not divisible by the {dinfo.world} DDP processes")
-    local_batch = rec.batch_size // dinfo.world
-    overrides = {"image_size": image_size} if image_size else {}
-    cfg = get_config(config, **overrides)
-    show = progress and dinfo.main
+    rec, dev, optimizer = run.recipe, run.device, trainer.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = rec.lr_at(epoch)
+    loader.sampler.set_epoch(epoch)
+    flips = _epoch_flips(rec.seed, epoch, len(loader.dataset))
+    sums: Dict[str, float] = {}
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{rec.epochs}", leave=False, disable=not run.show)
+    for images, masks, index in bar:  # (B, 3, S, S) RGB 0..255, (B, 1, S, S) {0, 1}, (B,)
+        images, masks = images.to(dev), masks.to(dev)
+        if rec.hflip:
+            flip = flips[index].to(dev)
+            images[flip] = images[flip].flip(-1)
+            masks[flip] = masks[flip].flip(-1)
+        parts = trainer.net(images, masks)
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        optimizer.step()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}")
+    bar.close()
+    return _mean_over_ranks(run, {k: v / len(loader) for k, v in sums.items()})
 
-    state_path = out / "last" / STATE_NAME
-    state = None
-    if resume and state_path.is_file():
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
-        except Exception as e:  # a damaged state file: say which, never guess
-            raise CheckpointError(f"{state_path}: unreadable trainer state ({type(e).__name__}: {e})") from None
-        if state.get("config") != cfg.to_dict() or state.get("dataset") != dataset:
-            raise CheckpointError(f"{state_path}: the run was for another model or dataset; use another --out")
-        rec = Recipe(**{**state["recipe"], "lr_milestones": tuple(state["recipe"]["lr_milestones"]),
-                        "lr_factors": tuple(state["recipe"]["lr_factors"]), "epochs": rec.epochs})
-    elif resume and dinfo.main:
-        log(f"nothing to resume in {out} (no {STATE_NAME}); starting from epoch 1")
-    elif not resume and state_path.is_file():
-        raise CheckpointError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
 
-    _seed_everything(rec.seed)
-    train_ds, val_ds = prepare_data(dataset, data_root, cfg.image_size, skip_bad=skip_bad, progress=show,
-                                    main=dinfo.main, log=log)
+def validate(run: Run, trainer: Trainer, val_ds: SegmentationDataset) -> Dict[str, Any]:
+    """Metrics of the model on the validation split (DDP: sharded, each image counted once)."""
+    return evaluate_model(trainer.model, val_ds, batch_size=max(run.local_batch, 1), device=run.device,
+                          rank=run.dist.rank, world=run.dist.world, progress=run.options.progress)
 
-    if state is not None:
-        model = load(out / "last")  # frozen weights; trainable ones come from the state below
-        if model.config.to_dict() != cfg.to_dict():
-            raise CheckpointError(f"{out / 'last'}: checkpoint does not match {cfg.name!r}")
-    else:
-        model = build_icmoe(cfg, sam_checkpoint=sam_checkpoint)
-    model.train()
-    freeze_unused(model)
-    step_module = TrainStep(
-        model=model,
-        sgcl=SgCL(channels=cfg.out_chans),
-        weights=LossWeights(ce=rec.ce, dice=rec.dice, sgcl=rec.sgcl),
-        balance=rec.balance,
-    ).to(dev)
-    if not rec.sgcl:
-        step_module.sgcl.requires_grad_(False)  # no SgCL term: its heads get no gradient
-    params = [p for p in step_module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, rec)
-    start_epoch, best = 0, -1.0
-    if state is not None:
-        own = dict(step_module.named_parameters())
-        with torch.no_grad():
-            for k, v in state["trainable"].items():
-                own[k].copy_(v)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best = state["epoch"], state["best"]
-        _set_rng_state(state["rng"])
-        if dinfo.main:
-            log(f"resuming {out} after epoch {start_epoch} (best pooled DSC {best:.4f})")
 
-    net: nn.Module = step_module
-    if dinfo.world > 1:
-        # Every trainable parameter gets a gradient (IoU heads frozen above), so no unused-parameter search.
-        net = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=False
-        )
-    sampler = DistributedSampler(train_ds, num_replicas=dinfo.world, rank=dinfo.rank, shuffle=True,
-                                 seed=rec.seed, drop_last=True)
-    loader = DataLoader(train_ds, batch_size=local_batch, sampler=sampler, drop_last=True)
-    if len(loader) == 0:
-        raise DataError(f"{data_root}: {len(train_ds)} training images are fewer than one batch of {rec.batch_size}")
+def _trainer_state(run: Run, trainer: Trainer, done: int) -> Dict[str, Any]:
+    return {
+        "epoch": done,
+        "best": trainer.best,
+        "recipe": asdict(run.recipe),
+        "recipe_name": run.recipe_name,
+        "family": run.family.name,
+        "config": run.config.to_dict(),
+        "dataset": run.options.dataset,
+        "trainable": _trainable_state(trainer.step),
+        "optimizer": trainer.optimizer.state_dict(),
+        "rng": _rng_state(),
+    }
 
-    log_path = out / LOG_NAME
-    rows = _read_log(log_path, start_epoch) if dinfo.main else []
-    if dinfo.main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_log(log_path, rows)  # drops lines of an epoch that a kill cut short
-        log(f"training {cfg.name} on {dataset} ({len(train_ds)} train / {len(val_ds)} val at {cfg.image_size}px), "
-            f"recipe {rname}: {rec.optimizer} lr {rec.lr:g}, {rec.epochs} epochs, batch {rec.batch_size}"
-            + (f" ({dinfo.world} processes x {local_batch})" if dinfo.world > 1 else "") + f", device {dev}")
-    last_metrics: Dict[str, Any] = {}
-    for epoch in range(start_epoch, rec.epochs):
-        t0 = time.time()
-        lr_now = rec.lr_at(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        sampler.set_epoch(epoch)
-        # Flips are drawn per image from a generator of (seed, epoch): the same after a resume and
-        # whatever the number of DDP processes.
-        aug = torch.Generator().manual_seed(rec.seed * 100003 + epoch * 7919)
-        flips = torch.rand(len(train_ds), generator=aug) < 0.5
-        sums: Dict[str, float] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{rec.epochs}", leave=False, disable=not show)
-        for images, masks, index in bar:
-            images, masks = images.to(dev), masks.to(dev)
-            if rec.hflip:
-                flip = flips[index].to(dev)
-                images[flip] = images[flip].flip(-1)
-                masks[flip] = masks[flip].flip(-1)
-            parts = net(images, masks)
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            optimizer.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}")
-        bar.close()
-        train_parts = {k: v / len(loader) for k, v in sums.items()}
-        if dinfo.world > 1:  # the mean over all ranks' batches, not rank 0's alone
-            keys = sorted(train_parts)
-            t = torch.tensor([train_parts[k] for k in keys], dtype=torch.float64, device=dev)
-            dist.all_reduce(t)
-            train_parts = {k: float(v) / dinfo.world for k, v in zip(keys, t.tolist())}
-        val = evaluate_model(model, val_ds, batch_size=max(local_batch, 1), device=dev, rank=dinfo.rank,
-                             world=dinfo.world, progress=progress)
-        done = epoch + 1
-        last_metrics = val
-        rank_hashes = None
-        if dinfo.world > 1:
-            # Evidence that DDP kept the replicas identical: every rank's trainable weights, hashed.
-            rank_hashes = [None] * dinfo.world
-            dist.all_gather_object(rank_hashes, weights_digest(step_module))
-        if dinfo.main:
-            score = val["pooled"]["dsc"]
-            is_best = score > best
-            best = max(best, score)
-            meta = {"val": val, "train": train_parts, "recipe": rname}
-            if is_best:
-                save_checkpoint(model, out / "best", dataset=dataset, epoch=done, metrics=meta)
-            save_checkpoint(model, out / "last", dataset=dataset, epoch=done, metrics=meta)
-            trainer_state = {
-                "epoch": done,
-                "best": best,
-                "recipe": asdict(rec),
-                "recipe_name": rname,
-                "config": cfg.to_dict(),
-                "dataset": dataset,
-                "trainable": _trainable_state(step_module),
-                "optimizer": optimizer.state_dict(),
-                "rng": _rng_state(),
-            }
-            with atomic_path(state_path) as tmp:
-                torch.save(trainer_state, tmp)
-            rows.append({"epoch": done, "lr": lr_now, "train": train_parts, "val": val,
-                         "best": is_best, "seconds": round(time.time() - t0, 2)})
-            if rank_hashes is not None:
-                rows[-1]["rank_weights_sha256"] = rank_hashes
-            _write_log(log_path, rows)
-            log(f"epoch {done}/{rec.epochs}  loss {train_parts['loss']:.4f}  val DSC pooled "
-                f"{val['pooled']['dsc']:.4f} per-image {val['per_image']['dsc']:.4f}  ({time.time() - t0:.0f}s)"
-                + ("  *best*" if is_best else ""))
-        if dinfo.world > 1:
-            dist.barrier()  # ranks leave the epoch together; only rank 0 wrote
-    summary = {"out": str(out), "epochs": rec.epochs, "recipe": rname, "best_dsc": best, "last": last_metrics}
-    if dinfo.main and last_metrics:
-        log(format_metrics(last_metrics))
-    return summary
+
+def save_epoch(run: Run, trainer: Trainer, rows: List[Dict[str, Any]], *, epoch: int,
+               train_parts: Dict[str, float], val: Dict[str, Any], started: float) -> bool:
+    """Record (0-based) `epoch`: checkpoints, trainer state, a metrics.jsonl line; rank 0 writes, all ranks call.
+
+    Writes `out/best/` when the pooled validation DSC improved, `out/last/`, then
+    replaces `out/last/trainer_state.pt` (what --resume reads), then rewrites
+    metrics.jsonl with the epoch's line appended to `rows`. Under DDP the line
+    also holds every rank's trainable-weights digest (evidence that the replicas
+    stayed identical), and the ranks leave together.
+
+    Returns:
+      bool: the epoch was the best so far (rank 0; False elsewhere).
+    """
+    hashes = None
+    if run.dist.world > 1:
+        hashes = [None] * run.dist.world
+        dist.all_gather_object(hashes, weights_digest(trainer.step))
+    is_best = False
+    if run.dist.main:
+        done, score = epoch + 1, val["pooled"]["dsc"]
+        is_best = score > trainer.best
+        trainer.best = max(trainer.best, score)
+        meta = {"val": val, "train": train_parts, "recipe": run.recipe_name}
+        if is_best:
+            save_checkpoint(trainer.model, run.out / "best", dataset=run.options.dataset, epoch=done, metrics=meta)
+        save_checkpoint(trainer.model, run.out / "last", dataset=run.options.dataset, epoch=done, metrics=meta)
+        with atomic_path(run.state_path) as tmp:
+            torch.save(_trainer_state(run, trainer, done), tmp)
+        rows.append({"epoch": done, "lr": run.recipe.lr_at(epoch), "train": train_parts, "val": val,
+                     "best": is_best, "seconds": round(time.time() - started, 2)})
+        if hashes is not None:
+            rows[-1]["rank_weights_sha256"] = hashes
+        _write_log(run.log_path, rows)
+        log.info(f"epoch {done}/{run.recipe.epochs}  loss {train_parts['loss']:.4f}  val DSC pooled "
+                 f"{val['pooled']['dsc']:.4f} per-image {val['per_image']['dsc']:.4f}  ({time.time() - started:.0f}s)"
+                 + ("  *best*" if is_best else ""))
+    if run.dist.world > 1:
+        dist.barrier()  # ranks leave the epoch together; only rank 0 wrote
+    return is_best
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def train(options: Optional[TrainOptions] = None, /, **kwargs: Any) -> Dict[str, Any]:
+    """Train a model and write checkpoints under the run folder.
+
+    Arguments:
+      options: a TrainOptions; or leave it out and give its fields as keyword
+        arguments, e.g. `train(dataset="synthetic", config="tiny", epochs=2)`.
+
+    Returns:
+      dict: the run summary: out, model (family), epochs, recipe, best_dsc (best pooled
+        validation DSC, rank 0), last (the last epoch's validation metrics).
+    """
+    if options is None:
+        options = TrainOptions(**kwargs)
+    elif kwargs:
+        raise TypeError("train() takes a TrainOptions or its fields as keyword arguments, not both")
+    run = setup(options)
+    load_trainer_state(run)
+    _check_batch(run)
+    # Seeded before the data and the model: the model's initialisation is the first use of the RNG.
+    _seed_everything(run.recipe.seed)
+    train_ds, val_ds = prepare_data(options.dataset, Path(options.data_root), run.config.image_size,
+                                    skip_bad=options.skip_bad, progress=run.show, main=run.dist.main)
+    trainer = build_trainer(run)
+    loader = make_loader(run, train_ds)
+    rows = open_log(run, trainer.start_epoch)
+    if run.dist.main:
+        log.info(_describe(run, train_ds, val_ds))
+    last: Dict[str, Any] = {}
+    for epoch in range(trainer.start_epoch, run.recipe.epochs):
+        started = time.time()
+        parts = train_epoch(run, trainer, loader, epoch)
+        last = validate(run, trainer, val_ds)
+        save_epoch(run, trainer, rows, epoch=epoch, train_parts=parts, val=last, started=started)
+    if run.dist.main and last:
+        log.info(format_metrics(last))
+    return {"out": str(run.out), "model": run.family.name, "epochs": run.recipe.epochs, "recipe": run.recipe_name,
+            "best_dsc": trainer.best, "last": last}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -472,18 +714,15 @@ def _recipe_help() -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m icmoe.train",
-        description="Train IC-MoE. Distributed: torchrun --nproc_per_node N -m icmoe.train ...",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_recipe_help(),
-    )
+def _parser() -> argparse.ArgumentParser:
+    p = cli.parser("python -m icmoe.train",
+                   "Train a model. Distributed: torchrun --nproc_per_node N -m icmoe.train ...",
+                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_recipe_help())
     p.add_argument("--dataset", choices=sorted(DATASETS), default="synthetic")
     p.add_argument("--data-root", type=Path, default=None, help="dataset folder (default data/<dataset>)")
-    p.add_argument("--config", default="tiny", help="model configuration: tiny or vit_b (default tiny)")
+    add_model_args(p)
     p.add_argument("--sam-checkpoint", type=Path, default=None, help="SAM ViT-B .pth to start from")
-    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<dataset>-<config>)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<model>-<dataset>-<config>)")
     p.add_argument("--recipe", default="auto", choices=["auto", *RECIPES])
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="global batch size")
@@ -495,26 +734,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images/masks with a warning")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    data_root = a.data_root or Path("data") / a.dataset
-    out = a.out or Path("runs") / f"{a.dataset}-{a.config}"
+    cli.add_json(p, "the run summary")
+    cli.add_progress(p)
+    return p
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    a = _parser().parse_args(argv)
+    cli.setup_logging(a.verbosity)
+    options = TrainOptions(
+        dataset=a.dataset, data_root=a.data_root, out=a.out, model=a.model, config=a.config,
+        sam_checkpoint=a.sam_checkpoint, recipe=a.recipe, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+        sgcl_weight=a.sgcl_weight, balance=False if a.no_balance else None, seed=a.seed, image_size=a.image_size,
+        resume=a.resume, skip_bad=a.skip_bad, device=a.device, progress=not a.no_progress,
+    )
     try:
-        train(
-            dataset=a.dataset, data_root=data_root, out=out, config=a.config, sam_checkpoint=a.sam_checkpoint,
-            recipe=a.recipe, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, sgcl_weight=a.sgcl_weight,
-            balance=False if a.no_balance else None, seed=a.seed, image_size=a.image_size, resume=a.resume,
-            skip_bad=a.skip_bad, device=a.device, progress=not a.no_progress,
-        )
-    except (DataError, CheckpointError, ValueError, KeyError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        summary = train(options)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            cli.write_json(summary, a.json)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    return cli.EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

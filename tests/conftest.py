@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
+
+from icmoe.core import cli
 
 
 def pytest_addoption(parser):
@@ -20,8 +23,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# --- Shared build fixtures (H4; session-scoped, tiny config, seed 0). Do not modify these dirs:
-# copy them first (shutil.copytree) to damage something.
+# --- Shared build fixtures: session-scoped (built once for all tests), tiny config, seed 0.
+# Do not modify these dirs: copy them first (shutil.copytree) to damage something.
 
 
 @pytest.fixture(scope="session")
@@ -43,4 +46,17 @@ def tiny_build(tiny_checkpoint, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_build") / "tiny-fp16"
     return build(tiny_checkpoint, precision="fp16", out=out, batch=(1, 2, 4), backend="onnxruntime",
-                 verify=True, verify_images=16, progress=False, log=lambda _msg: None)
+                 verify=True, verify_images=16, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _restore_cli_logging():
+    """`cli.setup_logging` (run by every in-process `main([...])`) binds a handler to the test's captured
+    stderr and stops propagation; undo that so later tests (and caplog) see the usual loggers."""
+    loggers = [logging.getLogger(name) for name in cli.LOGGERS]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, (handlers, level, propagate) in zip(loggers, saved):
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate

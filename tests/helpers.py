@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
-from icmoe.io import sha256_file
+from icmoe.core.io import sha256_file
 
 
 def tree_digest(root: Path) -> Dict[str, str]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+from engines.tensorrt import unavailable_reason
+
 
 def tensorrt_gpu_missing() -> Optional[str]:
     """The reason TensorRT tests must skip here, or None where TensorRT and a CUDA GPU exist."""
-    from export.tensorrt import unavailable_reason
-
     why = unavailable_reason()
     return f"needs TensorRT and a CUDA GPU: {why}" if why else None

@@ -1,14 +1,17 @@
 """C++ embedding: CMake projects in this folder and the Python helpers that feed and build them.
 
-    aoti/icmoe_aoti.cpp        CPU: an AOTInductor package (.pt2, `python -m engines.cpp.aoti`) through libtorch
+    aoti/icmoe_aoti.cpp        CPU: an AOTInductor package (.pt2, `python -m export.aoti`) through libtorch
     tensorrt/icmoe_trt.cpp     GPU: a TensorRT engine (model.plan) through the TensorRT 10 C++ runtime
     common/image_io.h          binary PPM/PGM reading, PGM mask writing (no image library needed)
+    common/outputs.h           what both programs do with a model's outputs: mask -> PGM, logits -> raw
+                               float32, other small outputs printed (names from the package / the engine)
 
 `build_programs()` configures and builds them with CMake against the torch wheel's headers and libraries.
 """
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -16,19 +19,19 @@ from typing import Sequence
 
 import numpy as np
 
-from icmoe.io import PathLike, atomic_path
-
 from engines.base import EngineError
+from icmoe.core.io import PathLike, atomic_path
 
+log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).resolve().parent
 
 
-class BuildError(EngineError):
+class CMakeError(EngineError):
     """CMake could not configure or build the C++ programs (one line; the full log is in the build folder)."""
 
 
 def build_programs(build_dir: PathLike, *, targets: Sequence[str] = ("icmoe_aoti",), jobs: int = 2,
-                   extra_args: Sequence[str] = (), log=print) -> Path:
+                   extra_args: Sequence[str] = ()) -> Path:
     """Configure and build the C++ programs with CMake.
 
     Arguments:
@@ -37,10 +40,14 @@ def build_programs(build_dir: PathLike, *, targets: Sequence[str] = ("icmoe_aoti
         empty: configure only.
       jobs: parallel compile jobs.
       extra_args: more `cmake -D...` arguments.
-      log: where progress lines go.
+
+    Progress lines go to this module's logger (INFO).
 
     Returns:
       The build folder; programs are at `<build_dir>/<subdir>/<target>` (see `program_path`).
+
+    Raises:
+      CMakeError: configuring or building failed (one line; the full log is in the build folder).
     """
     import torch.utils
 
@@ -51,12 +58,12 @@ def build_programs(build_dir: PathLike, *, targets: Sequence[str] = ("icmoe_aoti
     build = ["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets]
     steps = [("configure", configure)] + ([("build", build)] if targets else [])
     for step, cmd in steps:
-        log(f"cmake {step}: {' '.join(cmd)}")
+        log.info(f"cmake {step}: {' '.join(cmd)}")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         (build_dir / f"icmoe-{step}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             errors = [l for l in (proc.stdout + proc.stderr).splitlines() if "error" in l.lower()] or ["(no error line)"]
-            raise BuildError(f"cmake {step} failed: {errors[0].strip()} (log: {build_dir / f'icmoe-{step}.log'})")
+            raise CMakeError(f"cmake {step} failed: {errors[0].strip()} (log: {build_dir / f'icmoe-{step}.log'})")
     return build_dir
 
 
@@ -105,7 +112,7 @@ def run_program(program: PathLike, *args: str, timeout: float = 300) -> subproce
     return subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
-__all__ = ["SOURCE_DIR", "BuildError", "build_programs", "program_path", "write_ppm", "read_pgm", "run_program"]
+__all__ = ["SOURCE_DIR", "CMakeError", "build_programs", "program_path", "write_ppm", "read_pgm", "run_program"]
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use python -m engines.cpp.aoti or python -m engines.cpp.build")
+    sys.exit("package a model with python -m export.aoti; build the programs with cmake (engines/cpp/CMakeLists.txt)")

@@ -1,4 +1,4 @@
-"""Triton python-backend model: IC-MoE through the project's ONNX Runtime engine.
+"""Triton python-backend model: a build's ONNX graph through the project's ONNX Runtime engine.
 
 `python -m engines.triton` copies this file to `<repository>/<name>_python/1/model.py`, next to a copy of
 the build (`1/build/`). Triton's python backend runs it in its stub process, which embeds the system's
@@ -52,14 +52,15 @@ class TritonPythonModel:
         self.engine = OnnxRuntimeEngine.from_build(build_dir, precision=precision)
         self.engine.activate()
         self.output_names = [o["name"] for o in config["output"]]
+        self.input_name = config["input"][0]["name"]
 
     def execute(self, requests):
         np = self.np
         images, errors = [], {}
         for i, request in enumerate(requests):
-            tensor = pb_utils.get_input_tensor_by_name(request, "image")
+            tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
             if tensor is None:  # Triton checks inputs first; this is a second line of defence
-                errors[i] = "missing input 'image'"
+                errors[i] = f"missing input {self.input_name!r}"
                 continue
             images.append((i, np.from_dlpack(tensor)))
         responses = [None] * len(requests)
@@ -85,7 +86,7 @@ class TritonPythonModel:
         np = self.np
         try:
             batch = np.concatenate([x for _, x in chunk], axis=0) if len(chunk) > 1 else chunk[0][1]
-            out = self.engine.infer(batch)  # logits (B,1,S,S) f32, mask (B,1,S,S) u8, expert (B,) i32
+            out = self.engine.infer(batch)  # {output name: (B, ...) array}, names from the build's manifest
         except Exception as e:  # one line per failed request; the model keeps serving
             message = f"{type(e).__name__}: {e}".splitlines()[0]
             for i, _ in chunk:

@@ -1,4 +1,6 @@
-"""Triton Inference Server model repository from a build directory.
+"""Triton Inference Server model repository from a build directory (any model family).
+
+Model names are `<name>_<kind>`, `<name>` defaulting to the build's family (here `icmoe`):
 
     model_repository/
       icmoe_tensorrt/      backend tensorrt, platform tensorrt_plan   (build has model.plan)
@@ -14,13 +16,15 @@
 
 Every config is built as Triton's own `ModelConfig` protobuf message (from `tritonclient.grpc`) and
 written in its text format, then parsed back, so what lands on disk is a valid model config.
-The batch axis is Triton's: `max_batch_size` is the build's largest batch, dims leave it out, and
-`expert` (shape (B,) in the graphs) is exposed as (B, 1) through `reshape`, as Triton requires for
-tensors that are only a batch axis.
+Inputs and outputs come from the manifest's tensor specs. The batch axis is Triton's:
+`max_batch_size` is the build's largest batch, dims leave it out, and a tensor that is only a
+batch axis (IC-MoE's `expert`, shape (B,)) is exposed as (B, 1) through `reshape`, as Triton
+requires.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import site
@@ -28,10 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from icmoe.io import PathLike, atomic_write_bytes
-
 from engines.base import EngineError
+from icmoe.core.io import PathLike, atomic_write_bytes
+from icmoe.core.manifest import (
+    LEGACY_FAMILY,
+    ONNX_GRAPHS,
+    PLAN_NAME,
+    artifact_path,
+    read_manifest,
+)
 
+log = logging.getLogger(__name__)
 CONFIG_NAME = "config.pbtxt"
 VERSION = "1"
 KINDS = ("tensorrt", "onnxruntime", "python")
@@ -47,7 +58,7 @@ class RepositoryError(EngineError):
 
 @dataclass
 class RepositoryOptions:
-    name: str = "icmoe"  # model names are <name>_<kind>
+    name: Optional[str] = None  # model names are <name>_<kind>; default: the build's family
     instances: int = 1  # instance_group count per model (CPU instances: each runs its own session)
     max_queue_delay_us: int = 2000  # dynamic batching: how long a request may wait for others
     python_path: Optional[List[str]] = None  # sys.path entries for the python backend (default: this environment's)
@@ -114,7 +125,8 @@ def model_config(manifest: Dict[str, Any], kind: str, options: RepositoryOptions
     bmin, bopt, bmax = (int(manifest["batch"][k]) for k in ("min", "opt", "max"))
     if bmin != 1:
         raise RepositoryError(f"Triton batches from 1, but this build's smallest batch is {bmin}")
-    cfg = pb2.ModelConfig(name=f"{options.name}_{kind}", max_batch_size=bmax)
+    prefix = options.name or manifest["model"].get("family", LEGACY_FAMILY)
+    cfg = pb2.ModelConfig(name=f"{prefix}_{kind}", max_batch_size=bmax)
     if kind == "tensorrt":
         cfg.backend, cfg.platform, cfg.default_model_filename = "tensorrt", "tensorrt_plan", "model.plan"
         group = pb2.ModelInstanceGroup.Kind.Value("KIND_GPU")
@@ -183,7 +195,6 @@ def make_repository(
     *,
     kinds: Optional[Sequence[str]] = None,
     options: Optional[RepositoryOptions] = None,
-    log=print,
 ) -> List[Path]:
     """Write a Triton model repository for a build directory.
 
@@ -193,7 +204,6 @@ def make_repository(
       kinds: which models to write; default: `tensorrt` if the build has model.plan, else
         `onnxruntime` and `python`.
       options: model names, instance count, batching delay, python backend's sys.path.
-      log: where to say what was written.
 
     Returns:
       The model directories written.
@@ -203,25 +213,23 @@ def make_repository(
     Raises:
       RepositoryError / ManifestError: one line naming the problem (missing or damaged artifact, ...).
     """
-    from export.manifest import artifact_path, read_manifest
-
     build_dir, out_dir = Path(build_dir), Path(out_dir)
     options = options or RepositoryOptions()
     manifest = read_manifest(build_dir)
     artifacts = manifest.get("artifacts", {})
     precision = options.precision or manifest["precision"]
-    graph = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}.get(precision)
+    graph = ONNX_GRAPHS.get(precision)
     if graph is None:
         raise RepositoryError(f"unknown precision {precision!r} (choose fp32 or fp16)")
     if kinds is None:
-        kinds = ["tensorrt"] if "model.plan" in artifacts else ["onnxruntime", "python"]
+        kinds = ["tensorrt"] if PLAN_NAME in artifacts else ["onnxruntime", "python"]
     written = []
     for kind in kinds:
         cfg = model_config(manifest, kind, options)
         if kind == "tensorrt":
-            if "model.plan" not in artifacts:
-                raise RepositoryError(f"{build_dir}: no model.plan in this build (build it on a GPU host with TensorRT)")
-            files = {"model.plan": artifact_path(build_dir, "model.plan")}
+            if PLAN_NAME not in artifacts:
+                raise RepositoryError(f"{build_dir}: no {PLAN_NAME} in this build (build it on a GPU host with TensorRT)")
+            files = {PLAN_NAME: artifact_path(build_dir, PLAN_NAME)}
             written.append(_write_model(out_dir, cfg, files))
         elif kind == "onnxruntime":
             written.append(_write_model(out_dir, cfg, {"model.onnx": artifact_path(build_dir, graph)}))
@@ -229,5 +237,5 @@ def make_repository(
             files = {f"build/{graph}": artifact_path(build_dir, graph)}
             files["build/manifest.json"] = build_dir / "manifest.json"
             written.append(_write_model(out_dir, cfg, files, template=PYTHON_MODEL_TEMPLATE))
-        log(f"wrote {written[-1]} ({cfg.backend}, max_batch_size {cfg.max_batch_size})")
+        log.info(f"wrote {written[-1]} ({cfg.backend}, max_batch_size {cfg.max_batch_size})")
     return written

@@ -20,6 +20,7 @@ puts this interpreter's libpython first so the stub runs the same Python build.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -33,12 +34,15 @@ import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from icmoe.io import PathLike
-
 from engines.base import EngineError
+from icmoe.core import cli
+from icmoe.core.io import PathLike
 
 PYTRITON_VERSION = "0.7.0"
 WHEEL_PARTS = ("pytriton/tritonserver/", "nvidia_pytriton.libs/")
+
+
+log = logging.getLogger(__name__)
 
 
 class ServerError(EngineError):
@@ -71,7 +75,7 @@ def find_server() -> Optional[Path]:
     return next((c for c in candidates if _is_server_root(c)), None)
 
 
-def fetch_server(*, log=print) -> Path:
+def fetch_server() -> Path:
     """Download the nvidia-pytriton wheel with pip (no dependencies) and unpack its server into the cache.
 
     Returns:
@@ -83,7 +87,7 @@ def fetch_server(*, log=print) -> Path:
     dest = cache_dir()
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        log(f"downloading nvidia-pytriton=={PYTRITON_VERSION} (the Triton server binary, ~55 MB) with pip ...")
+        log.info(f"downloading nvidia-pytriton=={PYTRITON_VERSION} (the Triton server binary, ~55 MB) with pip ...")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
                "--dest", tmp, f"nvidia-pytriton=={PYTRITON_VERSION}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -103,7 +107,7 @@ def fetch_server(*, log=print) -> Path:
             raise ServerError(f"{wheels[0].name}: no pytriton/tritonserver/bin/tritonserver inside")
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(unpacked, dest)  # atomic: a half-unpacked server is never found
-    log(f"Triton server unpacked to {dest}")
+    log.info(f"Triton server unpacked to {dest}")
     return dest
 
 
@@ -279,48 +283,49 @@ class TritonServer:
         self.cleanup()
 
 
-def main(argv=None) -> int:
-    import argparse
+def _main(argv=None) -> int:
+    p = cli.parser("python -m engines.triton.server",
+                   "Serve a model repository with the tritonserver of the nvidia-pytriton wheel.")
+    p.add_argument("repository", help="model repository (python -m engines.triton BUILD_DIR --out DIR)")
+    p.add_argument("--load", action="append", metavar="MODEL",
+                   help="Triton model to load (repeatable; default: every *_python model)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--fetch-only", action="store_true", help="only download and unpack the server, print its root")
+    args = p.parse_args(argv)
+    cli.setup_logging(args.verbosity)
+    root = fetch_server()
+    if args.fetch_only:
+        print(root)
+        return 0
+    models = args.load or sorted(q.name for q in Path(args.repository).iterdir() if q.name.endswith("_python"))
+    server = TritonServer(args.repository, models=models, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, root=root)
 
-    parser = argparse.ArgumentParser(prog="python -m engines.triton.server",
-                                     description="Serve a model repository with the tritonserver of the nvidia-pytriton wheel.")
-    parser.add_argument("repository", help="model repository (python -m engines.triton BUILD_DIR --out DIR)")
-    parser.add_argument("--model", action="append", help="model to load (repeatable; default: every *_python model)")
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--fetch-only", action="store_true", help="only download and unpack the server, print its root")
-    args = parser.parse_args(argv)
-    try:
-        root = fetch_server(log=lambda m: print(m, file=sys.stderr))
-        if args.fetch_only:
-            print(root)
-            return 0
-        models = args.model or sorted(p.name for p in Path(args.repository).iterdir() if p.name.endswith("_python"))
-        server = TritonServer(args.repository, models=models, http_port=args.http_port, grpc_port=args.grpc_port,
-                              metrics_port=args.metrics_port, root=root)
+    def interrupt(*_):
+        raise KeyboardInterrupt
 
-        def interrupt(*_):
-            raise KeyboardInterrupt
-
-        # Ctrl-C and SIGTERM both stop the server cleanly (even where SIGINT was inherited as ignored).
-        signal.signal(signal.SIGINT, interrupt)
-        signal.signal(signal.SIGTERM, interrupt)
-        with server:
-            print(f"serving {', '.join(models)}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C stops)", flush=True)
-            try:
-                while server.process.poll() is None:
-                    time.sleep(1)
-            except KeyboardInterrupt:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
-                print("stopping ...", flush=True)
-            code = server.stop()
-        print(f"tritonserver exited with code {code}", flush=True)
-        return 0 if code == 0 else 1
-    except (EngineError, OSError, ValueError) as e:
-        print(f"error: {e}".splitlines()[0], file=sys.stderr)
-        return 1
+    # Ctrl-C and SIGTERM both stop the server cleanly (even where SIGINT was inherited as ignored).
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    with server:
+        print(f"serving {', '.join(models)}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C stops)", flush=True)
+        try:
+            while server.process.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+            print("stopping ...", flush=True)
+        code = server.stop()
+    print(f"tritonserver exited with code {code}", flush=True)
+    if code != 0:
+        raise ServerError(f"tritonserver exited with code {code}")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

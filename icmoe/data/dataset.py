@@ -10,13 +10,13 @@ grayscale or RGB masks all work; GlaS instance labels: > 0), then resized
 bilinearly and thresholded at one half.
 
 A missing or unreadable file raises `DataError` naming it; with
-`skip_bad=True` the item is dropped with a warning instead, and
-`dataset.skipped` lists what was dropped.
+`skip_bad=True` the item is dropped instead, with a warning on the
+`icmoe.data.dataset` logger, and `dataset.skipped` lists what was dropped.
 """
 
 from __future__ import annotations
 
-import warnings
+import logging
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -26,8 +26,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from icmoe.core.io import PathLike
 from icmoe.data.readers import DataError, Item, list_split
-from icmoe.io import PathLike
+
+log = logging.getLogger(__name__)
 
 _READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 
@@ -109,7 +111,7 @@ class SegmentationDataset(Dataset):
             except DataError as e:
                 if not skip_bad:
                     raise
-                warnings.warn(f"skipping {item.name}: {e}", stacklevel=2)
+                log.warning(f"skipping {item.name}: {e}")
                 self.skipped.append((item, str(e)))
                 continue
             self.items.append(item)

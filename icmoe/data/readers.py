@@ -33,13 +33,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from icmoe.io import PathLike
+from icmoe.core.errors import IcmoeError
+from icmoe.core.io import PathLike
 
 SPLITS = ("train", "val")
 SPLIT_FILE = "split.json"
 
 
-class DataError(ValueError):
+class DataError(IcmoeError, ValueError):
     """A dataset that cannot be read; the message is one line naming the file or folder and the problem."""
 
 

@@ -23,7 +23,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageFilter
 
-from icmoe.io import PathLike, atomic_path, atomic_write_json
+from icmoe.core.io import PathLike, atomic_path, atomic_write_json
 
 BUSI_DIR = "Dataset_BUSI_with_GT"
 SPLIT_NAME = "split.json"

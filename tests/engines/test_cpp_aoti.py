@@ -2,20 +2,25 @@
 
 The module fixture compiles the package (fast-compile settings) and builds the program with CMake once,
 side by side; that takes a couple of minutes on 2 cores. The program's mask, expert and logits are compared with eager
-PyTorch on the very same pixels (the PPM it reads is the rounded image, so eager gets the rounded image too).
+PyTorch on the very same pixels (the PPM it reads is the rounded image, so eager gets the rounded image too), and the
+outputs it lists are the ones the package's metadata names. The program takes its outputs from the metadata, not from
+IC-MoE: a toy package with other outputs (multi-class logits, no expert, another order) and copies of the tiny package
+with edited metadata (older packages without output names, inconsistent names) check that.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from engines.cpp import build_programs, program_path, read_pgm, run_program, write_ppm
-from engines.cpp.aoti import package_aoti
+from engines.cpp import CMakeError, build_programs, program_path, read_pgm, run_program, write_ppm
+from export.aoti import package_aoti
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None,
                                 reason="needs cmake and a C++ compiler on PATH")
@@ -29,8 +34,8 @@ def built(tiny_checkpoint, tmp_path_factory):
     """(package, program): the CMake build runs in a thread while Inductor compiles (2 cores, both mostly serial)."""
     folder = tmp_path_factory.mktemp("aoti")
     with cf.ThreadPoolExecutor(1) as pool:
-        cmake = pool.submit(build_programs, folder / "build", targets=("icmoe_aoti",), log=lambda _m: None)
-        package = package_aoti(tiny_checkpoint, folder / "tiny.pt2", fast_compile=True, log=lambda _m: None)
+        cmake = pool.submit(build_programs, folder / "build", targets=("icmoe_aoti",))
+        package = package_aoti(tiny_checkpoint, folder / "tiny.pt2", fast_compile=True)
         build = cmake.result()
     return package, program_path(build, "icmoe_aoti")
 
@@ -43,6 +48,40 @@ def package(built):
 @pytest.fixture(scope="module")
 def program(built):
     return built[1]
+
+
+def read_package_metadata(package) -> dict:
+    """The metadata AOTInductor stored in the package (a zip): what the program reads with get_metadata()."""
+    with zipfile.ZipFile(package) as z:
+        name = next(n for n in z.namelist() if n.endswith("wrapper_metadata.json"))
+        return json.loads(z.read(name))
+
+
+def edit_package_metadata(package, out, change):
+    """A copy of the package whose metadata `change(dict)` edited in place."""
+    with zipfile.ZipFile(package) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("_metadata.json"):
+                meta = json.loads(data)
+                change(meta)
+                data = json.dumps(meta).encode()
+            zout.writestr(info, data)
+    return out
+
+
+def expected_outputs_line(metadata) -> str:
+    """The program's `outputs` line for the package's output specs at batch 1: name:dtype[dims] ..."""
+    specs = {s["name"]: s for s in json.loads(metadata["icmoe.outputs"])}
+    items = []
+    for name in metadata["icmoe.output_names"].split(","):
+        dims = [1 if d == "batch" else int(d) for d in specs[name]["shape"]]
+        items.append(f"{name}:{specs[name]['dtype']}[{','.join(map(str, dims))}]")
+    return " ".join(items)
+
+
+def parse_stdout(stdout: str) -> dict:
+    return dict(line.split(" ", 1) for line in stdout.strip().splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +101,17 @@ def cases(tiny_checkpoint, tmp_path_factory):
 
 
 def test_program_matches_eager(program, package, cases, tmp_path):
+    metadata = read_package_metadata(package)
+    assert metadata["icmoe.output_names"] == "logits,mask,expert"
+    outputs_line = expected_outputs_line(metadata)
+    assert outputs_line == "logits:float32[1,1,128,128] mask:uint8[1,1,128,128] expert:int32[1]"
     worst = 0.0
     for i, (image, ref_logits, ref_mask, ref_expert) in enumerate(cases):
         mask_path, logits_path = tmp_path / f"mask{i}.pgm", tmp_path / f"logits{i}.f32"
         proc = run_program(program, package, image, mask_path, "--logits", logits_path)
         assert proc.returncode == 0, proc.stderr
-        lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
+        lines = parse_stdout(proc.stdout)
+        assert lines["outputs"] == outputs_line, "the program must list the outputs the package's metadata names"
         assert int(lines["expert"]) == ref_expert
         mask = read_pgm(mask_path)
         assert mask.shape == (128, 128) and set(np.unique(mask)) <= {0, 255}
@@ -78,6 +122,79 @@ def test_program_matches_eager(program, package, cases, tmp_path):
         worst = max(worst, diff)
         assert int(lines["foreground"].split()[0]) == int((ref_mask > 0).sum())
     print(f"\nicmoe_aoti vs eager on {N_IMAGES} images: masks equal, experts equal, max |logit diff| {worst:.3g}")
+
+
+def test_older_package_without_output_names(program, package, cases, tmp_path):
+    """Packages written before icmoe.output_names: the IC-MoE outputs are assumed, and the program says so."""
+    old = edit_package_metadata(package, tmp_path / "old.pt2", lambda m: m.pop("icmoe.output_names"))
+    image, _, ref_mask, ref_expert = cases[0]
+    proc = run_program(program, old, image, tmp_path / "m.pgm")
+    assert proc.returncode == 0, proc.stderr
+    assert "no icmoe.output_names metadata" in proc.stderr and "logits,mask,expert" in proc.stderr
+    lines = parse_stdout(proc.stdout)
+    assert lines["outputs"].split()[0].startswith("logits:") and int(lines["expert"]) == ref_expert
+    np.testing.assert_array_equal(read_pgm(tmp_path / "m.pgm") > 0, ref_mask > 0)
+
+
+@pytest.mark.parametrize("names, logits, match", [
+    ("logits,mask", False, "the package returned 3 outputs, its metadata names 2 (logits, mask)"),
+    ("logits,labels,expert", False, "no output named mask (outputs: logits, labels, expert)"),
+    ("scores,mask,expert", True, "--logits: the model has no output named logits"),
+    ("logits,,expert", False, "bad icmoe.output_names metadata"),
+])
+def test_inconsistent_output_names_refused(program, package, cases, tmp_path, names, logits, match):
+    edited = edit_package_metadata(package, tmp_path / "edited.pt2", lambda m: m.update({"icmoe.output_names": names}))
+    extra = ("--logits", tmp_path / "l.f32") if logits else ()
+    _expect_error(program, edited, cases[0][0], tmp_path / "m.pgm", *extra, match=match)
+    assert not (tmp_path / "m.pgm").exists() and not (tmp_path / "l.f32").exists()
+
+
+class ToyModel(torch.nn.Module):
+    """Another family's kind of outputs, in another order: a mask, 3-class logits and a float score; no expert."""
+
+    def forward(self, image):
+        logits = (image - 128.0) / 8.0  # (1, 3, S, S)
+        mask = (logits.argmax(1, keepdim=True) > 0).to(torch.uint8)  # (1, 1, S, S)
+        score = logits.amax(dim=(1, 2, 3))  # (1,)
+        return mask, logits, score
+
+
+TOY_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def toy_package(tmp_path_factory):
+    """An AOTInductor package of ToyModel with the metadata the program reads (seconds: a handful of kernels)."""
+    path = tmp_path_factory.mktemp("toy") / "toy.pt2"
+    example = (torch.rand(1, 3, TOY_SIZE, TOY_SIZE) * 255,)
+    program = torch.export.export(ToyModel().eval(), example)
+    metadata = {"icmoe.family": "toy", "icmoe.image_size": str(TOY_SIZE), "icmoe.output_names": "mask,logits,score"}
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={
+        "aot_inductor.metadata": metadata, "aot_inductor.compile_wrapper_opt_level": "O0", "pattern_matcher": False})
+    return path
+
+
+def test_other_outputs(program, toy_package, tmp_path):
+    """Outputs by name, not position: multi-class logits written whole, a small float output printed, no expert."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (3, TOY_SIZE, TOY_SIZE)).astype(np.float32)
+    image = write_ppm(tmp_path / "toy.ppm", x)
+    mask_path, logits_path = tmp_path / "toy.pgm", tmp_path / "toy.f32"
+    proc = run_program(program, toy_package, image, mask_path, "--logits", logits_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    with torch.no_grad():
+        ref_mask, ref_logits, ref_score = ToyModel()(torch.from_numpy(x)[None])
+    lines = parse_stdout(proc.stdout)
+    s = TOY_SIZE
+    assert lines["outputs"] == f"mask:uint8[1,1,{s},{s}] logits:float32[1,3,{s},{s}] score:float32[1]"
+    assert "expert" not in lines
+    assert float(lines["score"]) == pytest.approx(float(ref_score[0]), abs=1e-4)
+    np.testing.assert_array_equal(read_pgm(mask_path) > 0, ref_mask[0, 0].numpy() > 0)
+    logits = np.fromfile(logits_path, np.float32)
+    assert logits.size == 3 * TOY_SIZE * TOY_SIZE
+    np.testing.assert_allclose(logits.reshape(3, TOY_SIZE, TOY_SIZE), ref_logits[0].numpy(), atol=1e-5)
+    assert int(lines["foreground"].split()[0]) == int((ref_mask > 0).sum())
 
 
 def test_program_latency_line(program, package, cases, tmp_path):
@@ -128,3 +245,9 @@ def test_bad_package_refused(program, cases, tmp_path):
 def test_usage(program):
     proc = run_program(program)
     assert proc.returncode == 2 and "usage: icmoe_aoti" in proc.stderr
+
+
+def test_cmake_failure_is_one_line(tmp_path):
+    with pytest.raises(CMakeError, match="cmake configure failed") as info:
+        build_programs(tmp_path / "build", targets=(), extra_args=("-DCMAKE_PREFIX_PATH=/nonexistent",))
+    assert "\n" not in str(info.value)

@@ -32,28 +32,27 @@ def trt_build(tiny_checkpoint, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("trt") / "tiny-fp16"
     return build(tiny_checkpoint, precision="fp16", out=out, batch=(1, 2, 4), backend="tensorrt", verify=False,
-                 progress=False, log=lambda _m: None)
+                 progress=False)
 
 
 @pytest.fixture(scope="module")
 def program(tmp_path_factory):
     from engines.cpp import build_programs, program_path
 
-    build = build_programs(tmp_path_factory.mktemp("cpp") / "build", targets=(), log=lambda _m: None)  # configure
+    build = build_programs(tmp_path_factory.mktemp("cpp") / "build", targets=())  # configure
     exe = program_path(build, "icmoe_trt")
     if not exe.parent.joinpath("CMakeFiles/icmoe_trt.dir").is_dir():
         line = [l for l in (build / "icmoe-configure.log").read_text().splitlines() if "icmoe_trt" in l]
         pytest.skip(f"CMake did not find TensorRT's C++ headers/libraries: {line[0].strip() if line else '?'}"
                     " (set TENSORRT_ROOT)")
-    build_programs(build, targets=("icmoe_trt",), log=lambda _m: None)
+    build_programs(build, targets=("icmoe_trt",))
     return exe
 
 
 def test_trt_program_matches_eager(program, trt_build, tiny_checkpoint, tmp_path):
     import icmoe
-    from icmoe.data.synthetic import synthetic_images
-
     from engines.cpp import read_pgm, run_program, write_ppm
+    from icmoe.data.synthetic import synthetic_images
 
     x, _ = synthetic_images(2, 128, 5)
     x = np.clip(np.rint(x), 0, 255).astype(np.float32)

@@ -28,7 +28,7 @@ def test_from_checkpoint_matches_model(tiny_checkpoint):
 
 def test_naive_and_shared_agree(tiny_build):
     x = (np.random.default_rng(2).random((2, 3, 128, 128)) * 255).astype(np.float32)
-    with load_engine(tiny_build, "eager") as shared, load_engine(tiny_build, "eager", naive=True) as naive:
+    with load_engine(tiny_build, "eager") as shared, load_engine(tiny_build, "eager", variant="naive") as naive:
         a, b = shared.infer(x), naive.infer(x)
     assert naive.name == "eager-naive"
     np.testing.assert_allclose(a["logits"], b["logits"], rtol=0, atol=1e-4)
@@ -56,5 +56,5 @@ def test_build_with_other_checkpoint_weights(tiny_build, tmp_path):
 
 
 def test_wrong_model_checkpoint(tiny_checkpoint):
-    with pytest.raises(EngineError, match="expected 'vit_b'"):
+    with pytest.raises(EngineError, match="checkpoint is for icmoe/tiny, expected icmoe/vit_b"):
         EagerEngine.from_checkpoint(tiny_checkpoint, expect="vit_b")

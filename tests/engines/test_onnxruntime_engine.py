@@ -132,14 +132,14 @@ def test_manifest_of_another_model(build_copy):
     def to_vit_b(m):
         m["model"]["name"] = "vit_b"
     _edit_manifest(build_copy, to_vit_b)
-    _expect_error(build_copy, "build is for model 'vit_b', expected 'tiny'", expect="tiny")
+    _expect_error(build_copy, "build is for icmoe/vit_b, expected icmoe/tiny", expect="tiny")
 
 
 def test_graph_of_another_image_size(build_copy):
     def resize(m):
         m["image_size"] = 256
     _edit_manifest(build_copy, resize)
-    _expect_error(build_copy, "does not match image size 256", precision="fp32")
+    _expect_error(build_copy, "image_size 256 disagrees with the model config \\(128\\)", precision="fp32")
 
 
 def test_precision_not_in_build(build_copy):
@@ -154,7 +154,7 @@ def test_artifact_of_another_precision(build_copy):
     def relabel(m):
         m["artifacts"]["model.fp16.onnx"]["precision"] = "fp32"
     _edit_manifest(build_copy, relabel)
-    _expect_error(build_copy, "precision 'fp32', not 'fp16'", precision="fp16")
+    _expect_error(build_copy, "precision 'fp16', but model.fp16.onnx is not listed as a fp16 graph", precision="fp16")
 
 
 def test_not_a_build_directory(tmp_path):
@@ -162,4 +162,4 @@ def test_not_a_build_directory(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     _expect_error(tmp_path, "damaged JSON")
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
-    _expect_error(tmp_path, "not an IC-MoE build manifest")
+    _expect_error(tmp_path, "not an icmoe build manifest")

@@ -15,7 +15,6 @@ import pytest
 from engines.base import EngineError
 from tests.skips import tensorrt_gpu_missing
 
-
 REASON = tensorrt_gpu_missing()
 needs_trt = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
@@ -31,12 +30,12 @@ def trt_build(tiny_build, tmp_path_factory):
     """A copy of the shared tiny build with model.plan built from the FP16 graph (plugin voting)."""
     if REASON:
         pytest.skip(REASON)
-    from export.tensorrt import build_engine
+    from export.tensorrt import EngineSettings, build_engine
 
     d = tmp_path_factory.mktemp("trt") / "tiny-fp16"
     shutil.copytree(tiny_build, d)
-    build_engine(d, onnx_name="model.fp16.onnx", batch=(1, 2, 4), log=lambda _m: None, progress=False,
-                 timing_cache_dir=tmp_path_factory.mktemp("timing"))
+    build_engine(d, onnx_name="model.fp16.onnx", batch=(1, 2, 4),
+                 settings=EngineSettings(progress=False, timing_cache_dir=tmp_path_factory.mktemp("timing")))
     return d
 
 
@@ -92,7 +91,7 @@ def test_manifest_and_runtime_mismatches_are_refused(trt_build, tmp_path):
 
     with pytest.raises(EngineError, match="built for fp16, not fp32"):
         TensorRTEngine.from_build(trt_build, precision="fp32")
-    with pytest.raises(EngineError, match="expected 'vit_b'"):
+    with pytest.raises(EngineError, match="expected icmoe/vit_b"):
         TensorRTEngine.from_build(trt_build, expect="vit_b")
     d = tmp_path / "b"
     shutil.copytree(trt_build, d)

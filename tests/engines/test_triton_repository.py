@@ -14,7 +14,12 @@ pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the t
 from google.protobuf import text_format  # noqa: E402
 from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
 
-from engines.triton import RepositoryError, RepositoryOptions, make_repository, parse_config  # noqa: E402
+from engines.triton import (  # noqa: E402
+    RepositoryError,
+    RepositoryOptions,
+    make_repository,
+    parse_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.UINT8: mc.TYPE_UINT8,
@@ -29,14 +34,14 @@ def _parse(path: Path) -> mc.ModelConfig:
 @pytest.fixture(scope="module")
 def cpu_repo(tiny_build, tmp_path_factory):
     out = tmp_path_factory.mktemp("repo") / "model_repository"
-    make_repository(tiny_build, out, options=RepositoryOptions(instances=2, max_queue_delay_us=500), log=lambda _m: None)
+    make_repository(tiny_build, out, options=RepositoryOptions(instances=2, max_queue_delay_us=500))
     return out
 
 
 @pytest.fixture(scope="module")
 def trt_build(tiny_build, tmp_path_factory):
     """A copy of the tiny build that lists a model.plan (arbitrary bytes: no TensorRT here to build one)."""
-    from export.manifest import add_artifact
+    from icmoe.core.manifest import add_artifact
 
     build = tmp_path_factory.mktemp("trt") / "tiny-fp16"
     shutil.copytree(tiny_build, build)
@@ -60,7 +65,7 @@ def _check_io(cfg, manifest):
 
 
 def test_cpu_repository_layout_and_configs(cpu_repo, tiny_build):
-    from export.manifest import read_manifest
+    from icmoe.core.manifest import read_manifest
 
     manifest = read_manifest(tiny_build)
     assert sorted(p.name for p in cpu_repo.iterdir()) == ["icmoe_onnxruntime", "icmoe_python"]
@@ -102,12 +107,12 @@ def test_onnxruntime_config_matches_graph(cpu_repo):
 
 def test_tensorrt_repository(trt_build, tmp_path):
     out = tmp_path / "repo"
-    make_repository(trt_build, out, log=lambda _m: None)  # a build with a plan -> the tensorrt model only
+    make_repository(trt_build, out)  # a build with a plan -> the tensorrt model only
     assert [p.name for p in out.iterdir()] == ["icmoe_tensorrt"]
     cfg = _parse(out / "icmoe_tensorrt/config.pbtxt")
     assert (cfg.backend, cfg.platform, cfg.default_model_filename) == ("tensorrt", "tensorrt_plan", "model.plan")
     assert [(g.kind, g.count) for g in cfg.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1)]
-    from export.manifest import read_manifest
+    from icmoe.core.manifest import read_manifest
 
     _check_io(cfg, read_manifest(trt_build))
     assert (out / "icmoe_tensorrt/1/model.plan").read_bytes() == (trt_build / "model.plan").read_bytes()
@@ -115,7 +120,7 @@ def test_tensorrt_repository(trt_build, tmp_path):
 
 def test_every_written_config_parses(cpu_repo, trt_build, tmp_path):
     out = tmp_path / "all"
-    make_repository(trt_build, out, kinds=["tensorrt", "onnxruntime", "python"], log=lambda _m: None)
+    make_repository(trt_build, out, kinds=["tensorrt", "onnxruntime", "python"])
     configs = sorted(out.glob("*/config.pbtxt")) + sorted(cpu_repo.glob("*/config.pbtxt"))
     assert len(configs) == 5
     for path in configs:
@@ -130,7 +135,7 @@ def test_invalid_config_text_is_refused():
 
 
 def test_damaged_artifact_refused_and_nothing_written(tiny_build, tmp_path):
-    from export.manifest import ManifestError
+    from icmoe.core.manifest import ManifestError
 
     build = tmp_path / "build"
     shutil.copytree(tiny_build, build)
@@ -138,7 +143,7 @@ def test_damaged_artifact_refused_and_nothing_written(tiny_build, tmp_path):
     (build / "model.fp16.onnx").write_bytes(data[: len(data) // 2])
     out = tmp_path / "repo"
     with pytest.raises(ManifestError, match="model.fp16.onnx"):
-        make_repository(build, out, log=lambda _m: None)
+        make_repository(build, out)
     assert not out.exists() or not list(out.glob("*/config.pbtxt"))
 
 
@@ -163,16 +168,15 @@ def test_cli_errors_are_one_line(tiny_build, tmp_path, problem):
     else:
         proc = _cli(tiny_build, "--out", tmp_path / "repo", "--kind", "tensorrt")
         expected = "no model.plan"
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and expected in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "repo").exists() or not list((tmp_path / "repo").iterdir())
 
 
 def test_batch_range_must_start_at_one(tiny_build):
-    from export.manifest import read_manifest
-
     from engines.triton import model_config
+    from icmoe.core.manifest import read_manifest
 
     manifest = read_manifest(tiny_build)
     manifest["batch"] = {"min": 2, "opt": 2, "max": 4}

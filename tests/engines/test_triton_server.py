@@ -51,8 +51,8 @@ def eager(tiny_checkpoint, images):
 @pytest.fixture(scope="module")
 def server(tiny_build, tmp_path_factory):
     repo = tmp_path_factory.mktemp("triton") / "model_repository"
-    make_repository(tiny_build, repo, kinds=["python"], options=RepositoryOptions(precision="fp32"), log=lambda _m: None)
-    srv = TritonServer(repo, models=[MODEL], root=fetch_server(log=print), startup_timeout=180)
+    make_repository(tiny_build, repo, kinds=["python"], options=RepositoryOptions(precision="fp32"))
+    srv = TritonServer(repo, models=[MODEL], root=fetch_server(), startup_timeout=180)
     t0 = time.monotonic()
     srv.start()
     print(f"\ntritonserver ready in {time.monotonic() - t0:.1f} s (HTTP {srv.http_url}, gRPC {srv.grpc_url})")

@@ -29,10 +29,10 @@ def test_no_checkpoint_says_how_to_get_weights(tmp_path, monkeypatch, capsys):
 
 
 def test_bad_flags(tmp_path, capsys, tiny_checkpoint):
-    rc = build_mod.main(["--checkpoint", str(tiny_checkpoint), "--batch", "4,2,8", "--out", str(tmp_path / "b")])
+    rc = build_mod.main(["--checkpoint", str(tiny_checkpoint), "--dynamic-batch", "4,2,8", "--out", str(tmp_path / "b")])
     one_line_error(capsys, rc, "MIN <= OPT <= MAX")
     rc = build_mod.main(["--random-init", "--config", "nope", "--out", str(tmp_path / "b")])
-    one_line_error(capsys, rc, "unknown config 'nope'")
+    one_line_error(capsys, rc, "unknown icmoe config 'nope'")
     assert parse_batch("1,2,8") == (1, 2, 8)
     with pytest.raises(BuildError):
         parse_batch("1,x,8")
@@ -65,7 +65,7 @@ def test_non_build_folder_needs_force(tmp_path, capsys, tiny_checkpoint):
     dst.mkdir()
     (dst / "mine.txt").write_text("keep me")
     rc = build_mod.main(["--checkpoint", str(tiny_checkpoint), "--out", str(dst)])
-    one_line_error(capsys, rc, "not an IC-MoE build directory")
+    one_line_error(capsys, rc, "not a build directory")
     assert (dst / "mine.txt").read_text() == "keep me"
 
 

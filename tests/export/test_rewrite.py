@@ -10,7 +10,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import icmoe
 from export.onnx_export import export_onnx
-from export.rewrite import PaddingFreeWindowAttention, PaddingFreeWindowBlock, padding_free_windows
+from export.rewrite import (
+    PaddingFreeWindowAttention,
+    PaddingFreeWindowBlock,
+    padding_free_windows,
+)
 
 # tiny with 6x6 windows: the 16x16 token grid pads to 18x18 (as vit_b's 16x16 pads to 28x28)
 PADDED = icmoe.get_config("tiny", window_size=6)
@@ -82,7 +86,7 @@ def test_onnx_parity_with_padding(tmp_path):
     x = torch.rand(3, 3, 128, 128) * 255
     with torch.inference_mode():
         ref = model(x)
-    path = export_onnx(model, tmp_path / "padded.onnx", batch=(1, 1, 4), log=lambda m: None)
+    path = export_onnx(model, tmp_path / "padded.onnx", batch=(1, 1, 4))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits, mask, expert = sess.run(["logits", "mask", "expert"], {"image": x.numpy()})
     np.testing.assert_allclose(logits, ref.logits.numpy(), rtol=0, atol=1e-3)

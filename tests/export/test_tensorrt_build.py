@@ -9,10 +9,9 @@ import numpy as np
 import onnx
 import pytest
 
-from export import plugin
+from icmoe.voting import plugin
 from icmoe.voting import ppav
 from tests.skips import tensorrt_gpu_missing
-
 
 REASON = tensorrt_gpu_missing()
 needs_trt = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -47,9 +46,15 @@ def test_plugin_only_graph_is_valid():
 @needs_trt
 @pytest.mark.parametrize("balance", [False, True])
 def test_aot_plugin_in_tensorrt_equals_reference(tmp_path, balance):
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineFromNetwork,
+        NetworkFromOnnxPath,
+        Profile,
+        TrtRunner,
+    )
 
-    from tests.engines.test_voting_kernel import CASES, make_inputs
+    from tests.icmoe.voting.test_kernel import CASES, make_inputs
 
     size = 64
     path = tmp_path / "plugin_only.onnx"
@@ -76,5 +81,5 @@ def test_build_engine_refuses_without_tensorrt_or_gpu(tmp_path):
     if REASON is None:
         pytest.skip("TensorRT and a GPU are present: the refusal path does not apply")
     with pytest.raises(TensorRTBuildError, match="TensorRT is not available|needs a CUDA GPU"):
-        build_engine(tmp_path, onnx_name="model.fp16.onnx", batch=(1, 1, 2), log=lambda _m: None)
+        build_engine(tmp_path, onnx_name="model.fp16.onnx", batch=(1, 1, 2))
     assert not (tmp_path / "model.plan").exists()

@@ -27,7 +27,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 STUBS_VERSION = "10.13.0.35.1"
-TENSORRT_MODULES = ["export/tensorrt.py", "engines/tensorrt.py", "export/plugin.py", "export/torch_tensorrt.py"]
+TENSORRT_MODULES = ["export/tensorrt.py", "engines/tensorrt.py", "icmoe/voting/plugin.py", "export/torch_tensorrt.py"]
 _KEYWORDS = "|".join(k for k in keyword.kwlist if k.islower())
 
 

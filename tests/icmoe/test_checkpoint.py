@@ -30,7 +30,8 @@ def test_round_trip(saved):
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
     meta = json.loads((path / "config.json").read_text())
-    assert meta["dataset"] == "synthetic" and meta["epoch"] == 3 and meta["alpha"] == 0.5
+    assert meta["dataset"] == "synthetic" and meta["epoch"] == 3 and meta["model"]["alpha"] == 0.5
+    assert meta["family"] == "icmoe" and meta["version"] == 2
     assert meta["normalization"]["pixel_mean"] == list(model.config.pixel_mean)
     x = torch.rand(1, 3, 128, 128) * 255
     with torch.no_grad():
@@ -78,7 +79,7 @@ def test_missing_pieces_refused(saved, tmp_path):
 
 def test_mismatching_model_refused(saved, tmp_path):
     ckpt = _copy(saved[1], tmp_path)
-    with pytest.raises(CheckpointError, match="for model 'tiny', expected 'vit_b'"):
+    with pytest.raises(CheckpointError, match="checkpoint is for icmoe/tiny, expected icmoe/vit_b"):
         icmoe.load(ckpt, expect="vit_b")
     meta = json.loads((ckpt / "config.json").read_text())
     meta["model"]["embed_dim"] = 96  # description says another architecture than the weights hold
@@ -90,6 +91,6 @@ def test_mismatching_model_refused(saved, tmp_path):
 
 def test_naive_load_matches(saved):
     _, path = saved
-    naive = icmoe.load(path, naive=True)
+    naive = icmoe.load(path, variant="naive")
     assert isinstance(naive, icmoe.NaiveICMoE)
     assert naive.config == get_config("tiny")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import warnings
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +11,20 @@ import pytest
 import torch
 from PIL import Image
 
-from icmoe.data import DataError, build_dataset, list_split, make_synthetic_dataset, synthetic_images
-from icmoe.data.readers import busi_split, isic_split, list_busi, list_isic, seeded_split
+from icmoe.data import (
+    DataError,
+    build_dataset,
+    list_split,
+    make_synthetic_dataset,
+    synthetic_images,
+)
+from icmoe.data.readers import (
+    busi_split,
+    isic_split,
+    list_busi,
+    list_isic,
+    seeded_split,
+)
 
 S = 32  # resize target in these tests
 
@@ -103,7 +115,7 @@ def test_splits_reproduce_the_published_counts():
     assert seeded_split(fake, 808, seed=1)["val"] != split["val"]
 
 
-def test_isic_layout_and_corrupt_files(tmp_path):
+def test_isic_layout_and_corrupt_files(tmp_path, caplog):
     inp = tmp_path / "ISIC2018_Task1-2_Training_Input"
     gt = tmp_path / "ISIC2018_Task1_Training_GroundTruth"
     for i in range(10):
@@ -126,11 +138,11 @@ def test_isic_layout_and_corrupt_files(tmp_path):
                 build_dataset("isic", tmp_path, split, image_size=S, progress=False)
             assert "ISIC_000000" in str(err.value) and "\n" not in str(err.value)
             assert "unreadable image" in str(err.value) or "mask file is missing" in str(err.value)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="icmoe.data.dataset"):
             ds = build_dataset("isic", tmp_path, split, image_size=S, skip_bad=True, progress=False)
         assert len(ds) == len(names) - len(bad) and len(ds.skipped) == len(bad)
-        assert len([w for w in caught if "skipping" in str(w.message)]) == len(bad)
+        assert len([r for r in caplog.records if "skipping" in r.getMessage()]) == len(bad)
     assert len(bad_all) == 2
 
 

@@ -1,4 +1,4 @@
-"""Metrics and the evaluation CLI (`python -m icmoe.evaluate`): JSON output, overlays, errors."""
+"""Metrics and the evaluation CLI (`python -m icmoe.evaluate`): JSON output, overlays, the CLI convention."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from PIL import Image
 import icmoe
 from icmoe.data import build_dataset, make_synthetic_dataset
 from icmoe.evaluate import evaluate, evaluate_model, overlay
+from icmoe.evaluate import main as evaluate_main
 from icmoe.metrics import MetricAccumulator, confusion, metrics_from_counts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +76,7 @@ def test_cli_json_and_overlays(setup, tmp_path):
     data, ckpt, _ = setup
     ov = tmp_path / "overlays"
     cmd = [sys.executable, "-m", "icmoe.evaluate", "--checkpoint", str(ckpt), "--dataset", "synthetic",
-           "--data-root", str(data), "--json", "--overlays", str(ov), "--n-overlays", "3"]
+           "--data-root", str(data), "--json", "--overlays", str(ov), "--n-overlays", "3", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -92,8 +93,47 @@ def test_cli_json_and_overlays(setup, tmp_path):
     bad = [sys.executable, "-m", "icmoe.evaluate", "--checkpoint", str(tmp_path / "missing"), "--dataset",
            "synthetic", "--data-root", str(data)]
     res = subprocess.run(bad, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith("error: ") and "no config.json" in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines == [f"error: {tmp_path / 'missing'}: not a checkpoint folder (no config.json)"]
+
+
+def test_cli_json_to_stdout_or_file(setup, tmp_path, capsys):
+    data, ckpt, _ = setup
+    base = ["--checkpoint", str(ckpt), "--dataset", "synthetic", "--data-root", str(data), "--no-progress"]
+    assert evaluate_main([*base, "--json", "-"]) == 0
+    out = json.loads(capsys.readouterr().out)  # stdout holds the JSON alone
+    assert out["n_images"] == 6 and out["checkpoint"] == str(ckpt)
+    target = tmp_path / "res.json"
+    assert evaluate_main([*base, "--json", str(target)]) == 0
+    table = capsys.readouterr().out  # the table is still the result on stdout
+    assert "pooled" in table and "per_image" in table and not table.lstrip().startswith("{")
+    assert json.loads(target.read_text())["pooled"] == pytest.approx(out["pooled"])
+
+
+def test_cli_help_lists_the_common_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--checkpoint", "--json", "--no-progress", "--quiet", "--verbose"):
+        assert flag in text, flag
+
+
+def test_cli_bad_flags_exit_2_with_one_line(setup, capsys):
+    data, ckpt, _ = setup
+    cmd = [sys.executable, "-m", "icmoe.evaluate", "--checkpoint", str(ckpt), "--dataset", "synthetic",
+           "--data-root", str(data), "--bogus"]
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--bogus" in lines[0]
+    rc = evaluate_main(["--checkpoint", str(ckpt), "--dataset", "synthetic", "--data-root", str(data),
+                        "--batch-size", "0"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: need --batch-size >= 1 and --n-overlays >= 0, "
+                                                            "got 0 and 8"]
 
 
 def test_overlay_draws_both_contours():

@@ -44,7 +44,7 @@ def test_sgcl_gradient_moves_foreground_and_background_features_apart():
     assert last.loss < first.loss
 
 
-def test_sgcl_terms_follow_the_spec_definitions():
+def test_sgcl_terms_follow_their_definitions():
     sgcl = SgCL(channels=16)
     y, fg, bg = _features(0), _features(1), _features(2)
     t = sgcl.terms(y, fg, bg)

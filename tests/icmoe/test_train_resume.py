@@ -1,12 +1,14 @@
-"""Trainer: checkpoints, resume after SIGKILL, DistributedDataParallel with gloo, CLI errors.
+"""Trainer: checkpoints, resume after SIGKILL, DistributedDataParallel with gloo, the CLI convention.
 
 All runs use the tiny config at 64x64 on a small synthetic set so they take seconds.
+Progress lines go to stderr (logging); stdout carries only `--json -`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,8 @@ from safetensors.torch import load_file
 import icmoe
 from icmoe.checkpoint import read_meta
 from icmoe.data import make_synthetic_dataset
+from icmoe.train import TrainOptions, default_run_dir, train
+from icmoe.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64
@@ -97,6 +101,7 @@ def test_run_writes_checkpoints_and_log(reference_run):
     assert not torch.allclose(w["decoders.2.output_upscaling.0.weight"], init.state_dict()["decoders.2.output_upscaling.0.weight"])
     state = torch.load(reference_run / "last" / "trainer_state.pt", weights_only=False)
     assert state["epoch"] == 3 and any(k.startswith("sgcl.w1") for k in state["trainable"])
+    assert state["family"] == "icmoe" and state["dataset"] == "synthetic"
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(data, reference_run, tmp_path):
@@ -122,7 +127,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data, reference_run, tmp
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and res.stderr.strip().startswith("error:") and "--resume" in res.stderr
     res = _run(_train_cmd(data, out, "--epochs", "3", "--batch-size", "4", "--resume"))
-    assert f"after epoch {done[-1]}" in res.stdout
+    assert f"after epoch {done[-1]}" in res.stderr
     assert [r["epoch"] for r in _log(out)] == [1, 2, 3]
     ref, got = _weights(reference_run / "last"), _weights(out / "last")
     assert _max_diff(ref, got) <= 1e-5
@@ -139,7 +144,7 @@ def test_distributed_two_gloo_processes_match_single_process(data, tmp_path):
     extra = ["--epochs", "2", "--batch-size", "4", "--no-balance", "--sgcl-weight", "0"]
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     res = _run(_train_cmd(data, ddp, *extra, torchrun=2))
-    assert "2 processes x 2" in res.stdout
+    assert "2 processes x 2" in res.stderr
     _run(_train_cmd(data, single, *extra))
     rows = _log(ddp)
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -162,6 +167,66 @@ def test_cli_errors_are_one_line(tmp_path):
     bad = [sys.executable, "-m", "icmoe.train", "--dataset", "busi", "--data-root", str(tmp_path / "none"),
            "--out", str(tmp_path / "run"), "--no-progress"]
     res = subprocess.run(bad, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0
+    assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: {tmp_path / 'none'}: data root does not exist"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_a_run_of_another_family(data, reference_run, tmp_path):
+    out = tmp_path / "other"
+    shutil.copytree(reference_run, out)
+    path = out / "last" / "trainer_state.pt"
+    state = torch.load(path, weights_only=False)
+    state["family"] = "another"
+    torch.save(state, path)
+    with pytest.raises(icmoe.CheckpointError, match="another model or dataset"):
+        train(dataset="synthetic", data_root=data, out=out, config="tiny", image_size=SIZE, epochs=4,
+              batch_size=4, resume=True, progress=False, device="cpu")
+
+
+def test_options_default_paths_name_the_family():
+    opts = TrainOptions(dataset="busi", model="icmoe", config="tiny")
+    assert opts.out == default_run_dir("icmoe", "busi", "tiny") == Path("runs/icmoe-busi-tiny")
+    assert opts.data_root == Path("data/busi")
+    assert TrainOptions(dataset="busi").config == "vit_b"  # the default of every command
+    with pytest.raises(TypeError):
+        train(opts, epochs=1)
+
+
+def test_cli_default_run_folder_contains_the_family(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = train_main(["--dataset", "synthetic", "--data-root", str(data), "--config", "tiny", "--image-size",
+                     str(SIZE), "--epochs", "0", "--batch-size", "4", "--no-progress", "--device", "cpu",
+                     "--json", "-"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["out"] == str(Path("runs") / "icmoe-synthetic-tiny") and summary["model"] == "icmoe"
+    assert (tmp_path / "runs" / "icmoe-synthetic-tiny" / "metrics.jsonl").is_file()
+
+
+def test_cli_help_lists_the_common_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--config", "--json", "--no-progress", "--quiet", "--verbose", "--resume", "recipes"):
+        assert flag in text, flag
+
+
+def test_cli_bad_flag_exits_2_with_one_line():
+    res = subprocess.run([sys.executable, "-m", "icmoe.train", "--bogus"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--bogus" in lines[0]
+
+
+def test_cli_unknown_config_and_bad_batch_exit_2(data, tmp_path, capsys):
+    base = ["--dataset", "synthetic", "--data-root", str(data), "--out", str(tmp_path / "run"), "--no-progress"]
+    assert train_main([*base, "--config", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unknown icmoe config 'nope'; choose from tiny, vit_b"]
+    assert train_main([*base, "--config", "tiny", "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: need a batch size >= 1")
     assert not (tmp_path / "run").exists()

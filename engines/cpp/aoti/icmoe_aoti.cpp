@@ -1,12 +1,16 @@
-// icmoe_aoti: run an IC-MoE AOTInductor package (.pt2) on the CPU with libtorch, one image -> mask.
+// icmoe_aoti: run a model's AOTInductor package (.pt2) on the CPU with libtorch, one image -> mask.
 //
 //   icmoe_aoti MODEL.pt2 IMAGE.ppm MASK.pgm [--logits LOGITS.f32] [--repeat N]
 //
-// MODEL.pt2 comes from `python -m engines.cpp.aoti` (torch._inductor.aoti_compile_and_package of
-// images -> (logits, mask, expert)). IMAGE is a binary PPM/PGM of the model's size (the package's
-// metadata says which); MASK is written as a binary PGM (0/255). --logits also writes the fused logits
-// as raw float32 (S*S values), --repeat N times N runs and prints the mean latency.
-// Errors: one line "error: ..." on stderr and exit code 1.
+// MODEL.pt2 comes from `python -m export.aoti` (torch._inductor.aoti_compile_and_package of the model
+// family's graph, image (1, 3, S, S) float32 RGB 0..255 -> the family's outputs). The package's
+// metadata names what the program needs: icmoe.image_size (S) and icmoe.output_names (the outputs in
+// order, comma-separated; packages without it are older IC-MoE ones: logits,mask,expert). IMAGE is a
+// binary PPM/PGM of the model's size; the output named "mask" is written as a binary PGM (0/255),
+// --logits writes the output named "logits" as raw float32 (all its values, e.g. (1, C, S, S)), every
+// other small output is printed ("expert 2"), and so is the list of outputs with their types and shapes
+// (common/outputs.h). --repeat N times N more runs and prints the mean latency.
+// Errors: one line "error: ..." on stderr and exit code 1; usage: exit code 2.
 // ATen and the package loader only (not torch/torch.h): a fraction of the compile time.
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
@@ -16,17 +20,66 @@
 #include <cstdlib>
 #include <iostream>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "image_io.h"
+#include "outputs.h"
 
 namespace {
 
-std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+using Metadata = std::unordered_map<std::string, std::string>;
 
 int usage() {
   std::cerr << "usage: icmoe_aoti MODEL.pt2 IMAGE.ppm MASK.pgm [--logits LOGITS.f32] [--repeat N]\n";
   return 2;
+}
+
+// NumPy's name of a tensor element type (the names of the package's tensor specs).
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::ScalarType::Float: return "float32";
+    case at::ScalarType::Double: return "float64";
+    case at::ScalarType::Half: return "float16";
+    case at::ScalarType::BFloat16: return "bfloat16";
+    case at::ScalarType::Long: return "int64";
+    case at::ScalarType::Int: return "int32";
+    case at::ScalarType::Short: return "int16";
+    case at::ScalarType::Char: return "int8";
+    case at::ScalarType::Byte: return "uint8";
+    case at::ScalarType::Bool: return "bool";
+    default: return c10::toString(t);  // icmoe::element_size refuses it
+  }
+}
+
+int image_size(const Metadata& metadata, const std::string& model_path) {
+  const auto found = metadata.find("icmoe.image_size");
+  if (found == metadata.end())
+    throw std::runtime_error(model_path + ": not a package of python -m export.aoti (no icmoe.image_size metadata)");
+  size_t used = 0;
+  int size = 0;
+  try {
+    size = std::stoi(found->second, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != found->second.size() || size <= 0)
+    throw std::runtime_error(model_path + ": bad icmoe.image_size metadata '" + found->second + "'");
+  return size;
+}
+
+std::vector<std::string> output_names(const Metadata& metadata, const std::string& model_path) {
+  const auto found = metadata.find("icmoe.output_names");
+  if (found != metadata.end()) {
+    try {
+      return icmoe::split_names(found->second);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(model_path + ": bad icmoe.output_names metadata: " + e.what());
+    }
+  }
+  std::cerr << "icmoe_aoti: " << model_path << " has no icmoe.output_names metadata (an older package); "
+            << "assuming the outputs " << icmoe::kLegacyOutputNames << "\n";
+  return icmoe::split_names(icmoe::kLegacyOutputNames);
 }
 
 int run(int argc, char** argv) {
@@ -56,29 +109,36 @@ int run(int argc, char** argv) {
 
   c10::InferenceMode inference_mode;
   torch::inductor::AOTIModelPackageLoader loader(model_path);
-  const auto metadata = loader.get_metadata();
-  const auto found = metadata.find("icmoe.image_size");
-  if (found == metadata.end())
-    throw std::runtime_error(model_path + ": not an IC-MoE package (no icmoe.image_size metadata)");
-  const int size = std::stoi(found->second);
+  const Metadata metadata = loader.get_metadata();
+  const int size = image_size(metadata, model_path);
   if (image.width != size || image.height != size)
     throw std::runtime_error(image_path + ": image is " + std::to_string(image.width) + "x" +
                              std::to_string(image.height) + ", this model takes " + std::to_string(size) + "x" +
                              std::to_string(size));
+  const std::vector<std::string> names = output_names(metadata, model_path);
 
   // (1, 3, S, S) float32 RGB 0..255: the model normalises inside, like every engine of the project.
   at::Tensor input = at::from_blob(const_cast<float*>(image.chw.data()), {1, 3, size, size}, at::kFloat).clone();
-  std::vector<at::Tensor> outputs = loader.run({input});
-  if (outputs.size() != 3) throw std::runtime_error(model_path + ": expected 3 outputs (logits, mask, expert)");
-  const at::Tensor logits = outputs[0].contiguous();                    // (1, 1, S, S) float32
-  const at::Tensor mask = outputs[1].to(at::kByte).contiguous();    // (1, 1, S, S) uint8
-  const int expert = outputs[2].to(at::kInt).item<int>();          // (1,) int32
+  const std::vector<at::Tensor> results = loader.run({input});
+  if (results.size() != names.size())
+    throw std::runtime_error(model_path + ": the package returned " + std::to_string(results.size()) +
+                             " outputs, its metadata names " + std::to_string(names.size()) + " (" +
+                             icmoe::join(names, ", ") + ")");
 
-  icmoe::write_pgm(mask_path, mask.data_ptr<uint8_t>(), size, size);
-  if (!logits_path.empty())
-    icmoe::write_raw(logits_path, logits.data_ptr<float>(), static_cast<size_t>(logits.numel()) * sizeof(float));
-  std::cout << "expert " << expert << "\nforeground " << mask.sum().item<int64_t>() << " of " << mask.numel()
-            << " pixels\nmask " << mask_path << "\n";
+  std::vector<at::Tensor> host;  // keeps the contiguous CPU copies alive while `outputs` points into them
+  std::vector<icmoe::Output> outputs;
+  for (size_t i = 0; i < results.size(); ++i) {
+    host.push_back(results[i].to(at::kCPU).contiguous());
+    const at::Tensor& t = host.back();
+    icmoe::Output o{names[i], dtype_name(t.scalar_type()), t.sizes().vec(), t.data_ptr()};
+    try {
+      icmoe::element_size(o.dtype);  // refuses element types the programs do not handle
+    } catch (const std::exception& e) {
+      throw std::runtime_error("output " + o.name + ": " + e.what());
+    }
+    outputs.push_back(std::move(o));
+  }
+  icmoe::write_outputs(std::cout, outputs, size, size, mask_path, logits_path);
 
   if (repeat > 0) {
     const auto start = std::chrono::steady_clock::now();
@@ -95,9 +155,9 @@ int main(int argc, char** argv) {
   try {
     return run(argc, argv);
   } catch (const c10::Error& e) {
-    std::cerr << "error: " << first_line(e.what_without_backtrace()) << "\n";
+    std::cerr << "error: " << icmoe::first_line(e.what_without_backtrace()) << "\n";
   } catch (const std::exception& e) {
-    std::cerr << "error: " << first_line(e.what()) << "\n";
+    std::cerr << "error: " << icmoe::first_line(e.what()) << "\n";
   }
   return 1;
 }

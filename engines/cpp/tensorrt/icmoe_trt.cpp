@@ -1,22 +1,26 @@
-// icmoe_trt: run an IC-MoE TensorRT engine (model.plan) on one image with the TensorRT 10 C++ runtime.
+// icmoe_trt: run a model's TensorRT engine (model.plan) on one image with the TensorRT 10 C++ runtime.
 //
 //   icmoe_trt MODEL.plan IMAGE.ppm MASK.pgm [--logits LOGITS.f32] [--plugin LIB.so]... [--repeat N]
 //
-// The engine is the one `python -m export.build` writes on a GPU host (input "image" float32
-// (B, 3, S, S) RGB 0..255 with a dynamic batch axis; outputs "logits" float32 (B, 1, S, S),
-// "mask" uint8 (B, 1, S, S), "expert" int32 (B,)). The program deserializes it (IRuntime ->
-// ICudaEngine -> IExecutionContext), sets the input shape to batch 1, binds device buffers by
-// tensor name (setTensorAddress), runs enqueueV3 on a CUDA stream and writes the mask as PGM.
-// TensorRT's standard plugins are registered (initLibNvInferPlugins) and --plugin loads more plugin
-// libraries, for engines built with custom layers.
+// The engine is the one `python -m export.build` writes on a GPU host: one input, float32
+// (B, 3, S, S) RGB 0..255 with a dynamic batch axis, and the model family's outputs (IC-MoE: logits
+// float32 (B, 1, S, S), mask uint8 (B, 1, S, S), expert int32 (B,)). The program deserializes it
+// (IRuntime -> ICudaEngine -> IExecutionContext), enumerates the engine's I/O tensors, sets the input
+// shape to batch 1, sizes one device buffer per output from the context's tensor shape and the tensor's
+// element type, binds them by name (setTensorAddress), runs enqueueV3 on a CUDA stream and then, like
+// icmoe_aoti (common/outputs.h): writes the output named "mask" as a binary PGM (0/255), --logits the
+// output named "logits" as raw float32, prints every other small output ("expert 2") and the list of
+// outputs with their types and shapes. TensorRT's standard plugins are registered
+// (initLibNvInferPlugins) and --plugin loads more plugin libraries, for engines built with custom layers.
 //
 // NOT COMPILED OR RUN on the machine this was written on (no GPU, no TensorRT headers there); it is
 // written against the TensorRT 10 API (NvInfer.h / NvInferRuntime.h).
-// Errors: one line "error: ..." on stderr and exit code 1.
+// Errors: one line "error: ..." on stderr and exit code 1; usage: exit code 2.
 #include <NvInfer.h>
 #include <NvInferPlugin.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -29,6 +33,7 @@
 #include <vector>
 
 #include "image_io.h"
+#include "outputs.h"
 
 namespace {
 
@@ -46,7 +51,8 @@ void check_cuda(cudaError_t status, const char* what) {
 struct DeviceBuffer {
   void* ptr = nullptr;
   size_t bytes = 0;
-  explicit DeviceBuffer(size_t n) : bytes(n) { check_cuda(cudaMalloc(&ptr, n), "cudaMalloc"); }
+  // At least one byte: TensorRT wants a non-null address even for an empty tensor.
+  explicit DeviceBuffer(size_t n) : bytes(n) { check_cuda(cudaMalloc(&ptr, std::max<size_t>(n, 1)), "cudaMalloc"); }
   ~DeviceBuffer() {
     if (ptr) cudaFree(ptr);
   }
@@ -54,29 +60,52 @@ struct DeviceBuffer {
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
 };
 
-size_t element_size(nvinfer1::DataType t) {
+struct Stream {
+  cudaStream_t stream = nullptr;
+  Stream() { check_cuda(cudaStreamCreate(&stream), "cudaStreamCreate"); }
+  ~Stream() {
+    if (stream) cudaStreamDestroy(stream);
+  }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+};
+
+// NumPy's name of a TensorRT element type (the names of the build manifest's tensor specs);
+// icmoe::element_size refuses the ones the program does not handle (FP8, INT4, ...).
+std::string dtype_name(nvinfer1::DataType t) {
   switch (t) {
-    case nvinfer1::DataType::kFLOAT: return 4;
-    case nvinfer1::DataType::kINT32: return 4;
-    case nvinfer1::DataType::kHALF: return 2;
-    case nvinfer1::DataType::kUINT8: return 1;
-    case nvinfer1::DataType::kINT8: return 1;
-    case nvinfer1::DataType::kBOOL: return 1;
-    case nvinfer1::DataType::kINT64: return 8;
-    default: throw std::runtime_error("unsupported tensor data type in the engine");
+    case nvinfer1::DataType::kFLOAT: return "float32";
+    case nvinfer1::DataType::kHALF: return "float16";
+    case nvinfer1::DataType::kBF16: return "bfloat16";
+    case nvinfer1::DataType::kINT64: return "int64";
+    case nvinfer1::DataType::kINT32: return "int32";
+    case nvinfer1::DataType::kINT8: return "int8";
+    case nvinfer1::DataType::kUINT8: return "uint8";
+    case nvinfer1::DataType::kBOOL: return "bool";
+    case nvinfer1::DataType::kFP8: return "float8";
+    case nvinfer1::DataType::kINT4: return "int4";
+    default: return "TensorRT type " + std::to_string(static_cast<int>(t));
   }
 }
 
-int64_t volume(const nvinfer1::Dims& d) {
-  int64_t v = 1;
-  for (int32_t i = 0; i < d.nbDims; ++i) {
-    if (d.d[i] < 0) throw std::runtime_error("tensor shape still dynamic after setting the input shape");
-    v *= d.d[i];
-  }
-  return v;
+std::vector<int64_t> dims_vector(const nvinfer1::Dims& d) {
+  if (d.nbDims < 0) return {};
+  return std::vector<int64_t>(d.d, d.d + d.nbDims);
 }
 
-std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+std::string dims_string(const nvinfer1::Dims& d) {
+  std::string s = "[";
+  for (int32_t i = 0; i < d.nbDims; ++i) s += (i ? "," : "") + std::to_string(d.d[i]);
+  return s + "]";
+}
+
+struct Binding {
+  std::string name;
+  std::string dtype;
+  std::vector<int64_t> shape;  // batch 1
+  std::unique_ptr<DeviceBuffer> device;
+  std::vector<unsigned char> host;
+};
 
 int usage() {
   std::cerr << "usage: icmoe_trt MODEL.plan IMAGE.ppm MASK.pgm [--logits LOGITS.f32] [--plugin LIB.so]... [--repeat N]\n";
@@ -108,7 +137,7 @@ int run(int argc, char** argv) {
   const std::string& image_path = positional[1];
   const std::string& mask_path = positional[2];
 
-  const icmoe::Image image = icmoe::read_pnm(image_path);
+  const icmoe::Image image = icmoe::read_pnm(image_path);  // (3, H, W) float32 0..255
 
   std::ifstream file(plan_path, std::ios::binary);
   if (!file) throw std::runtime_error(plan_path + ": cannot open engine");
@@ -130,79 +159,97 @@ int run(int argc, char** argv) {
   std::unique_ptr<nvinfer1::IExecutionContext> context(engine->createExecutionContext());
   if (!context) throw std::runtime_error("cannot create an execution context");
 
-  // The input: "image" (B, 3, S, S) float32; run batch 1 at the engine's size.
-  const char* input_name = "image";
-  if (engine->getTensorIOMode(input_name) != nvinfer1::TensorIOMode::kINPUT)
-    throw std::runtime_error(plan_path + ": engine has no input tensor 'image' (not an IC-MoE engine)");
-  if (engine->getTensorDataType(input_name) != nvinfer1::DataType::kFLOAT)
-    throw std::runtime_error(plan_path + ": input 'image' is not float32");
-  const nvinfer1::Dims in_dims = engine->getTensorShape(input_name);  // (-1, 3, S, S)
-  if (in_dims.nbDims != 4 || in_dims.d[1] != 3)
-    throw std::runtime_error(plan_path + ": input 'image' is not (B, 3, S, S)");
-  const int size = static_cast<int>(in_dims.d[2]);
-  if (image.width != size || image.height != size)
-    throw std::runtime_error(image_path + ": image is " + std::to_string(image.width) + "x" +
-                             std::to_string(image.height) + ", this engine takes " + std::to_string(size) + "x" +
-                             std::to_string(size));
-  nvinfer1::Dims4 shape(1, 3, size, size);
-  if (!context->setInputShape(input_name, shape))
-    throw std::runtime_error(plan_path + ": batch 1 is outside the engine's optimization profile");
-
-  cudaStream_t stream = nullptr;
-  check_cuda(cudaStreamCreate(&stream), "cudaStreamCreate");
-  std::vector<std::unique_ptr<DeviceBuffer>> buffers;
-  DeviceBuffer* input = nullptr;
-  DeviceBuffer* logits = nullptr;
-  DeviceBuffer* mask = nullptr;
-  DeviceBuffer* expert = nullptr;
+  // The engine's I/O tensors, in the engine's order: one input, the outputs in the graph's order.
+  std::vector<std::string> inputs, output_names;
   for (int32_t i = 0; i < engine->getNbIOTensors(); ++i) {
     const char* name = engine->getIOTensorName(i);
-    const nvinfer1::Dims dims = context->getTensorShape(name);
-    const size_t bytes = static_cast<size_t>(volume(dims)) * element_size(engine->getTensorDataType(name));
-    buffers.push_back(std::make_unique<DeviceBuffer>(bytes));
-    if (!context->setTensorAddress(name, buffers.back()->ptr))
-      throw std::runtime_error(std::string("cannot bind tensor ") + name);
-    const std::string n = name;
-    if (n == "image") input = buffers.back().get();
-    if (n == "logits") logits = buffers.back().get();
-    if (n == "mask") mask = buffers.back().get();
-    if (n == "expert") expert = buffers.back().get();
+    const nvinfer1::TensorIOMode mode = engine->getTensorIOMode(name);
+    if (mode == nvinfer1::TensorIOMode::kINPUT) inputs.push_back(name);
+    if (mode == nvinfer1::TensorIOMode::kOUTPUT) output_names.push_back(name);
   }
-  if (!input || !logits || !mask || !expert)
-    throw std::runtime_error(plan_path + ": engine lacks one of the outputs logits, mask, expert");
-  if (engine->getTensorDataType("mask") != nvinfer1::DataType::kUINT8 ||
-      engine->getTensorDataType("expert") != nvinfer1::DataType::kINT32 ||
-      engine->getTensorDataType("logits") != nvinfer1::DataType::kFLOAT)
-    throw std::runtime_error(plan_path + ": outputs are not logits float32, mask uint8, expert int32");
-  if (input->bytes != image.chw.size() * sizeof(float)) throw std::runtime_error("input buffer size mismatch");
+  if (inputs.size() != 1)
+    throw std::runtime_error(plan_path + ": the engine has " + std::to_string(inputs.size()) + " inputs (" +
+                             icmoe::join(inputs, ", ") + "); icmoe_trt feeds one image");
+  if (output_names.empty()) throw std::runtime_error(plan_path + ": the engine has no outputs");
 
-  check_cuda(cudaMemcpyAsync(input->ptr, image.chw.data(), input->bytes, cudaMemcpyHostToDevice, stream), "copy in");
-  if (!context->enqueueV3(stream)) throw std::runtime_error("enqueueV3 failed");
-  std::vector<uint8_t> host_mask(mask->bytes);
-  std::vector<float> host_logits(logits->bytes / sizeof(float));
-  int32_t host_expert = -1;
-  check_cuda(cudaMemcpyAsync(host_mask.data(), mask->ptr, mask->bytes, cudaMemcpyDeviceToHost, stream), "copy mask");
-  check_cuda(cudaMemcpyAsync(host_logits.data(), logits->ptr, logits->bytes, cudaMemcpyDeviceToHost, stream), "copy logits");
-  check_cuda(cudaMemcpyAsync(&host_expert, expert->ptr, sizeof(int32_t), cudaMemcpyDeviceToHost, stream), "copy expert");
-  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  // The input: (B, 3, H, W) float32 RGB 0..255; run batch 1 at the engine's size.
+  const std::string& input_name = inputs[0];
+  if (engine->getTensorDataType(input_name.c_str()) != nvinfer1::DataType::kFLOAT)
+    throw std::runtime_error(plan_path + ": input " + input_name + " is " +
+                             dtype_name(engine->getTensorDataType(input_name.c_str())) + ", not float32");
+  nvinfer1::Dims in_dims = engine->getTensorShape(input_name.c_str());  // (-1, 3, S, S)
+  if (in_dims.nbDims != 4 || in_dims.d[1] != 3 || in_dims.d[2] <= 0 || in_dims.d[3] <= 0)
+    throw std::runtime_error(plan_path + ": input " + input_name + " is " + dims_string(in_dims) +
+                             ", not (B, 3, S, S) with a fixed image size");
+  const int height = static_cast<int>(in_dims.d[2]);
+  const int width = static_cast<int>(in_dims.d[3]);
+  if (image.width != width || image.height != height)
+    throw std::runtime_error(image_path + ": image is " + std::to_string(image.width) + "x" +
+                             std::to_string(image.height) + ", this engine takes " + std::to_string(width) + "x" +
+                             std::to_string(height));
+  in_dims.d[0] = 1;
+  if (!context->setInputShape(input_name.c_str(), in_dims))
+    throw std::runtime_error(plan_path + ": batch 1 is outside the engine's optimization profile");
+  if (!context->allInputDimensionsSpecified())
+    throw std::runtime_error(plan_path + ": input shape still unspecified after setting batch 1");
 
-  icmoe::write_pgm(mask_path, host_mask.data(), size, size);
-  if (!logits_path.empty()) icmoe::write_raw(logits_path, host_logits.data(), logits->bytes);
-  int64_t foreground = 0;
-  for (uint8_t v : host_mask) foreground += v != 0;
-  std::cout << "expert " << host_expert << "\nforeground " << foreground << " of " << host_mask.size()
-            << " pixels\nmask " << mask_path << "\n";
+  const size_t input_bytes = image.chw.size() * sizeof(float);
+  DeviceBuffer input(input_bytes);
+  if (!context->setTensorAddress(input_name.c_str(), input.ptr))
+    throw std::runtime_error("cannot bind input " + input_name);
+
+  // One device buffer per output, sized from the context's shape (batch 1) and the element type.
+  std::vector<Binding> outputs;
+  for (const auto& name : output_names) {
+    Binding b;
+    b.name = name;
+    b.dtype = dtype_name(engine->getTensorDataType(name.c_str()));
+    const nvinfer1::Dims dims = context->getTensorShape(name.c_str());
+    if (dims.nbDims < 0) throw std::runtime_error(plan_path + ": output " + name + " has no shape");
+    for (int32_t k = 0; k < dims.nbDims; ++k) {
+      if (dims.d[k] < 0)
+        throw std::runtime_error(plan_path + ": output " + name + " is " + dims_string(dims) +
+                                 " (data-dependent shape) at batch 1");
+    }
+    b.shape = dims_vector(dims);
+    size_t element = 0;
+    try {
+      element = icmoe::element_size(b.dtype);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(plan_path + ": output " + name + ": " + e.what());
+    }
+    const size_t bytes = static_cast<size_t>(icmoe::volume(b.shape)) * element;
+    b.device = std::make_unique<DeviceBuffer>(bytes);
+    b.host.resize(bytes);
+    if (!context->setTensorAddress(name.c_str(), b.device->ptr))
+      throw std::runtime_error("cannot bind output " + name);
+    outputs.push_back(std::move(b));
+  }
+
+  Stream stream;
+  check_cuda(cudaMemcpyAsync(input.ptr, image.chw.data(), input_bytes, cudaMemcpyHostToDevice, stream.stream),
+             "copy image to the GPU");
+  if (!context->enqueueV3(stream.stream)) throw std::runtime_error("enqueueV3 failed");
+  for (auto& b : outputs) {
+    if (b.host.empty()) continue;
+    check_cuda(cudaMemcpyAsync(b.host.data(), b.device->ptr, b.host.size(), cudaMemcpyDeviceToHost, stream.stream),
+               ("copy output " + b.name + " from the GPU").c_str());
+  }
+  check_cuda(cudaStreamSynchronize(stream.stream), "cudaStreamSynchronize");
+
+  std::vector<icmoe::Output> views;
+  for (const auto& b : outputs) views.push_back(icmoe::Output{b.name, b.dtype, b.shape, b.host.data()});
+  icmoe::write_outputs(std::cout, views, height, width, mask_path, logits_path);
 
   if (repeat > 0) {
     const auto start = std::chrono::steady_clock::now();
     for (int i = 0; i < repeat; ++i) {
-      if (!context->enqueueV3(stream)) throw std::runtime_error("enqueueV3 failed");
+      if (!context->enqueueV3(stream.stream)) throw std::runtime_error("enqueueV3 failed");
     }
-    check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    check_cuda(cudaStreamSynchronize(stream.stream), "cudaStreamSynchronize");
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
     std::cout << "latency " << ms / repeat << " ms (mean of " << repeat << ", GPU compute only)\n";
   }
-  cudaStreamDestroy(stream);
   return 0;
 }
 
@@ -212,7 +259,7 @@ int main(int argc, char** argv) {
   try {
     return run(argc, argv);
   } catch (const std::exception& e) {
-    std::cerr << "error: " << first_line(e.what()) << "\n";
+    std::cerr << "error: " << icmoe::first_line(e.what()) << "\n";
   }
   return 1;
 }

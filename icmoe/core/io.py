@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Type, Union
+from typing import Any, Dict, Iterator, Tuple, Type, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -40,11 +40,24 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def give_default_mode(path: PathLike) -> None:
-    """mkstemp makes 0600 files: give `path` the mode a plain `open()` would (0666 minus the umask)."""
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (os.umask would, briefly)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    return mask
+
+
+def give_default_mode(path: PathLike) -> None:
+    """mkstemp/mkdtemp make 0600/0700 entries: give `path` the mode a plain `open()` or `mkdir()`
+    would (0666 or 0777 minus the umask)."""
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -68,13 +81,14 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
 
 
 def read_versioned_json(
-    path: PathLike, *, fmt: str, version: int, kind: str, label: str, error: Type[Exception]
+    path: PathLike, *, fmt: str, version: Union[int, Tuple[int, ...]], kind: str, label: str, error: Type[Exception]
 ) -> Dict[str, Any]:
     """Read a JSON document tagged with `format` and `version`, raising `error` with one line.
 
     Arguments:
       path: the JSON file (known to exist).
-      fmt, version: the values its "format" and "version" keys must hold.
+      fmt: the value its "format" key must hold.
+      version: the "version" it must hold, or a tuple of the versions this reader accepts.
       kind: what the document is, for messages ("IC-MoE build manifest").
       label: short name for the version message ("manifest").
       error: the exception class to raise.
@@ -86,6 +100,8 @@ def read_versioned_json(
         raise error(f"{path}: damaged JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != fmt:
         raise error(f"{path}: not an {kind} (format != {fmt!r})")
-    if doc.get("version") != version:
-        raise error(f"{path}: {label} version {doc.get('version')!r} is not supported (need {version})")
+    accepted = version if isinstance(version, tuple) else (version,)
+    if doc.get("version") not in accepted:
+        need = " or ".join(map(str, accepted))
+        raise error(f"{path}: {label} version {doc.get('version')!r} is not supported (need {need})")
     return doc

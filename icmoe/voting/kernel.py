@@ -1,4 +1,4 @@
-"""PPAV voting and fusion as one fused Triton kernel (spec section 2).
+"""PPAV voting and fusion as one fused Triton kernel (the method: docs/icmoe.md).
 
 One pass over the three expert logit maps per sample does everything the
 reference `icmoe.voting.ppav` does at inference:
@@ -40,19 +40,18 @@ plugin convention: input tensors, int32 scalars, output tensors.
 CUDA tensors run the compiled kernel. CPU tensors run only under Triton's
 interpreter, which needs TRITON_INTERPRET=1 set before triton is imported.
 Verified here only under the interpreter on a CPU; the compiled CUDA path
-needs a GPU (see tests/engines/test_voting_kernel*.py).
+needs a GPU (see tests/icmoe/voting/test_kernel.py and test_op.py).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Dict, Optional
 
 import torch
-import triton.language as tl  # this module IS the Triton kernel; engines.voting_op imports it lazily
+import triton.language as tl  # this module IS the Triton kernel; icmoe.voting.op imports it lazily
 
-from icmoe.voting import Vote
+from icmoe.voting.reference import Vote
 
 DEFAULT_BLOCK = 1024  # pixels per tile on a GPU: 4 warps x 32 lanes x 8 elements
 DEFAULT_NUM_WARPS = 4
@@ -313,8 +312,3 @@ def aot_ptx(compiled: Any) -> str:
         raise RuntimeError(f"{name} has {len(keep)} parameters, expected {n_args}")
     signature = "\n" + ",\n".join("\t" + p for p in keep) + "\n"
     return head + sep + signature + close + rest
-
-
-def default_threshold(batch: int) -> int:
-    """ceil(B / 3), the reference's default balancing threshold."""
-    return math.ceil(batch / 3)

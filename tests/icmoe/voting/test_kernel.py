@@ -20,7 +20,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LOGIT_ATOL = 1e-6
 
 
@@ -153,7 +153,7 @@ def compare(case: Case, kernel_fn, device: str = "cpu") -> Dict:
 
 def _worker() -> None:
     """Subprocess entry: run every case under the interpreter, print one JSON line."""
-    from engines.voting_kernel import interpreting, ppav_triton
+    from icmoe.voting.kernel import interpreting, ppav_triton
 
     assert interpreting(), "worker started without TRITON_INTERPRET=1"
     print(json.dumps([compare(c, ppav_triton) for c in CASES]))
@@ -203,7 +203,7 @@ def test_cases_cover_ties_and_every_winner(interpreted):
 
 
 def test_cpu_tensors_need_the_interpreter():
-    from engines.voting_kernel import interpreting, ppav_triton
+    from icmoe.voting.kernel import interpreting, ppav_triton
 
     if interpreting():
         pytest.skip("this process runs Triton's interpreter (TRITON_INTERPRET=1)")
@@ -221,7 +221,7 @@ def test_cpu_tensors_need_the_interpreter():
     ],
 )
 def test_bad_inputs_are_refused(shapes, dtype, match):
-    from engines.voting_kernel import ppav_triton
+    from icmoe.voting.kernel import ppav_triton
 
     z = [torch.zeros(s, dtype=dtype) for s in shapes]
     with pytest.raises(ValueError, match=match):
@@ -229,7 +229,7 @@ def test_bad_inputs_are_refused(shapes, dtype, match):
 
 
 def test_block_must_be_power_of_two():
-    from engines.voting_kernel import ppav_triton
+    from icmoe.voting.kernel import ppav_triton
 
     z = torch.zeros(1, 1, 4, 4)
     with pytest.raises(ValueError, match="power of two"):
@@ -241,7 +241,7 @@ def test_block_must_be_power_of_two():
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_kernel_matches_reference_on_cuda(case):
     """The compiled kernel on a GPU against the reference computed on the CPU (IEEE division in both)."""
-    from engines.voting_kernel import interpreting, ppav_triton
+    from icmoe.voting.kernel import interpreting, ppav_triton
 
     if interpreting():
         pytest.skip("TRITON_INTERPRET=1 in this process: the compiled kernel is not used")

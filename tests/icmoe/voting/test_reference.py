@@ -1,4 +1,4 @@
-"""PPAV voting and fusion (spec section 2), on hand-built logit maps."""
+"""PPAV voting and fusion (docs/icmoe.md, "Fusion and voting"), on hand-built logit maps."""
 
 from __future__ import annotations
 

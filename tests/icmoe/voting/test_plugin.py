@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export import plugin
+from icmoe.voting import plugin
 from icmoe.voting import ppav
 
 SIZE = 32
@@ -50,10 +50,12 @@ class TinyVoter(nn.Module):
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
     from export.onnx_export import export_onnx
+    from icmoe.families import get_family
 
     d = tmp_path_factory.mktemp("plugin")
     torch.manual_seed(0)
-    src = export_onnx(TinyVoter(alpha=0.75), d / "model.onnx", batch=(1, 2, 4), log=lambda s: None)
+    # TinyVoter has IC-MoE's outputs (logits, mask, expert), so it exports through IC-MoE's contract.
+    src = export_onnx(TinyVoter(alpha=0.75), d / "model.onnx", batch=(1, 2, 4), family=get_family("icmoe"))
     dst = plugin.make_plugin_graph(src, d / plugin.PLUGIN_GRAPH_NAME, alpha=0.75)
     return onnx.load(str(src)), onnx.load(str(dst)), d
 
@@ -119,7 +121,7 @@ def test_pass_refuses_a_tail_that_is_not_ppav(graphs, tmp_path):
 
 
 def test_pass_on_the_real_fp16_build(request, tmp_path):
-    """The shared tiny build (tests/conftest.py, H4's fixture) through the pass, when the fixture exists."""
+    """The shared tiny build (the `tiny_build` fixture of tests/conftest.py) through the pass, when it exists."""
     try:
         build = request.getfixturevalue("tiny_build")
     except pytest.FixtureLookupError:

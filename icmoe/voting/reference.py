@@ -1,10 +1,13 @@
-"""Pixel-probability adaptive voting (PPAV) and fusion: the PyTorch reference (spec section 2).
+"""Pixel-probability adaptive voting (PPAV) and fusion: the PyTorch reference.
 
 Candidates are (z0, z1, z3) with z3 = (z0 + z1 + z2) / 3; the main expert is z2.
 Each candidate's mask is `z > 0`; the target is the ground truth in training
 and the pixel-wise majority of the three candidate masks at inference. The
-candidate with the smallest L1 distance to the target wins, ties to the lowest
-position. Fusion: z_final = z2 + alpha * z_chosen.
+candidate with the smallest L1 distance to the target (the most similar one)
+wins, ties to the lowest position. Load balancing within a batch is for
+training; inference leaves it off so that an image's result never depends on
+the other images of its batch. Fusion: z_final = z2 + alpha * z_chosen.
+docs/icmoe.md ("Fusion and voting") explains these decisions.
 
 This is the reference every other implementation (ONNX ops, the Triton
 kernel, the TensorRT plugin) is tested against.

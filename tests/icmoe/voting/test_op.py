@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines import voting_op
+from icmoe.voting import op as voting_op
 from icmoe.voting import ppav as reference_ppav
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False")

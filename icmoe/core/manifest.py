@@ -1,17 +1,20 @@
 """The build directory's manifest: what was built, from what, and the hashes that prove it.
 
-A build directory (default `build/<model-name>-<precision>/`) holds
+A build directory (default `build/<family>-<config>-<precision>/`) holds
 
     model.onnx         FP32 portable graph (always)
     model.fp16.onnx    strongly typed FP16 graph (--precision fp16)
     model.plan         TensorRT engine (GPU hosts)
+    model.trt.ts       torch-tensorrt TorchScript module (GPU hosts)
+    checkpoint/        the weights the graphs were exported from (hard-linked where possible)
     manifest.json      this file's format, written atomically
     build.log          what the build printed
 
-`manifest.json` keys: format="icmoe-build", version=1, model{name, config},
-checkpoint{path, sha256, random_init}, precision, opset, image_size,
-batch{min, opt, max}, inputs/outputs [{name, dtype, shape}],
+`manifest.json` keys: format="icmoe-build", version=2, model{family, name, config},
+checkpoint{path (relative to the build), sha256, random_init, source}, precision, opset,
+image_size, batch{min, opt, max}, inputs/outputs [{name, dtype, shape}],
 artifacts{filename: {sha256, bytes, kind, precision, ...}}, versions{...}, built_at.
+Version 1 manifests (no `model.family`) are read as IC-MoE builds.
 
 Every reader goes through `read_manifest` and `artifact_path`, so a missing,
 truncated or foreign artifact is refused with one line naming the file.
@@ -21,33 +24,30 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-from icmoe.io import PathLike, atomic_write_json, read_versioned_json, sha256_file
+from icmoe.core.errors import IcmoeError
+from icmoe.core.io import PathLike, atomic_write_json, read_versioned_json, sha256_file
+from icmoe.core.specs import TensorSpec, specs_from_dicts, specs_to_dicts
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "icmoe-build"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+LEGACY_FAMILY = "icmoe"  # version 1 manifests and checkpoints predate families: all are IC-MoE
 PRECISIONS = ("fp32", "fp16")
+# Artifact file names, shared by the build, the engines and the deployment writers.
+ONNX_GRAPHS = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
+PLAN_NAME = "model.plan"
+TORCH_TENSORRT_NAME = "model.trt.ts"
+CHECKPOINT_DIR = "checkpoint"
+LOG_NAME = "build.log"
 # Keys every manifest must have (the others are informative).
 REQUIRED_KEYS = ("format", "version", "model", "precision", "image_size", "batch", "inputs", "outputs", "artifacts")
 
 
-class ManifestError(ValueError):
+class ManifestError(IcmoeError, ValueError):
     """A build directory or artifact that cannot be used; the message is one line."""
-
-
-def io_spec(image_size: int) -> Dict[str, List[Dict[str, Any]]]:
-    """Input and output names, dtypes and shapes of every IC-MoE graph ("batch" is the dynamic axis)."""
-    s = image_size
-    return {
-        "inputs": [{"name": "image", "dtype": "float32", "shape": ["batch", 3, s, s]}],
-        "outputs": [
-            {"name": "logits", "dtype": "float32", "shape": ["batch", 1, s, s]},
-            {"name": "mask", "dtype": "uint8", "shape": ["batch", 1, s, s]},
-            {"name": "expert", "dtype": "int32", "shape": ["batch"]},
-        ],
-    }
 
 
 def library_versions() -> Dict[str, str]:
@@ -66,20 +66,25 @@ def library_versions() -> Dict[str, str]:
 
 def new_manifest(
     *,
+    family: str,
     config: Dict[str, Any],
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
     precision: str,
     opset: int,
-    batch: tuple,
+    batch: Sequence[int],
     checkpoint: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """A fresh manifest dict (no artifacts yet).
 
     Arguments:
-      config: the model config as a dict (`ICMoEConfig.to_dict()`).
+      family: the model family's registry name.
+      config: the model config as a dict (its `name` is the size variant).
+      inputs, outputs: the graph's tensor specs (from the family).
       precision: "fp32" or "fp16".
       opset: ONNX opset of the graphs.
       batch: (min, opt, max) dynamic batch range.
-      checkpoint: {path, sha256, random_init}.
+      checkpoint: {path (relative to the build), sha256, random_init, ...}.
     """
     if precision not in PRECISIONS:
         raise ManifestError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -87,13 +92,14 @@ def new_manifest(
     return {
         "format": FORMAT,
         "version": VERSION,
-        "model": {"name": config["name"], "config": config},
+        "model": {"family": family, "name": config["name"], "config": config},
         "checkpoint": checkpoint or {"path": None, "sha256": None, "random_init": True},
         "precision": precision,
         "opset": opset,
         "image_size": int(config["image_size"]),
         "batch": {"min": bmin, "opt": bopt, "max": bmax},
-        **io_spec(int(config["image_size"])),
+        "inputs": specs_to_dicts(inputs),
+        "outputs": specs_to_dicts(outputs),
         "artifacts": {},
         "versions": library_versions(),
         "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -108,10 +114,11 @@ def write_manifest(build_dir: PathLike, manifest: Dict[str, Any]) -> Path:
 
 
 def read_manifest(build_dir: PathLike) -> Dict[str, Any]:
-    """Read and validate `build_dir/manifest.json`.
+    """Read and validate `build_dir/manifest.json` (version 1 is upgraded in memory).
 
     Raises:
-      ManifestError: no manifest, damaged JSON, another format or version, missing keys.
+      ManifestError: no manifest, damaged JSON, another format or version, missing keys,
+        or a top-level precision its artifacts contradict.
     """
     build_dir = Path(build_dir)
     path = build_dir / MANIFEST_NAME
@@ -120,14 +127,65 @@ def read_manifest(build_dir: PathLike) -> Dict[str, Any]:
     if not path.is_file():
         raise ManifestError(f"{build_dir}: not a build directory (no {MANIFEST_NAME})")
     manifest = read_versioned_json(
-        path, fmt=FORMAT, version=VERSION, kind="IC-MoE build manifest", label="manifest", error=ManifestError
+        path, fmt=FORMAT, version=READABLE_VERSIONS, kind="icmoe build manifest", label="manifest",
+        error=ManifestError,
     )
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise ManifestError(f"{path}: manifest lacks {', '.join(missing)}")
-    if manifest["precision"] not in PRECISIONS:
-        raise ManifestError(f"{path}: unknown precision {manifest['precision']!r}")
+    manifest["model"].setdefault("family", LEGACY_FAMILY)
+    check_precision(manifest, path)
+    check_sizes(manifest, path)
     return manifest
+
+
+def check_sizes(manifest: Dict[str, Any], where: PathLike) -> None:
+    """image_size, the model config and the input spec must agree (an edited manifest would not)."""
+    size = manifest["image_size"]
+    config = manifest["model"].get("config", {}).get("image_size", size)
+    spec = manifest["inputs"][0]["shape"][-1] if manifest["inputs"] else size
+    if not size == config == spec:
+        raise ManifestError(f"{where}: image_size {size} disagrees with the model config ({config}) "
+                            f"or the input spec ({spec})")
+
+
+def check_precision(manifest: Dict[str, Any], where: PathLike) -> None:
+    """The top-level precision must be what the artifacts say: its ONNX graph is listed with that
+    precision, and no artifact is of another precision than FP32 or the build's own."""
+    precision = manifest["precision"]
+    if precision not in PRECISIONS:
+        raise ManifestError(f"{where}: unknown precision {precision!r}")
+    artifacts = manifest["artifacts"]
+    graph = artifacts.get(ONNX_GRAPHS[precision])
+    if artifacts and (graph is None or graph.get("precision") != precision):
+        raise ManifestError(f"{where}: precision {precision!r}, but {ONNX_GRAPHS[precision]} is not listed as a "
+                            f"{precision} graph")
+    foreign = sorted(n for n, a in artifacts.items() if a.get("precision") not in ("fp32", precision))
+    if foreign:
+        raise ManifestError(f"{where}: precision {precision!r}, but lists {', '.join(foreign)} of another precision")
+
+
+def family_of(manifest: Dict[str, Any]) -> str:
+    return str(manifest["model"].get("family", LEGACY_FAMILY))
+
+
+def model_label(manifest: Dict[str, Any]) -> str:
+    """"family/config", e.g. "icmoe/tiny": how messages name a build's model."""
+    return f"{family_of(manifest)}/{manifest['model']['name']}"
+
+
+def io_specs(manifest: Dict[str, Any]) -> Dict[str, List[TensorSpec]]:
+    """The build's graph inputs and outputs as TensorSpecs."""
+    return {"inputs": specs_from_dicts(manifest["inputs"]), "outputs": specs_from_dicts(manifest["outputs"])}
+
+
+def checkpoint_path(build_dir: PathLike, manifest: Dict[str, Any]) -> Optional[Path]:
+    """The checkpoint folder a build was exported from (relative paths are relative to the build)."""
+    path = (manifest.get("checkpoint") or {}).get("path")
+    if not path:
+        return None
+    path = Path(path)
+    return path if path.is_absolute() else Path(build_dir) / path
 
 
 def artifact_path(build_dir: PathLike, name: str, *, verify: bool = True) -> Path:
@@ -176,16 +234,12 @@ def add_artifact(build_dir: PathLike, name: str, *, kind: str, precision: str, *
       dict: the artifact's entry.
     """
     build_dir = Path(build_dir)
-    manifest = read_manifest(build_dir)
     path = build_dir / name
     if not path.is_file():
         raise ManifestError(f"{path}: cannot register a missing artifact")
+    manifest = read_versioned_json(build_dir / MANIFEST_NAME, fmt=FORMAT, version=READABLE_VERSIONS,
+                                   kind="icmoe build manifest", label="manifest", error=ManifestError)
     entry = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "kind": kind, "precision": precision, **info}
     manifest["artifacts"][name] = entry
     write_manifest(build_dir, manifest)
     return entry
-
-
-def same_model(manifest: Dict[str, Any], config: Dict[str, Any]) -> bool:
-    """Whether a manifest describes a model with exactly this config."""
-    return manifest.get("model", {}).get("config") == config

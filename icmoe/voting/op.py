@@ -1,6 +1,6 @@
 """PPAV voting as a PyTorch custom op, `torch.ops.icmoe.ppav`, for eager GPU inference.
 
-- CUDA tensors: the fused Triton kernel (`engines.voting_kernel`, imported on first use).
+- CUDA tensors: the fused Triton kernel (`icmoe.voting.kernel`, imported on first use).
 - CPU tensors: the PyTorch reference `icmoe.voting.ppav`.
 - Fake (meta) implementation: output shapes and dtypes only, so torch.compile
   and torch.export can trace models that call the op.
@@ -12,7 +12,7 @@ kernel has no backward), so it can replace the reference anywhere. `install`
 points a model's `voter` hook at it (used by `engines.eager` on CUDA).
 
 CPU behaviour is tested here; the CUDA kernel registration needs a GPU
-(tests/engines/test_voting_kernel_op.py, marked gpu).
+(tests/icmoe/voting/test_op.py, marked gpu).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from icmoe.voting import Vote
-from icmoe.voting import ppav as reference_ppav
+from icmoe.voting.reference import Vote
+from icmoe.voting.reference import ppav as reference_ppav
 
 OP_NAME = "icmoe::ppav"
 
@@ -44,7 +44,9 @@ def ppav_op(
 
 @ppav_op.register_kernel("cuda")
 def _ppav_cuda(z0, z1, z2, alpha=0.5, balance=False, threshold=None):
-    from engines.voting_kernel import ppav_triton  # triton only when a CUDA tensor arrives
+    from icmoe.voting.kernel import (
+        ppav_triton,  # triton only when a CUDA tensor arrives
+    )
 
     vote = ppav_triton(z0, z1, z2, alpha=alpha, balance=balance, threshold=threshold)
     return vote.logits, vote.mask, vote.expert

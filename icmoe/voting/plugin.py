@@ -5,7 +5,7 @@ Two parts:
 1. `register_plugin()` registers `icmoe::ppav` with `tensorrt.plugin` (TensorRT >= 10.9):
    a shape/type description (three FP32 (B,1,H,W) maps -> logits FP32, mask UINT8,
    expert INT32 (B,)) and an `aot_impl` that returns the Triton kernel of
-   `engines.voting_kernel` compiled to PTX for the build GPU, its launch grid (one
+   `icmoe.voting.kernel` compiled to PTX for the build GPU, its launch grid (one
    program per sample; one program when balancing) and its int32 scalars (B, H*W).
    TensorRT embeds the PTX in the engine, so the engine runs from C++ and Triton
    Inference Server with no Python and no plugin library.
@@ -24,21 +24,21 @@ PTX needs Triton's CUDA backend, which the `triton` wheel ships; at engine-build
 the target architecture is the build GPU's. Verified here: the graph structurally
 (onnx.checker, node vs registered schema) and the PTX (compiled for sm_80/sm_90 and
 assembled with ptxas, on the CPU). Not run here: the registration under TensorRT and
-the engine itself (no TensorRT, no GPU; see tests/export/test_plugin*.py).
+the engine itself (no TensorRT, no GPU; see tests/icmoe/voting/test_plugin.py).
 
 Note for this file: no `from __future__ import annotations`, because `tensorrt.plugin`
 validates the registered functions' annotations as live objects.
 """
 
 import itertools
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 
-from icmoe.io import PathLike, atomic_path
+from icmoe.core.errors import IcmoeError
+from icmoe.core.io import PathLike, atomic_path
 
 PLUGIN_NAMESPACE = "icmoe"
 PLUGIN_NAME = "ppav"
@@ -55,7 +55,7 @@ PARSER_ATTRIBUTES = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLU
 PLUGIN_GRAPH_NAME = "model.plugin.onnx"
 
 
-class PluginGraphError(RuntimeError):
+class PluginGraphError(IcmoeError, RuntimeError):
     """The voting subgraph could not be found or is not PPAV; one line."""
 
 
@@ -117,7 +117,7 @@ def compile_plugin_kernel(*, alpha: float, balance: bool, threshold: int, arch: 
     """
     # export -> engines is against the layering on purpose and lazy: the kernel is one
     # piece of code shared by eager inference and the engine, and it lives in engines/.
-    from engines.voting_kernel import aot_ptx, compile_aot
+    from icmoe.voting.kernel import aot_ptx, compile_aot
 
     if arch is None:
         import torch
@@ -193,7 +193,7 @@ def order_voting_inputs(model: onnx.ModelProto, names: Sequence[str], *, alpha: 
     import onnxruntime as ort
     import torch
 
-    from icmoe.voting import ppav
+    from icmoe.voting.reference import ppav
 
     sub = _extract(model, list(names), list(PLUGIN_OUTPUTS))
     session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -290,7 +290,3 @@ def make_plugin_graph(src: PathLike, dst: PathLike, *, alpha: float, balance: bo
 def plugin_nodes(model: onnx.ModelProto) -> List[onnx.NodeProto]:
     """The `ppav` plugin nodes of a graph."""
     return [n for n in model.graph.node if n.domain == ONNX_DOMAIN and n.op_type == PLUGIN_NAME]
-
-
-def default_threshold(batch: int) -> int:
-    return math.ceil(batch / 3)

@@ -1,0 +1,251 @@
+// What icmoe_aoti and icmoe_trt share about a model's outputs, whatever the model family: output names,
+// element types and shapes, and what the programs do with the outputs once they are in host memory.
+//
+//   split_names:    "logits,mask,expert" (the AOTI package's icmoe.output_names) -> names.
+//   element_size:   bytes per element of a NumPy dtype name ("float32", "uint8", ...).
+//   Output:         one output in host memory: name, dtype, shape, contiguous row-major data.
+//   write_outputs:  checks the outputs first (nothing is written when one check fails), then writes the
+//                   output named "mask" (uint8 or bool, H*W values) as a binary PGM (0/255), the output
+//                   named "logits" as raw float32 (all its values: (1, C, H, W) works too) when asked,
+//                   and prints to stdout, one "key value" line each:
+//
+//                     outputs logits:float32[1,1,128,128] mask:uint8[1,1,128,128] expert:int32[1]
+//                     expert 2                       (every other output of at most 16 values)
+//                     foreground 812 of 16384 pixels
+//                     mask mask.pgm
+//                     logits logits.f32              (with --logits)
+//
+// Every failure throws std::runtime_error with one line.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <ostream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "image_io.h"
+
+namespace icmoe {
+
+// Output names of packages and engines written before the names were recorded (IC-MoE only).
+inline const char* const kLegacyOutputNames = "logits,mask,expert";
+// Other outputs are printed when they hold at most this many values.
+inline constexpr int64_t kMaxPrintedValues = 16;
+
+inline std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+inline std::string join(const std::vector<std::string>& items, const std::string& sep) {
+  std::string out;
+  for (size_t i = 0; i < items.size(); ++i) out += (i ? sep : "") + items[i];
+  return out;
+}
+
+// "logits, mask,expert" -> {"logits", "mask", "expert"}: spaces around names are dropped; an empty name
+// or a name given twice is an error.
+inline std::vector<std::string> split_names(const std::string& list) {
+  std::vector<std::string> names;
+  size_t start = 0;
+  while (true) {
+    const size_t end = list.find(',', start);
+    std::string name = list.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    const size_t first = name.find_first_not_of(" \t\r\n");
+    const size_t last = name.find_last_not_of(" \t\r\n");
+    name = first == std::string::npos ? "" : name.substr(first, last - first + 1);
+    if (name.empty()) throw std::runtime_error("empty name in the output name list '" + list + "'");
+    for (const auto& seen : names)
+      if (seen == name) throw std::runtime_error("output name '" + name + "' given twice in '" + list + "'");
+    names.push_back(name);
+    if (end == std::string::npos) break;
+    start = end + 1;
+  }
+  return names;
+}
+
+// Bytes per element of a NumPy dtype name (the names the manifest's tensor specs use).
+inline size_t element_size(const std::string& dtype) {
+  if (dtype == "float64" || dtype == "int64") return 8;
+  if (dtype == "float32" || dtype == "int32") return 4;
+  if (dtype == "float16" || dtype == "bfloat16" || dtype == "int16") return 2;
+  if (dtype == "uint8" || dtype == "int8" || dtype == "bool") return 1;
+  throw std::runtime_error("unsupported element type " + dtype);
+}
+
+inline int64_t volume(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+struct Output {
+  std::string name;
+  std::string dtype;            // NumPy name: float32, float16, bfloat16, int64, int32, uint8, bool, ...
+  std::vector<int64_t> shape;   // concrete (batch 1)
+  const void* data = nullptr;   // host memory, contiguous, row-major, volume(shape) elements
+
+  int64_t numel() const { return volume(shape); }
+  size_t bytes() const { return static_cast<size_t>(numel()) * element_size(dtype); }
+};
+
+// "logits:float32[1,1,128,128]"
+inline std::string describe(const Output& o) {
+  std::string s = o.name + ":" + o.dtype + "[";
+  for (size_t i = 0; i < o.shape.size(); ++i) s += (i ? "," : "") + std::to_string(o.shape[i]);
+  return s + "]";
+}
+
+inline std::string describe(const std::vector<Output>& outputs) {
+  std::vector<std::string> items;
+  for (const auto& o : outputs) items.push_back(describe(o));
+  return join(items, " ");
+}
+
+inline std::vector<std::string> names_of(const std::vector<Output>& outputs) {
+  std::vector<std::string> names;
+  for (const auto& o : outputs) names.push_back(o.name);
+  return names;
+}
+
+inline const Output* find_output(const std::vector<Output>& outputs, const std::string& name) {
+  for (const auto& o : outputs)
+    if (o.name == name) return &o;
+  return nullptr;
+}
+
+namespace detail {
+
+template <typename T>
+T load(const void* data, int64_t i) {
+  T v;
+  std::memcpy(&v, static_cast<const unsigned char*>(data) + static_cast<size_t>(i) * sizeof(T), sizeof(T));
+  return v;
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1fu;
+  uint32_t mantissa = h & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0x1fu) {
+    bits = sign | 0x7f800000u | (mantissa << 13);  // inf, nan
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);  // normal: rebias 15 -> 127
+  } else if (mantissa == 0) {
+    bits = sign;  // +-0
+  } else {  // subnormal: normalise
+    exponent = 113;
+    while (!(mantissa & 0x400u)) {
+      mantissa <<= 1;
+      --exponent;
+    }
+    bits = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline float bfloat16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline bool is_float(const std::string& dtype) {
+  return dtype == "float32" || dtype == "float64" || dtype == "float16" || dtype == "bfloat16";
+}
+
+}  // namespace detail
+
+// Element i as a double (every dtype element_size knows).
+inline double value_at(const Output& o, int64_t i) {
+  const std::string& t = o.dtype;
+  if (t == "float32") return detail::load<float>(o.data, i);
+  if (t == "float64") return detail::load<double>(o.data, i);
+  if (t == "float16") return detail::half_to_float(detail::load<uint16_t>(o.data, i));
+  if (t == "bfloat16") return detail::bfloat16_to_float(detail::load<uint16_t>(o.data, i));
+  if (t == "int64") return static_cast<double>(detail::load<int64_t>(o.data, i));
+  if (t == "int32") return detail::load<int32_t>(o.data, i);
+  if (t == "int16") return detail::load<int16_t>(o.data, i);
+  if (t == "int8") return detail::load<int8_t>(o.data, i);
+  if (t == "uint8" || t == "bool") return detail::load<uint8_t>(o.data, i);
+  throw std::runtime_error("output " + o.name + ": unsupported element type " + t);
+}
+
+// "2" for an int32 (1,) output, "0.25 -1.5" for two floats.
+inline std::string format_values(const Output& o) {
+  std::ostringstream s;
+  s.precision(7);
+  for (int64_t i = 0; i < o.numel(); ++i) {
+    if (i) s << " ";
+    const double v = value_at(o, i);
+    if (detail::is_float(o.dtype))
+      s << v;
+    else
+      s << static_cast<int64_t>(v);
+  }
+  return s.str();
+}
+
+// A floating-point output as float32 values (float32, float16, bfloat16, float64).
+inline std::vector<float> to_float32(const Output& o) {
+  if (!detail::is_float(o.dtype))
+    throw std::runtime_error("output " + o.name + " is " + o.dtype + ", not a floating-point tensor");
+  std::vector<float> out(static_cast<size_t>(o.numel()));
+  if (o.dtype == "float32") {
+    if (!out.empty()) std::memcpy(out.data(), o.data, out.size() * sizeof(float));
+  } else {
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(value_at(o, static_cast<int64_t>(i)));
+  }
+  return out;
+}
+
+// The output named "mask": uint8 (or bool), H*W values ending in (H, W); anything else is an error.
+inline const Output& mask_output(const std::vector<Output>& outputs, int height, int width) {
+  const Output* mask = find_output(outputs, "mask");
+  if (!mask)
+    throw std::runtime_error("the model has no output named mask (outputs: " + join(names_of(outputs), ", ") + ")");
+  if (mask->dtype != "uint8" && mask->dtype != "bool")
+    throw std::runtime_error("output mask is " + mask->dtype + ", expected uint8");
+  const size_t n = mask->shape.size();
+  if (n < 2 || mask->shape[n - 2] != height || mask->shape[n - 1] != width ||
+      mask->numel() != static_cast<int64_t>(height) * width)
+    throw std::runtime_error("output mask is " + describe(*mask) + ", expected [1,1," + std::to_string(height) + "," +
+                             std::to_string(width) + "]");
+  return *mask;
+}
+
+// Checks, then files, then stdout (see the top of this file). `logits_path` empty: no logits file.
+inline void write_outputs(std::ostream& out, const std::vector<Output>& outputs, int height, int width,
+                          const std::string& mask_path, const std::string& logits_path) {
+  const Output& mask = mask_output(outputs, height, width);
+  std::vector<float> logits;
+  if (!logits_path.empty()) {
+    const Output* found = find_output(outputs, "logits");
+    if (!found)
+      throw std::runtime_error("--logits: the model has no output named logits (outputs: " +
+                               join(names_of(outputs), ", ") + ")");
+    logits = to_float32(*found);
+  }
+  std::vector<std::string> lines;
+  for (const auto& o : outputs) {
+    if (o.name == "mask" || o.name == "logits" || o.numel() > kMaxPrintedValues) continue;
+    lines.push_back(o.name + " " + format_values(o));
+  }
+
+  const auto* pixels = static_cast<const uint8_t*>(mask.data);
+  write_pgm(mask_path, pixels, width, height);
+  if (!logits_path.empty()) write_raw(logits_path, logits.data(), logits.size() * sizeof(float));
+
+  int64_t foreground = 0;
+  for (int64_t i = 0; i < mask.numel(); ++i) foreground += pixels[i] != 0;
+  out << "outputs " << describe(outputs) << "\n";
+  for (const auto& line : lines) out << line << "\n";
+  out << "foreground " << foreground << " of " << mask.numel() << " pixels\nmask " << mask_path << "\n";
+  if (!logits_path.empty()) out << "logits " << logits_path << "\n";
+}
+
+}  // namespace icmoe
