@@ -69,9 +69,25 @@ def export_onnx(
     Raises:
       ExportError: the exporter failed or the graph did not pass `onnx.checker`.
     """
-    path = Path(path)
     model = model.eval()
     family = family or get_family(type(model.config).family)
+    inputs, outputs = family.inputs(model.config), family.outputs(model.config)
+    proto = _trace(model, family, batch=batch, opset=opset, rewrite=rewrite)
+    if clean:
+        proto = clean_graph(proto)
+    _name_io(proto, [s.name for s in inputs], [s.name for s in outputs])
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise ExportError(f"exported graph failed onnx.checker: {str(e).splitlines()[0]}") from e
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp))
+    return Path(path)
+
+
+def _trace(model: nn.Module, family: Family, *, batch: Tuple[int, int, int], opset: int,
+           rewrite: bool) -> onnx.ModelProto:
+    """torch.onnx.export (dynamo) of the family's export module, optimized without folding weights."""
     inputs, outputs = family.inputs(model.config), family.outputs(model.config)
     bmin, bopt, bmax = batch
     example = family.example_inputs(model.config, max(bopt, 2))  # batch >= 2: the axis stays dynamic
@@ -106,17 +122,7 @@ def export_onnx(
     for line in buf.getvalue().splitlines():
         if line.strip():
             log.debug(f"  [torch.onnx] {line.strip()}")
-    proto = program.model_proto
-    if clean:
-        proto = clean_graph(proto)
-    _name_io(proto, [s.name for s in inputs], [s.name for s in outputs])
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except Exception as e:
-        raise ExportError(f"exported graph failed onnx.checker: {str(e).splitlines()[0]}") from e
-    with atomic_path(path) as tmp:
-        onnx.save_model(proto, str(tmp))
-    return path
+    return program.model_proto
 
 
 @contextlib.contextmanager

@@ -74,12 +74,7 @@ def compile_and_save(
     """
     import torch
 
-    try:
-        import torch_tensorrt
-    except ImportError as e:
-        raise TorchTensorRTError(f"torch-tensorrt is not installed: {e}") from None
-    if not torch.cuda.is_available():
-        raise TorchTensorRTError("torch-tensorrt needs a CUDA GPU (torch.cuda.is_available() is False)")
+    torch_tensorrt = _import_torch_tensorrt()
     if precision not in ("fp16", "fp32"):
         raise TorchTensorRTError(f"precision must be fp16 or fp32, got {precision!r}")
     build_dir = Path(build_dir)
@@ -117,6 +112,19 @@ def compile_and_save(
                  torch_tensorrt=torch_tensorrt.__version__, batch={"min": bmin, "opt": bopt, "max": bmax})
     log.info(f"wrote {out}")
     return out
+
+
+def _import_torch_tensorrt() -> Any:
+    """torch_tensorrt, where it and a CUDA GPU exist."""
+    import torch
+
+    try:
+        import torch_tensorrt
+    except ImportError as e:
+        raise TorchTensorRTError(f"torch-tensorrt is not installed: {e}") from None
+    if not torch.cuda.is_available():
+        raise TorchTensorRTError("torch-tensorrt needs a CUDA GPU (torch.cuda.is_available() is False)")
+    return torch_tensorrt
 
 
 def _aten(qualname: str):

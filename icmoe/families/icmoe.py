@@ -24,6 +24,7 @@ from torch import nn
 from icmoe.config import CONFIGS, ICMoEConfig
 from icmoe.core.parity import dice_per_image, flipped_report, logits_report
 from icmoe.core.specs import BATCH, TensorSpec
+from icmoe.data.synthetic import synthetic_images
 from icmoe.families.base import Family, FamilyError, GraphPass, Tolerances
 from icmoe.model import NaiveICMoE, build_icmoe, freeze_unused_heads
 
@@ -138,8 +139,6 @@ class ICMoEFamily(Family):
     # ---------------------------------------------------------------- checks
 
     def synthetic_inputs(self, n: int, image_size: int, seed: int = 0) -> np.ndarray:
-        from icmoe.data.synthetic import synthetic_images
-
         return np.asarray(synthetic_images(n, image_size, seed)[0], dtype=np.float32)
 
     def tolerances(self, precision: str) -> Tolerances:

@@ -69,6 +69,8 @@ AOT_SIGNATURE = {
 }
 
 
+# One function, longer than the usual screen: a Triton kernel is a single JIT-compiled body (helpers would
+# have to be @triton.jit functions too, and the AOT plugin needs one entry point with this exact signature).
 def ppav_kernel(
     z0_ptr,
     z1_ptr,

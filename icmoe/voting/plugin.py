@@ -39,6 +39,7 @@ import onnx
 
 from icmoe.core.errors import IcmoeError
 from icmoe.core.io import PathLike, atomic_path
+from icmoe.voting.reference import ppav
 
 PLUGIN_NAMESPACE = "icmoe"
 PLUGIN_NAME = "ppav"
@@ -192,8 +193,6 @@ def order_voting_inputs(model: onnx.ModelProto, names: Sequence[str], *, alpha: 
     """
     import onnxruntime as ort
     import torch
-
-    from icmoe.voting.reference import ppav
 
     sub = _extract(model, list(names), list(PLUGIN_OUTPUTS))
     session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -19,7 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from engines.cpp import CMakeError, build_programs, program_path, read_pgm, run_program, write_ppm
+from engines.cpp import (
+    CMakeError,
+    build_programs,
+    program_path,
+    read_pgm,
+    run_program,
+    write_ppm,
+)
 from export.aoti import package_aoti
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None,

@@ -23,7 +23,7 @@ from engines.eager import EagerEngine
 from export import build as build_mod
 from export import verify as verify_mod
 from export.aoti import load_model
-from export.build import ParityFailed, build
+from export.build import build
 from icmoe.core.io import current_umask
 from icmoe.core.manifest import ManifestError, read_manifest
 from tests.helpers import tree_digest

@@ -9,8 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from icmoe.voting import plugin
-from icmoe.voting import ppav
+from icmoe.voting import plugin, ppav
 from tests.skips import tensorrt_gpu_missing
 
 REASON = tensorrt_gpu_missing()

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icmoe.voting import plugin
-from icmoe.voting import ppav
+from icmoe.voting import plugin, ppav
 
 SIZE = 32
 
