@@ -157,3 +157,21 @@ class BuildInfo:
 
     def specs(self) -> dict:
         return {"inputs": self.inputs, "outputs": self.outputs, "batch_range": self.batch_range}
+
+    def compiled(self, name: str, *, kind: str, precision: Optional[str], verify: bool = True):
+        """A compiled engine artifact (TensorRT plan, torch-tensorrt module): checked path, its manifest
+        entry, its precision and the specs with the batch range it was compiled for.
+
+        Raises:
+          EngineError: missing or damaged, registered as another kind, or compiled for another precision.
+        """
+        path = self.artifact(name, verify=verify)
+        entry = self.manifest["artifacts"][name]
+        if entry.get("kind") != kind:
+            raise EngineError(f"{path}: registered as {entry.get('kind')!r}, not {kind!r}")
+        have = entry.get("precision", self.manifest["precision"])
+        if precision is not None and precision != have:
+            raise EngineError(f"{path}: compiled for {have}, not {precision}")
+        batch = entry.get("batch") or self.manifest["batch"]
+        specs = {**self.specs(), "batch_range": (int(batch["min"]), int(batch["max"]))}
+        return path, entry, have, specs

@@ -104,16 +104,8 @@ class TensorRTEngine(Engine):
           EngineError: one line naming the missing, damaged or mismatched part.
         """
         info = BuildInfo(build_dir, expect=expect)
-        plan = info.artifact(PLAN_NAME, verify=verify)
-        entry = info.manifest["artifacts"][PLAN_NAME]
-        if entry.get("kind") != "tensorrt":
-            raise EngineError(f"{plan}: registered as {entry.get('kind')!r}, not a TensorRT engine")
-        have = entry.get("precision", info.manifest["precision"])
-        if precision is not None and precision != have:
-            raise EngineError(f"{plan}: engine was built for {have}, not {precision}")
+        plan, entry, have, specs = info.compiled(PLAN_NAME, kind="tensorrt", precision=precision, verify=verify)
         check_runtime(entry, plan)
-        batch = entry.get("batch") or info.manifest["batch"]
-        specs = {**info.specs(), "batch_range": (int(batch["min"]), int(batch["max"]))}
         return cls(plan=plan, precision=have, cuda_graphs=cuda_graphs, device=device, **specs)
 
     # ------------------------------------------------------------------ lifecycle

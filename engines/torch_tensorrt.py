@@ -49,15 +49,8 @@ class TorchTensorRTEngine(Engine):
           EngineError: missing, damaged, of another precision, or for another model.
         """
         info = BuildInfo(build_dir, expect=expect)
-        path = info.artifact(TORCH_TENSORRT_NAME, verify=verify)
-        entry = info.manifest["artifacts"][TORCH_TENSORRT_NAME]
-        if entry.get("kind") != "torch_tensorrt":
-            raise EngineError(f"{path}: registered as {entry.get('kind')!r}, not a torch-tensorrt module")
-        have = entry.get("precision", info.manifest["precision"])
-        if precision is not None and precision != have:
-            raise EngineError(f"{path}: module was compiled for {have}, not {precision}")
-        batch = entry.get("batch") or info.manifest["batch"]
-        specs = {**info.specs(), "batch_range": (int(batch["min"]), int(batch["max"]))}
+        path, _, have, specs = info.compiled(TORCH_TENSORRT_NAME, kind="torch_tensorrt", precision=precision,
+                                             verify=verify)
         return cls(path=path, precision=have, device=device, **specs)
 
     def _activate(self) -> None:

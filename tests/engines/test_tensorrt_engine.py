@@ -89,7 +89,7 @@ def test_engine_reloads_from_disk(trt_build, images):
 def test_manifest_and_runtime_mismatches_are_refused(trt_build, tmp_path):
     from engines.tensorrt import TensorRTEngine
 
-    with pytest.raises(EngineError, match="built for fp16, not fp32"):
+    with pytest.raises(EngineError, match="compiled for fp16, not fp32"):
         TensorRTEngine.from_build(trt_build, precision="fp32")
     with pytest.raises(EngineError, match="expected icmoe/vit_b"):
         TensorRTEngine.from_build(trt_build, expect="vit_b")
