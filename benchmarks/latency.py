@@ -41,7 +41,6 @@ import numpy as np
 from engines import load_engine
 from engines.eager import default_threads
 from engines.tensorrt import unavailable_reason
-from export.build import build
 from export.rewrite import REWRITES
 from export.verify import parity_inputs, run_batched
 from icmoe.checkpoint import read_meta
@@ -157,9 +156,16 @@ def get_build(args) -> Path:
         log.info(f"benchmark: reusing build {out}")
         return out
     log.info(f"benchmark: building {out} (export, FP16; verified separately by the parity columns)")
-    return build(args.checkpoint, random_init=args.checkpoint is None, model=family, config=cfg.name,
-                 precision="fp16", out=out, batch=(1, 1, bmax), backend="onnxruntime", force=True, verify=False,
-                 progress=not args.no_progress)
+    # In a child process: Linux keeps a process's peak RSS across fork and exec, so a build made in
+    # this process (gigabytes for vit_b) would show up as every worker's peak memory.
+    source = ["--checkpoint", str(args.checkpoint)] if args.checkpoint else ["--random-init", "--model", family,
+                                                                            "--config", cfg.name]
+    cmd = [sys.executable, "-m", "export.build", *source, "--precision", "fp16", "--out", str(out),
+           "--dynamic-batch", f"1,1,{bmax}", "--backend", "onnxruntime", "--force", "--no-verify"]
+    proc = subprocess.run(cmd + (["--no-progress"] if args.no_progress else []), stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise cli.UsageError(f"the build for the benchmark failed (exit {proc.returncode}); see the lines above")
+    return out
 
 
 def _measure(args, build_dir: Path, name: str, threads: int, tmp: Path) -> Tuple[Optional[Dict], Optional[str]]:

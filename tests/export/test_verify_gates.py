@@ -70,13 +70,13 @@ def test_a_cast_to_fp16_in_the_wrong_place_fails_the_fp16_gates(scaled, tmp_path
     out = _run(model, _with_fp16_round_trip(path, tmp_path / "defect.onnx"), images)
     report = FAMILY.compare(reference, out, FAMILY.tolerances("fp16"))
     assert not report["passed"] and not report["logits_within_tol"], report
-    assert report["flipped"] > 1e-3  # the masks say so too
+    assert report["flipped"] > 5e-3  # the masks say so too
 
 
 def test_tolerances_are_what_the_docs_state():
     fp32, fp16 = FAMILY.tolerances("fp32"), FAMILY.tolerances("fp16")
-    assert (fp32.atol, fp32.rtol, fp32.max_flipped, fp32.min_agreement) == (1e-3, 1e-4, 0.0, 1.0)
-    assert fp16.rtol == fp16.scaled_atol == 16 * 2.0 ** -11 and fp16.max_flipped == 1e-3
+    assert (fp32.atol, fp32.rtol, fp32.max_flipped, fp32.min_agreement) == (1e-3, 1e-4, 1e-4, 1.0)
+    assert fp16.rtol == fp16.scaled_atol == 16 * 2.0 ** -11 and fp16.max_flipped == 5e-3
     # a logit of 100 off by 5e-3 passes FP32 (rounding at that scale), a logit of 0.1 off by 5e-3 does not
     ref = np.array([[100.0, 0.1]], np.float32)
 
