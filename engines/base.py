@@ -4,17 +4,29 @@ An engine runs one build's graph. What it takes and returns is the build's contr
 from the manifest's tensor specs, never assumed here: the input is an image batch (for the
 families so far float32 RGB in 0..255, shape (B, 3, S, S)) and `infer` returns a dict of
 NumPy arrays keyed by the output names (IC-MoE: logits, mask, expert).
+
+What the `mask` output's values mean is the build's too: `Engine.class_names` (and
+`BuildInfo.class_names`) is None for a binary mask (0/1) and the label names (index = value,
+0 = background) for a multi-class one; `mask_kind` says "binary" or "labels".
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Dict, List, Optional, Sequence, Tuple
+import functools
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from icmoe.core.errors import IcmoeError
-from icmoe.core.manifest import ManifestError, artifact_path, io_specs, read_manifest
+from icmoe.core.manifest import (
+    ManifestError,
+    artifact_path,
+    io_specs,
+    mask_kind_of,
+    read_manifest,
+)
+from icmoe.core.manifest import class_names as build_class_names
 from icmoe.core.specs import BATCH, TensorSpec
 from icmoe.families import check_expected
 
@@ -47,7 +59,8 @@ def check_input(x, spec: TensorSpec, batch_range: Optional[Tuple[int, int]] = No
     if x.ndim != len(spec.shape):
         raise InputError(f"{spec.name} must have shape {want}, got {x.ndim}-D shape {x.shape}")
     if len(want) == 4 and x.shape[1] != want[1]:
-        raise InputError(f"{spec.name} must have {want[1]} {'(RGB) ' if want[1] == 3 else ''}channels on axis 1, got {x.shape[1]} in shape {x.shape}")
+        raise InputError(f"{spec.name} must have {want[1]} {'(RGB) ' if want[1] == 3 else ''}channels on axis 1, "
+                         f"got {x.shape[1]} in shape {x.shape}")
     fixed = [(i, d) for i, d in enumerate(spec.shape) if d != BATCH]
     if any(x.shape[i] != d for i, d in fixed):
         if len(want) == 4:
@@ -66,16 +79,32 @@ class Engine(abc.ABC):
     Arguments (keyword-only):
       inputs, outputs: the graph's tensor specs (from the build's manifest).
       batch_range: (min, max) batch the engine accepts, or None for any.
+      class_names: label names of the `mask` output (index = value, 0 = background), None for a binary
+        mask. An engine made by `from_build` takes them from the build's manifest, whatever the backend.
     """
 
     name: str = "engine"
 
     def __init__(self, *, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                 batch_range: Optional[Tuple[int, int]] = None) -> None:
+                 batch_range: Optional[Tuple[int, int]] = None, class_names: Optional[Sequence[str]] = None) -> None:
         self.inputs: List[TensorSpec] = list(inputs)
         self.outputs: List[TensorSpec] = list(outputs)
         self.batch_range = batch_range
+        self.class_names: Optional[List[str]] = None if class_names is None else list(class_names)
         self.is_active = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every backend's `from_build` reads the manifest through BuildInfo; the label names are set
+        # here, once for all of them, so a new backend cannot forget them.
+        super().__init_subclass__(**kwargs)
+        made = cls.__dict__.get("from_build")
+        if isinstance(made, classmethod):
+            cls.from_build = classmethod(_with_class_names(made.__func__))  # type: ignore[method-assign]
+
+    @property
+    def mask_kind(self) -> str:
+        """"binary" (`mask` holds 0/1) or "labels" (`mask` holds label values, named by `class_names`)."""
+        return mask_kind_of(self.class_names)
 
     @property
     def input_name(self) -> str:
@@ -124,6 +153,18 @@ class Engine(abc.ABC):
     def _infer(self, images: np.ndarray) -> Dict[str, np.ndarray]: ...
 
 
+def _with_class_names(from_build: Callable[..., Engine]) -> Callable[..., Engine]:
+    """`from_build` whose engine carries the build's label names (`Engine.class_names`)."""
+
+    @functools.wraps(from_build)
+    def wrapper(cls, build_dir, *args: Any, **kwargs: Any) -> Engine:
+        engine = from_build(cls, build_dir, *args, **kwargs)
+        engine.class_names = BuildInfo(build_dir).class_names
+        return engine
+
+    return wrapper
+
+
 class BuildInfo:
     """What every engine reads from a build directory's manifest (checked once, one-line errors).
 
@@ -131,6 +172,7 @@ class BuildInfo:
       build_dir, manifest: the build and its parsed manifest.
       inputs, outputs: the graph's tensor specs.
       batch_range: (min, max) of the build's dynamic batch axis.
+      class_names: label names of the `mask` output (index = value, 0 = background), None if binary.
     """
 
     def __init__(self, build_dir, *, expect=None) -> None:
@@ -147,6 +189,12 @@ class BuildInfo:
         self.inputs, self.outputs = specs["inputs"], specs["outputs"]
         b = self.manifest["batch"]
         self.batch_range = (int(b["min"]), int(b["max"]))
+        self.class_names = build_class_names(self.manifest)
+
+    @property
+    def mask_kind(self) -> str:
+        """"binary" or "labels" (see `class_names`)."""
+        return mask_kind_of(self.class_names)
 
     def artifact(self, name: str, *, verify: bool = True):
         """The path of a registered artifact, checked (size, sha256) against the manifest."""

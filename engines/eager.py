@@ -45,7 +45,8 @@ class EagerEngine(Engine):
                  name: Optional[str] = None, variant: Optional[str] = None, batch_range=None) -> None:
         self.family = get_family(type(model.config).family)
         cfg = model.config
-        super().__init__(inputs=self.family.inputs(cfg), outputs=self.family.outputs(cfg), batch_range=batch_range)
+        super().__init__(inputs=self.family.inputs(cfg), outputs=self.family.outputs(cfg), batch_range=batch_range,
+                         class_names=self.family.class_names(cfg))
         self.model = model.eval()
         self.module = self.family.export_module(self.model)
         self.device = torch.device(device)

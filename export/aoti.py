@@ -31,7 +31,16 @@ from icmoe.checkpoint import load
 from icmoe.core import cli
 from icmoe.core.errors import IcmoeError
 from icmoe.core.io import PathLike, atomic_path
-from icmoe.core.manifest import MANIFEST_NAME, checkpoint_path, read_manifest
+from icmoe.core.manifest import (
+    CLASS_NAME_SEPARATOR,
+    MANIFEST_NAME,
+    ManifestError,
+    check_class_names,
+    check_label_outputs,
+    checkpoint_path,
+    mask_kind_of,
+    read_manifest,
+)
 from icmoe.core.specs import specs_to_dicts
 from icmoe.families import add_model_args, get_family
 
@@ -58,10 +67,22 @@ def load_model(source) -> nn.Module:
 
 
 def package_metadata(model: nn.Module) -> Dict[str, str]:
-    """What the C++ program reads from the package: family, size, config, tensor specs, output names."""
+    """What the C++ program reads from the package: family, size, config, tensor specs, output names,
+    and the mask kind with its label names.
+
+    Raises:
+      PackageError: the family's label names are unusable or contradict its outputs.
+    """
     family = get_family(type(model.config).family)
     cfg = model.config
     outputs = family.outputs(cfg)
+    classes = family.class_names(cfg)
+    try:
+        if classes is not None:
+            classes = check_class_names(classes, f"model family {family.name!r}")
+        check_label_outputs(classes, specs_to_dicts(outputs), f"model family {family.name!r}")
+    except ManifestError as e:
+        raise PackageError(str(e)) from None
     return {
         "icmoe.family": family.name,
         "icmoe.image_size": str(cfg.image_size),
@@ -69,6 +90,8 @@ def package_metadata(model: nn.Module) -> Dict[str, str]:
         "icmoe.inputs": json.dumps(specs_to_dicts(family.inputs(cfg))),
         "icmoe.outputs": json.dumps(specs_to_dicts(outputs)),
         "icmoe.output_names": ",".join(o.name for o in outputs),
+        "icmoe.mask_kind": mask_kind_of(classes),
+        "icmoe.class_names": CLASS_NAME_SEPARATOR.join(classes or []),
     }
 
 

@@ -92,6 +92,9 @@ class BuildOptions:
       opset: ONNX opset.
       force: replace an existing build of a different model.
       rewrite: apply the export-time rewrites of `export.rewrite` (same function, less work).
+      variant: export this eager variant of the family instead of its default structure (the same
+        function in another graph form; e.g. MoE-SAM's "dense" MoE for backends that reject
+        data-dependent gathers); None: the default.
       verify, verify_images, tolerances: the parity stage, its set size and gate overrides.
       triton: also write a Triton model repository there.
       seed: seed of the random initialisation.
@@ -110,6 +113,7 @@ class BuildOptions:
     opset: int = DEFAULT_OPSET
     force: bool = False
     rewrite: bool = True
+    variant: Optional[str] = None
     verify: bool = True
     verify_images: int = 64
     tolerances: Dict[str, float] = field(default_factory=dict)
@@ -218,6 +222,8 @@ def prepare(options: BuildOptions) -> BuildState:
     else:
         family = get_family(options.model)
         config = family.get_config(options.config)
+    if options.variant not in (None, family.eager_name, *family.variants):
+        raise BuildError(f"{family.name} has no variant {options.variant!r} (has: {', '.join(family.variants) or 'none'})")
     out = Path(options.out) if options.out else Path("build") / f"{family.name}-{config.name}-{options.precision}"
     _check_target(out, family.name, config.to_dict(), options.force)
     backend = resolve_backend(options.backend)
@@ -256,15 +262,17 @@ def stage_load(state: BuildState) -> None:
     ck.update(path=CHECKPOINT_DIR, sha256=read_meta(ck_dir)["weights_sha256"])
     manifest = new_manifest(family=state.family.name, config=state.config.to_dict(), precision=o.precision,
                             inputs=state.family.inputs(state.config), outputs=state.family.outputs(state.config),
-                            opset=o.opset, batch=o.batch, checkpoint=ck)
-    manifest.update(backend=state.backend, rewrites=list(REWRITES) if o.rewrite else [])
+                            opset=o.opset, batch=o.batch, checkpoint=ck,
+                            class_names=state.family.class_names(state.config))
+    manifest.update(backend=state.backend, rewrites=list(REWRITES) if o.rewrite else [], variant=o.variant)
     write_manifest(state.staging, manifest)
     log.info(f"load: {state.family.title} {state.config.name} "
              f"({'random init, seed %d' % o.seed if o.checkpoint is None else o.checkpoint})")
 
 
 def stage_onnx(state: BuildState) -> None:
-    path = export_onnx(state.model, state.staging / ONNX_GRAPHS["fp32"], batch=state.options.batch,
+    model = state.family.variant(state.model, state.options.variant)  # the same weights
+    path = export_onnx(model, state.staging / ONNX_GRAPHS["fp32"], batch=state.options.batch,
                        opset=state.options.opset, rewrite=state.options.rewrite)
     stats = initializer_stats(path)
     add_artifact(state.staging, path.name, kind="onnx", precision="fp32", initializers=stats)
@@ -437,7 +445,7 @@ def _options(args) -> Dict[str, Any]:
                             passes=not args.no_graph_passes)
     return dict(random_init=args.random_init, model=args.model, config=args.config, precision=args.precision,
                 out=args.out, batch=parse_batch(args.dynamic_batch), backend=args.backend, opset=args.opset,
-                force=args.force, rewrite=not args.no_rewrite, verify=not args.no_verify,
+                force=args.force, rewrite=not args.no_rewrite, variant=args.variant, verify=not args.no_verify,
                 verify_images=args.verify_images, tolerances=tolerance_overrides(args), triton=args.triton,
                 seed=args.seed, progress=not args.no_progress, engine=engine)
 
@@ -457,6 +465,9 @@ def _parser():
     p.add_argument("--force", action="store_true", help="replace an existing build of a different model")
     p.add_argument("--no-rewrite", action="store_true",
                    help="export SAM's windowed attention as is, padded projections included (export.rewrite)")
+    p.add_argument("--variant", default=None, metavar="NAME",
+                   help="export another graph form of the same weights, one of the family's eager variants "
+                        "(see docs/families.md, Eager variants; default: the family's own structure)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check")
     p.add_argument("--verify-images", type=int, default=64, help="parity images (default 64)")
     add_tolerance_args(p)

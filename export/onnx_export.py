@@ -96,6 +96,7 @@ def _trace(model: nn.Module, family: Family, *, batch: Tuple[int, int, int], ops
     try:
         # The exporter prints its own progress; keep it in the log instead of the terminal.
         with warnings.catch_warnings(), contextlib.redirect_stdout(buf), _quiet_loggers(), \
+                family.export_patches(model), \
                 (padding_free_windows(model) if rewrite else contextlib.nullcontext(0)) as swapped:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(

@@ -85,7 +85,7 @@ def save_checkpoint(
         "family": type(cfg).family,
         "model": cfg.to_dict(),
         "image_size": cfg.image_size,
-        "normalization": {"pixel_mean": list(cfg.pixel_mean), "pixel_std": list(cfg.pixel_std), "input": "RGB 0..255"},
+        "normalization": cfg.normalization,
         "dataset": dataset,
         "epoch": epoch,
         "metrics": metrics or {},

@@ -6,9 +6,10 @@ structure at a few MB so tests and demos run in seconds on a CPU.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, Tuple
+
+from icmoe.core.config import ConfigDict
 
 # SAM's pixel statistics (RGB, 0..255); the model normalises inside forward.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -16,7 +17,7 @@ SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
-class ICMoEConfig:
+class ICMoEConfig(ConfigDict):
     family: ClassVar[str] = "icmoe"  # the model family (registry name) this configuration belongs to
     name: str  # registry name the configuration was built from
     image_size: int = 256  # square input side in pixels (256 for ISIC/BUSI, 512 for GlaS)
@@ -66,27 +67,15 @@ class ICMoEConfig:
     def adapter_dim(self) -> int:
         return int(self.embed_dim * self.adapter_ratio)
 
-    def replace(self, **changes: Any) -> "ICMoEConfig":
-        return dataclasses.replace(self, **changes)
+    @property
+    def normalization(self) -> Dict[str, Any]:
+        """What the model does to its RGB 0..255 input (recorded in checkpoints)."""
+        return {"pixel_mean": list(self.pixel_mean), "pixel_std": list(self.pixel_std), "input": "RGB 0..255"}
 
-    def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["global_attn_indexes"] = list(self.global_attn_indexes)
-        d["pixel_mean"] = list(self.pixel_mean)
-        d["pixel_std"] = list(self.pixel_std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "ICMoEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
-        d = dict(d)
-        for key in ("global_attn_indexes", "pixel_mean", "pixel_std"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
+    @property
+    def decoder_mask_outputs(self) -> int:
+        """Multimask outputs of each mask decoder: SAM's 3 (the single-mask token is used)."""
+        return 3
 
 
 def vit_b() -> ICMoEConfig:

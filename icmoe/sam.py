@@ -2,7 +2,7 @@
 
 The modules themselves are segment-anything's (`ImageEncoderViT`,
 `PromptEncoder`, `MaskDecoder`, `TwoWayTransformer`); this file only builds
-them from an `ICMoEConfig` and loads `sam_vit_b_01ec64.pth`-style state dicts
+them from a family's configuration (`SamConfig`: IC-MoE's, MoE-SAM's) and loads `sam_vit_b_01ec64.pth`-style state dicts
 made for 1024x1024 inputs at the configured size (256 for ISIC and BUSI, 512
 for GlaS): the position tables are resized, see docs/icmoe.md.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from functools import partial
-from typing import Dict, Tuple
+from typing import Dict, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,17 +24,42 @@ from segment_anything.modeling import (
 )
 from torch import nn
 
-from icmoe.config import ICMoEConfig
 from icmoe.core.errors import IcmoeError
 
 PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+
+
+class SamConfig(Protocol):
+    """The fields of a family's configuration that shape SAM's parts."""
+
+    name: str
+    image_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    window_size: int
+    global_attn_indexes: Tuple[int, ...]
+    out_chans: int
+    decoder_depth: int
+    decoder_heads: int
+    decoder_mlp_dim: int
+    iou_head_hidden_dim: int
+    mask_in_chans: int
+
+    @property
+    def grid(self) -> int: ...
+
+    @property
+    def decoder_mask_outputs(self) -> int: ...
 
 
 class CheckpointError(IcmoeError, ValueError):
     """A checkpoint file that cannot be used; the message is one line naming file and problem."""
 
 
-def build_image_encoder(cfg: ICMoEConfig) -> ImageEncoderViT:
+def build_image_encoder(cfg: SamConfig) -> ImageEncoderViT:
     return ImageEncoderViT(
         img_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -52,7 +77,7 @@ def build_image_encoder(cfg: ICMoEConfig) -> ImageEncoderViT:
     )
 
 
-def build_prompt_encoder(cfg: ICMoEConfig) -> PromptEncoder:
+def build_prompt_encoder(cfg: SamConfig) -> PromptEncoder:
     return PromptEncoder(
         embed_dim=cfg.out_chans,
         image_embedding_size=(cfg.grid, cfg.grid),
@@ -61,9 +86,9 @@ def build_prompt_encoder(cfg: ICMoEConfig) -> PromptEncoder:
     )
 
 
-def build_mask_decoder(cfg: ICMoEConfig) -> MaskDecoder:
+def build_mask_decoder(cfg: SamConfig) -> MaskDecoder:
     return MaskDecoder(
-        num_multimask_outputs=3,
+        num_multimask_outputs=cfg.decoder_mask_outputs,
         transformer=TwoWayTransformer(
             depth=cfg.decoder_depth,
             embedding_dim=cfg.out_chans,
@@ -94,7 +119,7 @@ def resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
     return x[0].t().to(table.dtype)  # (length, head_dim)
 
 
-def resize_sam_state_dict(state: Dict[str, torch.Tensor], cfg: ICMoEConfig) -> Dict[str, torch.Tensor]:
+def resize_sam_state_dict(state: Dict[str, torch.Tensor], cfg: SamConfig) -> Dict[str, torch.Tensor]:
     """Adapt a SAM state dict made for any input size to `cfg.image_size`.
 
     `pos_embed` is resized bilinearly to the token grid; the relative-position
@@ -114,7 +139,7 @@ def resize_sam_state_dict(state: Dict[str, torch.Tensor], cfg: ICMoEConfig) -> D
     return out
 
 
-def expected_sam_shapes(cfg: ICMoEConfig) -> Dict[str, Tuple[int, ...]]:
+def expected_sam_shapes(cfg: SamConfig) -> Dict[str, Tuple[int, ...]]:
     """Key -> shape of the SAM state dict for `cfg` (built on the meta device: no memory)."""
     with torch.device("meta"):
         parts = {
@@ -155,13 +180,17 @@ def _describe_encoder(state: Dict[str, torch.Tensor]) -> Tuple[int, int]:
     return width, len(blocks)
 
 
-def load_sam_state_dict(path: str | os.PathLike, cfg: ICMoEConfig) -> Dict[str, torch.Tensor]:
+def load_sam_state_dict(
+    path: str | os.PathLike, cfg: SamConfig, *, random_init: Sequence[str] = ()
+) -> Dict[str, torch.Tensor]:
     """Load a SAM checkpoint (official format) for `cfg`, resized to `cfg.image_size`.
 
     Arguments:
       path: a file holding SAM's state dict (`image_encoder.*`, `prompt_encoder.*`,
         `mask_decoder.*`), e.g. `sam_vit_b_01ec64.pth`, made for any input size.
-      cfg (ICMoEConfig): the configuration to load it for.
+      cfg (SamConfig): the configuration to load it for.
+      random_init: key prefixes the model keeps randomly initialised (e.g. MoE-SAM's
+        C+1 mask tokens): dropped from the file's state and from the expected keys.
 
     Returns:
       dict: the state dict with `pos_embed` and global rel-pos tables resized.
@@ -182,7 +211,9 @@ def load_sam_state_dict(path: str | os.PathLike, cfg: ICMoEConfig) -> Dict[str, 
             f"{path}: holds an image encoder {width} wide with {blocks} blocks, "
             f"but config {cfg.name!r} needs {cfg.embed_dim} wide with {cfg.depth} blocks"
         )
-    expected = expected_sam_shapes(cfg)
+    prefixes = tuple(random_init)
+    expected = {k: v for k, v in expected_sam_shapes(cfg).items() if not k.startswith(prefixes)}
+    state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
     missing = [k for k in expected if k not in state]
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} keys missing, e.g. {missing[0]}")

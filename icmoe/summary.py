@@ -1,6 +1,7 @@
 """Model summary: parameters and forward FLOPs of one image, for any registered family.
 
     python -m icmoe.summary --config vit_b [--image-size 512] [--json]
+    python -m icmoe.summary --model moesam --config vit_b --classes 7 [--json]
 
 What is counted is the family's (`Family.summarize`); for IC-MoE:
 
@@ -33,10 +34,12 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     p = cli.parser("python -m icmoe.summary", __doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--image-size", type=int, default=None, help="override the configured input size")
+    p.add_argument("--classes", type=int, default=None,
+                   help="number of foreground classes, for multi-class families (MoE-SAM; e.g. 7 for MMWHS)")
     cli.add_json(p, "the summary")
     args = p.parse_args(argv)
     cli.setup_logging(args.verbosity)
-    overrides = {} if args.image_size is None else {"image_size": args.image_size}
+    overrides = {k: v for k, v in (("image_size", args.image_size), ("num_classes", args.classes)) if v is not None}
     try:
         s = summarize(args.config, model=args.model, **overrides)
     except ValueError as e:  # a configuration the model cannot take (e.g. a size not a multiple of the patch)

@@ -1,28 +1,36 @@
-"""Train a model: the paper's recipe, checkpoints, resume after a kill, DistributedDataParallel.
+"""Train a model of any family: recipes, checkpoints, resume after a kill, DistributedDataParallel.
 
     python -m icmoe.train --dataset synthetic --data-root data/synthetic --config tiny --out runs/demo
     python -m icmoe.train --dataset busi --data-root data/BUSI --config vit_b \\
         --sam-checkpoint sam_vit_b_01ec64.pth --out runs/busi
+    python -m icmoe.train --model moesam --dataset synthetic3d --config tiny     # 3-D volumes, slice by slice
     torchrun --nproc_per_node 2 -m icmoe.train ...        # DDP: gloo on CPUs, NCCL on GPUs
 
     from icmoe.train import TrainOptions, train
     summary = train(TrainOptions(dataset="synthetic", config="tiny", epochs=2))
 
-The model comes from its family (`--model`, default icmoe; `icmoe.families`); the
-losses and the training step are IC-MoE's. Per epoch: one pass over the training
-split (loss = a*CE + b*Dice + g*SgCL on the fused logits, the foreground and
-background SgCL passes through the experts without gradient, PPAV load balancing
-on), validation with the five metrics pooled and per image, a line in
-`OUT/metrics.jsonl`, the checkpoint `OUT/last/` and, when validation DSC (pooled)
-improves, `OUT/best/`. The default run folder is `runs/<family>-<dataset>-<config>`.
+The trainer is generic; what differs between model families comes from the family's
+training hooks (`icmoe.families.base.Family`, "training and evaluation"): its recipes
+and which one `--recipe auto` picks, the datasets it trains on and the configuration
+fields they decide (e.g. MoE-SAM's classes), the synthetic set written on first use,
+the training step (a module whose forward(images, target) returns the loss parts),
+the per-epoch augmentation, and the evaluation (a report and the one score the
+trainer keeps the best of). IC-MoE's pieces (recipes, the step with SgCL, flips) are
+in this module too; MoE-SAM's in `icmoe.moesam.training`.
 
-Resume: after every epoch `OUT/last/trainer_state.pt` is replaced atomically.
-It holds the trainable weights, the SgCL heads, the optimizer state, the epoch
-(the learning-rate schedule is a function of the epoch), the best score, the
-RNG states and what the run is (family, configuration, dataset); the data order
-of epoch e depends only on (seed, e). So a run killed at any moment and
-restarted with `--resume` loses at most the epoch in progress and ends with the
-same weights as an uninterrupted run.
+Per epoch: one pass over the training split with the learning rate set per iteration
+(`Recipe.lr_at`: IC-MoE's step schedule or MoE-SAM's warmup + poly), validation every
+`val_every` epochs and after the last, a line in `OUT/metrics.jsonl`, the checkpoint
+`OUT/last/` and, when the validation score improves, `OUT/best/`. The default run folder
+is `runs/<family>-<dataset>-<config>`.
+
+Resume: after every epoch `OUT/last/trainer_state.pt` is replaced atomically. It holds
+the trainable weights (with any training-only heads of the step), the optimizer state,
+the epoch (the rate is a function of the iteration, epoch x batches per epoch), the best
+score, the RNG states and what the run is (family, configuration, dataset); the data
+order and augmentation of epoch e depend only on (seed, e). So a run killed at any
+moment and restarted with `--resume` loses at most the epoch in progress and ends with
+the same weights as an uninterrupted run.
 
 `train` is a short driver over the steps below (`setup`, `load_trainer_state`,
 `prepare_data`, `build_trainer`, `make_loader`, `open_log`, then per epoch
@@ -33,6 +41,7 @@ logger.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -41,13 +50,13 @@ import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from icmoe.checkpoint import CheckpointError, load, save_checkpoint
@@ -55,25 +64,29 @@ from icmoe.core import cli
 from icmoe.core.errors import IcmoeError
 from icmoe.core.io import atomic_path
 from icmoe.core.manifest import LEGACY_FAMILY
-from icmoe.data.dataset import SegmentationDataset, build_dataset
-from icmoe.data.readers import DATASETS, DataError
-from icmoe.data.synthetic import has_synthetic_dataset, make_synthetic_dataset
-from icmoe.evaluate import evaluate_model
+from icmoe.data.readers import DataError
+from icmoe.evaluate import Evaluation
 from icmoe.families import (
     DEFAULT_CONFIG,
     DEFAULT_FAMILY,
     Family,
+    FamilyError,
     add_model_args,
+    family_names,
     get_family,
 )
 from icmoe.losses import LossWeights, SgCL, total_loss
-from icmoe.metrics import format_metrics
 from icmoe.model import freeze_unused_heads
 
 log = logging.getLogger("icmoe.train")  # not __name__: that is "__main__" under python -m
 
 STATE_NAME = "trainer_state.pt"
 LOG_NAME = "metrics.jsonl"
+OPTIMIZERS = ("rmsprop", "adamw")
+SCHEDULES = ("step", "poly")
+
+# A batch augmentation: (images (B, 3, S, S), target, dataset indices (B,)) -> (images, target).
+Augment = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
 class TrainError(IcmoeError, ValueError):
@@ -82,31 +95,85 @@ class TrainError(IcmoeError, ValueError):
 
 @dataclass(frozen=True)
 class Recipe:
-    optimizer: str = "rmsprop"  # "rmsprop" (paper) or "adamw"
-    lr: float = 1e-5  # initial learning rate
-    lr_milestones: Tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs where the rate drops
-    lr_factors: Tuple[float, ...] = (0.5, 0.1)  # rate = lr * factor after each milestone (1e-5, 5e-6, 1e-6)
+    """How a model trains: optimizer, learning-rate schedule, loss weights, augmentation, batch, seed.
+
+    One dataclass for every family; each family's step and augmentation read the fields
+    they use (IC-MoE: ce, dice, sgcl, balance, hflip; MoE-SAM: ce, dice, hflip, geometric,
+    intensity). The defaults are IC-MoE's paper recipe.
+    """
+
+    optimizer: str = "rmsprop"  # "rmsprop" (IC-MoE's paper) or "adamw"
+    lr: float = 1e-5  # base learning rate
+    betas: Tuple[float, float] = (0.9, 0.999)  # adamw's betas
     weight_decay: float = 0.0  # decoupled (adamw) or L2 (rmsprop) weight decay
+    schedule: str = "step"  # "step": x factor after milestones; "poly": lr * (1 - t / T) ** power
+    lr_milestones: Tuple[float, ...] = (0.5, 0.75)  # step: fractions of the epochs where the rate drops
+    lr_factors: Tuple[float, ...] = (0.5, 0.1)  # step: rate = lr * factor after each milestone
+    warmup: int = 0  # iterations of linear warmup, lr * (it + 1) / warmup, before the schedule
+    power: float = 0.9  # poly: the exponent
     epochs: int = 100  # passes over the training split
     batch_size: int = 8  # global batch (split over DDP ranks)
-    ce: float = 1.0  # a: weight of binary cross-entropy
-    dice: float = 1.0  # b: weight of soft Dice
-    sgcl: float = 0.1  # g: weight of SgCL; 0 skips its two extra passes
-    balance: bool = True  # PPAV load balancing in training
-    hflip: bool = False  # random horizontal flips (the paper: resize and normalise only)
+    val_every: int = 1  # validate every this many epochs (and after the last)
+    ce: float = 1.0  # weight of cross-entropy
+    dice: float = 1.0  # weight of soft Dice
+    sgcl: float = 0.1  # IC-MoE: weight of SgCL; 0 skips its two extra passes
+    balance: bool = True  # IC-MoE: PPAV load balancing in training
+    hflip: bool = False  # random horizontal flips
+    geometric: bool = False  # MoE-SAM: per sample one of rotate / crop-and-resize / elastic, or none
+    intensity: bool = False  # MoE-SAM: random intensity shift
     seed: int = 0  # seeds model init, data order and augmentation
 
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of (0-based) `epoch`: the step schedule is a pure function of the epoch."""
+    def lr_at(self, it: int, per_epoch: int) -> float:
+        """Learning rate of (0-based) iteration `it` with `per_epoch` iterations per epoch.
+
+        A pure function of the iteration, so a resumed run repeats it. Linear warmup over
+        `warmup` iterations, then "step" (by epoch: 1e-5 / 5e-6 / 1e-6 at 50% / 75% of 100
+        epochs in IC-MoE's paper) or "poly" (lr * (1 - (it - warmup) / max_it) ** power,
+        max_it = epochs * per_epoch, as MoE-SAM's code).
+        """
+        if it < self.warmup:
+            return self.lr * (it + 1) / self.warmup
+        if self.schedule == "poly":
+            total = max(self.epochs * per_epoch, 1)
+            return self.lr * max(0.0, 1.0 - (it - self.warmup) / total) ** self.power
+        epoch = it // max(per_epoch, 1)
         lr = self.lr
         for frac, factor in zip(self.lr_milestones, self.lr_factors):
             if epoch >= int(frac * self.epochs):  # epochs 1-50 / 51-75 / 76-100 of 100
                 lr = self.lr * factor
         return lr
 
+    def describe(self) -> str:
+        """One line: optimizer, schedule, epochs, batch, loss weights, augmentation, seed."""
+        if self.schedule == "poly":
+            sched = f"poly {self.power:g}"
+        else:
+            sched = (f"x{', x'.join(f'{f:g}' for f in self.lr_factors)} at "
+                     f"{', '.join(f'{int(m * 100)}%' for m in self.lr_milestones)} of the epochs")
+        warm = f", warmup {self.warmup} it" if self.warmup else ""
+        aug = [n for n, on in (("flips", self.hflip), ("rotate/crop/elastic", self.geometric),
+                               ("intensity", self.intensity)) if on]
+        extra = f" + SgCL {self.sgcl:g}, balancing {'on' if self.balance else 'off'}" if self.sgcl or self.balance else ""
+        return (f"{self.optimizer} lr {self.lr:g} wd {self.weight_decay:g} ({sched}{warm}), {self.epochs} epochs, "
+                f"batch {self.batch_size}, CE {self.ce:g} + Dice {self.dice:g}{extra}, augmentation "
+                f"{', '.join(aug) or 'none'}, validation every {self.val_every}, seed {self.seed}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Recipe":
+        """The recipe `asdict` wrote (a trainer state); fields added since take their defaults."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(names[k].default, tuple) else v for k, v in d.items() if k in names})
+
+
+def default_run_dir(model: str, dataset: str, config: str) -> Path:
+    """The run folder used when none is given: `runs/<family>-<dataset>-<config>`."""
+    return Path("runs") / f"{model}-{dataset}-{config}"
+
+
+# ----------------------------------------------------------------------------- IC-MoE's recipes, step and flips
 
 RECIPES: Dict[str, Recipe] = {
-    # The paper: RMSprop, 1e-5 / 5e-6 / 1e-6 at 50% / 75% of 100 epochs, batch 8, seed 0.
+    # IC-MoE's paper: RMSprop, 1e-5 / 5e-6 / 1e-6 at 50% / 75% of 100 epochs, batch 8, seed 0.
     "paper": Recipe(),
     # A randomly initialised tiny model on the synthetic set: no pretrained SAM to
     # fine-tune, so a much higher rate (AdamW), flips, and a few epochs on a CPU.
@@ -118,14 +185,69 @@ SYNTHETIC_DEFAULTS = {"n_train": 96, "n_val": 32}
 
 
 def pick_recipe(name: str, dataset: str, config: str) -> str:
+    """IC-MoE's `--recipe auto`: demo for the synthetic set with the tiny configuration, else paper."""
     if name != "auto":
         return name
     return "demo" if dataset == "synthetic" and config == "tiny" else "paper"
 
 
-def default_run_dir(model: str, dataset: str, config: str) -> Path:
-    """The run folder used when none is given: `runs/<family>-<dataset>-<config>`."""
-    return Path("runs") / f"{model}-{dataset}-{config}"
+class TrainStep(nn.Module):
+    """IC-MoE's step: model + SgCL heads as one module, so DDP all-reduces the heads' gradients too.
+
+    forward(images (B, 3, S, S), target (B, 1, S, S) {0, 1}) -> dict of loss parts ("loss", "ce", "dice", "sgcl").
+    """
+
+    def __init__(self, *, model: nn.Module, sgcl: SgCL, weights: LossWeights, balance: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.sgcl = sgcl
+        self.weights = weights
+        self.balance = balance
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out = self.model(images, target, balance=self.balance)  # TrainOutput, logits (B, 1, S, S)
+        sg = None
+        if self.weights.sgcl:
+            # SgCL's foreground and background inputs go through the experts without gradient.
+            with torch.no_grad():
+                _, fg = self.model.experts(images * target)  # 3 x (B, C, h, w)
+                _, bg = self.model.experts(images * (1 - target))
+            sg = self.sgcl(out.features, fg, bg)
+        return total_loss(out.logits, target, sg, self.weights)
+
+
+def icmoe_train_step(model: nn.Module, recipe: Recipe) -> TrainStep:
+    """IC-MoE's training step for `model` (in train mode): IoU heads frozen, SgCL heads added."""
+    # Prompt-free single-mask decoding never uses the IoU heads: frozen, so every trainable
+    # parameter gets a gradient (no unused-parameter search under DDP).
+    freeze_unused_heads(model)
+    step = TrainStep(model=model, sgcl=SgCL(channels=model.config.out_chans),
+                     weights=LossWeights(ce=recipe.ce, dice=recipe.dice, sgcl=recipe.sgcl), balance=recipe.balance)
+    if not recipe.sgcl:
+        step.sgcl.requires_grad_(False)  # no SgCL term: its heads get no gradient
+    return step
+
+
+def _epoch_flips(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """(n,) bool: which images epoch `epoch` flips, drawn from a generator of (seed, epoch) only,
+    so they are the same after a resume and whatever the number of DDP processes."""
+    aug = torch.Generator().manual_seed(seed * 100003 + epoch * 7919)
+    return torch.rand(n, generator=aug) < 0.5
+
+
+def flip_augmentation(recipe: Recipe, epoch: int, n: int) -> Optional[Augment]:
+    """IC-MoE's augmentation: horizontal flips of half the images (when `recipe.hflip`), in place."""
+    if not recipe.hflip:
+        return None
+    flips = _epoch_flips(recipe.seed, epoch, n)
+
+    def apply(images: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        flip = flips[index].to(images.device)
+        images[flip] = images[flip].flip(-1)  # (B, 3, S, S)
+        masks[flip] = masks[flip].flip(-1)  # (B, 1, S, S)
+        return images, masks
+
+    return apply
 
 
 # ----------------------------------------------------------------------------- options
@@ -136,14 +258,15 @@ class TrainOptions:
     """What one training run is asked to do; `train(**fields)` builds one.
 
     Attributes:
-      dataset: isic, busi, glas or synthetic (generated in `data_root` if absent).
+      dataset: a dataset the family trains on (IC-MoE: isic, busi, glas, synthetic; MoE-SAM:
+        acdc, btcv, mmwhs, synapse, synthetic3d); synthetic sets are generated in `data_root` if absent.
       data_root: dataset folder (None: data/<dataset>).
       out: run folder with best/, last/, metrics.jsonl (None: `default_run_dir`).
       model: model family, a name of the `icmoe.families` registry.
       config: size variant of the family (tiny, vit_b).
       sam_checkpoint: SAM ViT-B weights to start from (None: random init).
-      recipe: "paper", "demo" or "auto" (demo for synthetic + tiny, else paper).
-      epochs, batch_size, lr, sgcl_weight, balance, seed: override the recipe (None: keep its value).
+      recipe: a recipe of the family, or "auto" (the family's pick for dataset and config).
+      epochs, batch_size, lr, sgcl_weight, balance, seed, val_every: override the recipe (None: keep its value).
       image_size: override the configuration's input size (e.g. 512 for GlaS).
       resume: continue from `out/last/trainer_state.pt` if present.
       skip_bad: skip unreadable dataset files with a warning.
@@ -164,6 +287,7 @@ class TrainOptions:
     sgcl_weight: Optional[float] = None
     balance: Optional[bool] = None
     seed: Optional[int] = None
+    val_every: Optional[int] = None
     image_size: Optional[int] = None
     resume: bool = False
     skip_bad: bool = False
@@ -201,43 +325,18 @@ def init_distributed(device: torch.device) -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-# ----------------------------------------------------------------------------- the training step
-
-
-class TrainStep(nn.Module):
-    """Model + SgCL heads as one module, so DDP all-reduces the heads' gradients too.
-
-    forward(images, target) -> dict of loss parts ("loss", "ce", "dice", "sgcl").
-    """
-
-    def __init__(self, *, model: nn.Module, sgcl: SgCL, weights: LossWeights, balance: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.sgcl = sgcl
-        self.weights = weights
-        self.balance = balance
-
-    def forward(self, images: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        out = self.model(images, target, balance=self.balance)  # TrainOutput, logits (B, 1, S, S)
-        sg = None
-        if self.weights.sgcl:
-            # SgCL's foreground and background inputs go through the experts without gradient.
-            with torch.no_grad():
-                _, fg = self.model.experts(images * target)  # 3 x (B, C, h, w)
-                _, bg = self.model.experts(images * (1 - target))
-            sg = self.sgcl(out.features, fg, bg)
-        return total_loss(out.logits, target, sg, self.weights)
+# ----------------------------------------------------------------------------- optimizer, weights, RNG
 
 
 def make_optimizer(params: Sequence[nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
     if recipe.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    raise TrainError(f"unknown optimizer {recipe.optimizer!r}; choose rmsprop or adamw")
+        return torch.optim.AdamW(params, lr=recipe.lr, betas=tuple(recipe.betas), weight_decay=recipe.weight_decay)
+    raise TrainError(f"unknown optimizer {recipe.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
-def _trainable_state(step: TrainStep) -> Dict[str, torch.Tensor]:
+def _trainable_state(step: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in step.named_parameters() if v.requires_grad}
 
 
@@ -281,7 +380,7 @@ class Run:
 
     Attributes:
       options: the options as given (paths filled in).
-      family, config: the model family and its configuration object.
+      family, config: the model family and its configuration object (with the dataset's fields).
       recipe_name, recipe: the recipe (with overrides; on resume, the saved one).
       device, dist: where this process trains and its place in the DDP group.
       state: the trainer state being resumed from, or None.
@@ -317,24 +416,56 @@ class Run:
         return self.options.progress and self.dist.main
 
 
-def resolve_recipe(options: TrainOptions) -> Tuple[str, Recipe]:
-    """The recipe's name and the recipe with the options' overrides applied."""
-    name = pick_recipe(options.recipe, options.dataset, options.config)
-    if name not in RECIPES:
-        raise TrainError(f"unknown recipe {name!r}; choose from auto, {', '.join(RECIPES)}")
-    changes = {"epochs": options.epochs, "batch_size": options.batch_size, "lr": options.lr,
-               "sgcl": options.sgcl_weight, "balance": options.balance, "seed": options.seed}
-    recipe = replace(RECIPES[name], **{k: v for k, v in changes.items() if v is not None})
+def check_recipe(recipe: Recipe) -> None:
+    """Raise TrainError for values no schedule or optimizer can use."""
     if recipe.batch_size < 1 or recipe.epochs < 0:
         raise TrainError(f"need a batch size >= 1 and epochs >= 0, got {recipe.batch_size} and {recipe.epochs}")
+    if recipe.val_every < 1 or recipe.warmup < 0:
+        raise TrainError(f"need val_every >= 1 and warmup >= 0, got {recipe.val_every} and {recipe.warmup}")
+    if recipe.schedule not in SCHEDULES:
+        raise TrainError(f"unknown schedule {recipe.schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if recipe.optimizer not in OPTIMIZERS:
+        raise TrainError(f"unknown optimizer {recipe.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def resolve_recipe(options: TrainOptions, family: Family) -> Tuple[str, Recipe]:
+    """The recipe's name and the family's recipe with the options' overrides applied."""
+    recipes = family.recipes()
+    name = family.pick_recipe(options.dataset, options.config) if options.recipe == "auto" else options.recipe
+    if name not in recipes:
+        raise TrainError(f"unknown {family.name} recipe {name!r}; choose from auto, {', '.join(recipes)}")
+    changes = {"epochs": options.epochs, "batch_size": options.batch_size, "lr": options.lr,
+               "sgcl": options.sgcl_weight, "balance": options.balance, "seed": options.seed,
+               "val_every": options.val_every}
+    recipe = replace(recipes[name], **{k: v for k, v in changes.items() if v is not None})
+    check_recipe(recipe)
     return name, recipe
+
+
+def resolve_config(options: TrainOptions, family: Family) -> Any:
+    """The family's configuration with the image-size override and the fields the dataset decides.
+
+    Raises:
+      DataError: a dataset the family does not train on.
+      TrainError: values the configuration rejects.
+    """
+    datasets = family.datasets()
+    if options.dataset not in datasets:
+        raise DataError(f"unknown dataset {options.dataset!r} for {family.name}; choose from {', '.join(datasets)}")
+    overrides = {"image_size": options.image_size} if options.image_size else {}
+    overrides.update(datasets[options.dataset])
+    try:
+        return family.get_config(options.config, **overrides)
+    except ValueError as e:  # the configuration's own checks (e.g. a size the patches do not tile)
+        raise TrainError(f"{family.name}/{options.config}: {e}") from None
 
 
 def setup(options: TrainOptions) -> Run:
     """Pick the device, join the DDP group (under torchrun), look up the family, configuration and recipe.
 
     Raises:
-      FamilyError: unknown family or configuration.
+      FamilyError: unknown family or configuration, or a family without training hooks.
+      DataError: a dataset the family does not train on.
       TrainError: an unknown recipe, a bad batch size, an input size the configuration rejects.
     """
     dev = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -343,12 +474,8 @@ def setup(options: TrainOptions) -> Run:
         dev = torch.device("cuda", dinfo.local_rank)
         torch.cuda.set_device(dev)
     family = get_family(options.model)
-    name, recipe = resolve_recipe(options)
-    overrides = {"image_size": options.image_size} if options.image_size else {}
-    try:
-        config = family.get_config(options.config, **overrides)
-    except ValueError as e:  # the configuration's own checks (e.g. a size the patches do not tile)
-        raise TrainError(f"{family.name}/{options.config}: {e}") from None
+    name, recipe = resolve_recipe(options, family)  # first: a family that cannot train says so
+    config = resolve_config(options, family)
     return Run(options=options, family=family, config=config, recipe_name=name, recipe=recipe, device=dev, dist=dinfo)
 
 
@@ -378,9 +505,10 @@ def load_trainer_state(run: Run) -> None:
     if (state.get("family", LEGACY_FAMILY) != run.family.name or state.get("config") != run.config.to_dict()
             or state.get("dataset") != run.options.dataset):
         raise CheckpointError(f"{path}: the run was for another model or dataset; use another --out")
-    saved = state["recipe"]
-    run.recipe = Recipe(**{**saved, "lr_milestones": tuple(saved["lr_milestones"]),
-                           "lr_factors": tuple(saved["lr_factors"]), "epochs": run.recipe.epochs})
+    try:
+        run.recipe = replace(Recipe.from_dict(state["recipe"]), epochs=run.recipe.epochs)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: bad recipe in the trainer state ({e})") from None
     run.state = state
 
 
@@ -389,34 +517,24 @@ def _check_batch(run: Run) -> None:
         raise TrainError(f"batch size {run.recipe.batch_size} is not divisible by the {run.dist.world} DDP processes")
 
 
-def prepare_data(
-    dataset: str, data_root: Path, image_size: int, *, skip_bad: bool, progress: bool, main: bool
-) -> Tuple[SegmentationDataset, SegmentationDataset]:
-    """The training and validation splits, read into memory (the synthetic set is written first if absent).
-
-    Arguments:
-      dataset, data_root: what to read (see `icmoe.data`).
-      image_size: square side the images are resized to.
-      skip_bad: drop unreadable files with a warning.
-      progress: show progress bars.
-      main: this process is DDP rank 0 (the one that writes synthetic data and logs).
+def prepare_data(run: Run) -> Tuple[Dataset, Dataset]:
+    """The training and validation splits, read into memory by the family (a synthetic set is written first
+    when its data root holds none; by DDP rank 0, the other ranks wait).
 
     Returns:
-      (train, val) SegmentationDatasets.
+      (train, val): datasets of (image float32 (3, S, S) RGB 0..255, target, index).
     """
-    if dataset not in DATASETS:
-        raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
-    if dataset == "synthetic" and not has_synthetic_dataset(data_root):
-        if main:
-            log.info(f"no synthetic data in {data_root}: generating {SYNTHETIC_DEFAULTS} at {image_size}x{image_size}")
-            make_synthetic_dataset(data_root, size=image_size, seed=0, **SYNTHETIC_DEFAULTS)
-        if dist.is_initialized():
-            dist.barrier()  # the other ranks read what rank 0 wrote
-    train_ds = build_dataset(dataset, data_root, "train", image_size=image_size, skip_bad=skip_bad, progress=progress)
-    val_ds = build_dataset(dataset, data_root, "val", image_size=image_size, skip_bad=skip_bad, progress=progress)
-    skipped = len(train_ds.skipped) + len(val_ds.skipped)
-    if skipped and main:
-        log.warning(f"skipped {skipped} unreadable item(s) of {skipped + len(train_ds) + len(val_ds)} (--skip-bad)")
+    opts, fam, size = run.options, run.family, run.config.image_size
+    root = Path(opts.data_root)
+    if run.dist.main and fam.make_synthetic(opts.dataset, root, image_size=size):
+        log.info(f"no {opts.dataset} data in {root}: generated the synthetic set at {size}x{size}")
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks read what rank 0 wrote
+    train_ds, val_ds = (fam.load_split(opts.dataset, root, split, image_size=size, skip_bad=opts.skip_bad,
+                                       progress=run.show) for split in ("train", "val"))
+    skipped = len(getattr(train_ds, "skipped", ())) + len(getattr(val_ds, "skipped", ()))
+    if skipped and run.dist.main:
+        log.warning(f"skipped {skipped} unreadable item(s) of {opts.dataset} in {root} (--skip-bad)")
     return train_ds, val_ds
 
 
@@ -429,15 +547,15 @@ class Trainer:
 
     Attributes:
       model: the family's model (what the checkpoints hold).
-      step: model + SgCL heads (what the optimizer and the trainer state cover).
+      step: the family's training step around the model (what the optimizer and the trainer state cover).
       net: `step`, or `step` wrapped in DistributedDataParallel (what the loop calls).
       optimizer: over the trainable parameters of `step`.
       start_epoch: epochs already done (0, or the resumed state's).
-      best: best pooled validation DSC so far (-1 before the first epoch).
+      best: best validation score so far (-1 before the first validation).
     """
 
     model: nn.Module
-    step: TrainStep
+    step: nn.Module
     net: nn.Module
     optimizer: torch.optim.Optimizer
     start_epoch: int = 0
@@ -445,10 +563,11 @@ class Trainer:
 
 
 def build_trainer(run: Run) -> Trainer:
-    """The model (new from its family, or the checkpoint being resumed), its training step and optimizer.
+    """The model (new from its family, or the checkpoint being resumed), the family's training step and
+    the optimizer.
 
-    On resume the trainable weights, the SgCL heads, the optimizer state and the RNG
-    states come from `run.state`. Under DDP the step is wrapped last.
+    On resume the trainable weights (training-only heads included), the optimizer state
+    and the RNG states come from `run.state`. Under DDP the step is wrapped last.
     """
     cfg, recipe = run.config, run.recipe
     if run.state is not None:
@@ -456,26 +575,19 @@ def build_trainer(run: Run) -> Trainer:
     else:
         model = run.family.build(cfg, sam_checkpoint=run.options.sam_checkpoint)
     model.train()
-    freeze_unused_heads(model)
-    step = TrainStep(
-        model=model,
-        sgcl=SgCL(channels=cfg.out_chans),
-        weights=LossWeights(ce=recipe.ce, dice=recipe.dice, sgcl=recipe.sgcl),
-        balance=recipe.balance,
-    ).to(run.device)
-    if not recipe.sgcl:
-        step.sgcl.requires_grad_(False)  # no SgCL term: its heads get no gradient
+    step = run.family.train_step(model, recipe).to(run.device)
     optimizer = make_optimizer([p for p in step.parameters() if p.requires_grad], recipe)
     trainer = Trainer(model=model, step=step, net=step, optimizer=optimizer)
     if run.state is not None:
         _restore(trainer, run.state)
         if run.dist.main:
-            log.info(f"resuming {run.out} after epoch {trainer.start_epoch} (best pooled DSC {trainer.best:.4f})")
+            log.info(f"resuming {run.out} after epoch {trainer.start_epoch} (best score {trainer.best:.4f})")
     if run.dist.world > 1:
-        # Every trainable parameter gets a gradient (IoU heads frozen above), so no unused-parameter search.
+        # A step whose model may leave parameters without gradient (e.g. routing) says so.
         dev = run.device
         trainer.net = nn.parallel.DistributedDataParallel(
-            step, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=False
+            step, device_ids=[dev.index] if dev.type == "cuda" else None,
+            find_unused_parameters=bool(getattr(step, "find_unused_parameters", False)),
         )
     return trainer
 
@@ -490,13 +602,13 @@ def _restore(trainer: Trainer, state: Dict[str, Any]) -> None:
     _set_rng_state(state["rng"])
 
 
-def make_loader(run: Run, train_ds: SegmentationDataset) -> DataLoader:
-    """Batches of `run.local_batch` images; the order of epoch e depends only on (seed, e), DDP-sharded."""
+def make_loader(run: Run, train_ds: Dataset) -> DataLoader:
+    """Batches of `run.local_batch` items; the order of epoch e depends only on (seed, e), DDP-sharded."""
     sampler = DistributedSampler(train_ds, num_replicas=run.dist.world, rank=run.dist.rank, shuffle=True,
                                  seed=run.recipe.seed, drop_last=True)
     loader = DataLoader(train_ds, batch_size=run.local_batch, sampler=sampler, drop_last=True)
     if len(loader) == 0:
-        raise DataError(f"{run.options.data_root}: {len(train_ds)} training images are fewer than one batch "
+        raise DataError(f"{run.options.data_root}: {len(train_ds)} training items are fewer than one batch "
                         f"of {run.recipe.batch_size}")
     return loader
 
@@ -533,22 +645,15 @@ def open_log(run: Run, start_epoch: int) -> List[Dict[str, Any]]:
     return rows
 
 
-def _describe(run: Run, train_ds: SegmentationDataset, val_ds: SegmentationDataset) -> str:
+def _describe(run: Run, train_ds: Dataset, val_ds: Dataset) -> str:
     rec, cfg, world = run.recipe, run.config, run.dist.world
+    unit = "slices" if hasattr(train_ds, "volumes") else "images"
     return (f"training {run.family.name}/{cfg.name} on {run.options.dataset} ({len(train_ds)} train / "
-            f"{len(val_ds)} val at {cfg.image_size}px), recipe {run.recipe_name}: {rec.optimizer} lr {rec.lr:g}, "
-            f"{rec.epochs} epochs, batch {rec.batch_size}"
+            f"{len(val_ds)} val {unit} at {cfg.image_size}px), recipe {run.recipe_name}: {rec.describe()}"
             + (f" ({world} processes x {run.local_batch})" if world > 1 else "") + f", device {run.device}")
 
 
 # ----------------------------------------------------------------------------- one epoch
-
-
-def _epoch_flips(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """(n,) bool: which images epoch `epoch` flips, drawn from a generator of (seed, epoch) only,
-    so they are the same after a resume and whatever the number of DDP processes."""
-    aug = torch.Generator().manual_seed(seed * 100003 + epoch * 7919)
-    return torch.rand(n, generator=aug) < 0.5
 
 
 def _mean_over_ranks(run: Run, parts: Dict[str, float]) -> Dict[str, float]:
@@ -562,25 +667,25 @@ def _mean_over_ranks(run: Run, parts: Dict[str, float]) -> Dict[str, float]:
 
 
 def train_epoch(run: Run, trainer: Trainer, loader: DataLoader, epoch: int) -> Dict[str, float]:
-    """One pass over the training split at the schedule's rate for (0-based) `epoch`.
+    """One pass over the training split for (0-based) `epoch`, the rate set per iteration (`Recipe.lr_at`).
 
     Returns:
-      dict: the mean of each loss part ("loss", "ce", "dice", "sgcl") over the epoch's batches.
+      dict: the mean of each loss part (the family's, with "loss") over the epoch's batches, and
+        "lr", the rate of its last iteration.
     """
     rec, dev, optimizer = run.recipe, run.device, trainer.optimizer
-    for group in optimizer.param_groups:
-        group["lr"] = rec.lr_at(epoch)
     loader.sampler.set_epoch(epoch)
-    flips = _epoch_flips(rec.seed, epoch, len(loader.dataset))
-    sums: Dict[str, float] = {}
+    augment = run.family.augmentation(rec, epoch, len(loader.dataset))
+    per_epoch, sums, lr = len(loader), {}, rec.lr
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{rec.epochs}", leave=False, disable=not run.show)
-    for images, masks, index in bar:  # (B, 3, S, S) RGB 0..255, (B, 1, S, S) {0, 1}, (B,)
-        images, masks = images.to(dev), masks.to(dev)
-        if rec.hflip:
-            flip = flips[index].to(dev)
-            images[flip] = images[flip].flip(-1)
-            masks[flip] = masks[flip].flip(-1)
-        parts = trainer.net(images, masks)
+    for b, (images, target, index) in enumerate(bar):  # (B, 3, S, S) RGB 0..255, the family's target, (B,)
+        lr = rec.lr_at(epoch * per_epoch + b, per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, target = images.to(dev), target.to(dev)
+        if augment is not None:
+            images, target = augment(images, target, index)
+        parts = trainer.net(images, target)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         optimizer.step()
@@ -588,13 +693,14 @@ def train_epoch(run: Run, trainer: Trainer, loader: DataLoader, epoch: int) -> D
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}")
     bar.close()
-    return _mean_over_ranks(run, {k: v / len(loader) for k, v in sums.items()})
+    return {**_mean_over_ranks(run, {k: v / per_epoch for k, v in sums.items()}), "lr": lr}
 
 
-def validate(run: Run, trainer: Trainer, val_ds: SegmentationDataset) -> Dict[str, Any]:
-    """Metrics of the model on the validation split (DDP: sharded, each image counted once)."""
-    return evaluate_model(trainer.model, val_ds, batch_size=max(run.local_batch, 1), device=run.device,
-                          rank=run.dist.rank, world=run.dist.world, progress=run.options.progress)
+def validate(run: Run, trainer: Trainer, val_ds: Dataset) -> Evaluation:
+    """The family's evaluation of the model on the validation split (DDP: sharded, each item counted once;
+    only what the score needs, e.g. no HD95)."""
+    return run.family.evaluate(trainer.model, val_ds, batch_size=max(run.local_batch, 1), device=run.device,
+                               rank=run.dist.rank, world=run.dist.world, progress=run.options.progress, full=False)
 
 
 def _trainer_state(run: Run, trainer: Trainer, done: int) -> Dict[str, Any]:
@@ -612,15 +718,25 @@ def _trainer_state(run: Run, trainer: Trainer, done: int) -> Dict[str, Any]:
     }
 
 
+def _log_row(run: Run, done: int, parts: Dict[str, float], val: Optional[Evaluation], is_best: bool,
+             started: float) -> Dict[str, Any]:
+    parts = dict(parts)
+    row = {"epoch": done, "lr": parts.pop("lr"), "train": parts, "val": val.report if val else None,
+           "best": is_best, "seconds": round(time.time() - started, 2)}
+    if val is not None:
+        row["score"] = val.score
+    return row
+
+
 def save_epoch(run: Run, trainer: Trainer, rows: List[Dict[str, Any]], *, epoch: int,
-               train_parts: Dict[str, float], val: Dict[str, Any], started: float) -> bool:
+               train_parts: Dict[str, float], val: Optional[Evaluation], started: float) -> bool:
     """Record (0-based) `epoch`: checkpoints, trainer state, a metrics.jsonl line; rank 0 writes, all ranks call.
 
-    Writes `out/best/` when the pooled validation DSC improved, `out/last/`, then
-    replaces `out/last/trainer_state.pt` (what --resume reads), then rewrites
-    metrics.jsonl with the epoch's line appended to `rows`. Under DDP the line
-    also holds every rank's trainable-weights digest (evidence that the replicas
-    stayed identical), and the ranks leave together.
+    Writes `out/best/` when the validation score improved (`val` None: the epoch was
+    not validated), `out/last/`, then replaces `out/last/trainer_state.pt` (what
+    --resume reads), then rewrites metrics.jsonl with the epoch's line appended to
+    `rows`. Under DDP the line also holds every rank's trainable-weights digest
+    (evidence that the replicas stayed identical), and the ranks leave together.
 
     Returns:
       bool: the epoch was the best so far (rank 0; False elsewhere).
@@ -631,23 +747,23 @@ def save_epoch(run: Run, trainer: Trainer, rows: List[Dict[str, Any]], *, epoch:
         dist.all_gather_object(hashes, weights_digest(trainer.step))
     is_best = False
     if run.dist.main:
-        done, score = epoch + 1, val["pooled"]["dsc"]
-        is_best = score > trainer.best
-        trainer.best = max(trainer.best, score)
-        meta = {"val": val, "train": train_parts, "recipe": run.recipe_name}
+        done = epoch + 1
+        is_best = val is not None and val.score > trainer.best
+        if val is not None:
+            trainer.best = max(trainer.best, val.score)
+        meta = {"val": val.report if val else None, "train": train_parts, "recipe": run.recipe_name}
         if is_best:
             save_checkpoint(trainer.model, run.out / "best", dataset=run.options.dataset, epoch=done, metrics=meta)
         save_checkpoint(trainer.model, run.out / "last", dataset=run.options.dataset, epoch=done, metrics=meta)
         with atomic_path(run.state_path) as tmp:
             torch.save(_trainer_state(run, trainer, done), tmp)
-        rows.append({"epoch": done, "lr": run.recipe.lr_at(epoch), "train": train_parts, "val": val,
-                     "best": is_best, "seconds": round(time.time() - started, 2)})
+        rows.append(_log_row(run, done, train_parts, val, is_best, started))
         if hashes is not None:
             rows[-1]["rank_weights_sha256"] = hashes
         _write_log(run.log_path, rows)
-        log.info(f"epoch {done}/{run.recipe.epochs}  loss {train_parts['loss']:.4f}  val DSC pooled "
-                 f"{val['pooled']['dsc']:.4f} per-image {val['per_image']['dsc']:.4f}  ({time.time() - started:.0f}s)"
-                 + ("  *best*" if is_best else ""))
+        log.info(f"epoch {done}/{run.recipe.epochs}  loss {train_parts['loss']:.4f}  "
+                 + (f"val {val.headline}" if val else "(not validated)")
+                 + f"  ({time.time() - started:.0f}s)" + ("  *best*" if is_best else ""))
     if run.dist.world > 1:
         dist.barrier()  # ranks leave the epoch together; only rank 0 wrote
     return is_best
@@ -664,8 +780,9 @@ def train(options: Optional[TrainOptions] = None, /, **kwargs: Any) -> Dict[str,
         arguments, e.g. `train(dataset="synthetic", config="tiny", epochs=2)`.
 
     Returns:
-      dict: the run summary: out, model (family), epochs, recipe, best_dsc (best pooled
-        validation DSC, rank 0), last (the last epoch's validation metrics).
+      dict: the run summary: out, model (family), dataset, epochs, recipe, best_score (best validation
+        score, rank 0; best_dsc: the same, both families' scores being Dice), last (the last
+        validation report).
     """
     if options is None:
         options = TrainOptions(**kwargs)
@@ -676,40 +793,44 @@ def train(options: Optional[TrainOptions] = None, /, **kwargs: Any) -> Dict[str,
     _check_batch(run)
     # Seeded before the data and the model: the model's initialisation is the first use of the RNG.
     _seed_everything(run.recipe.seed)
-    train_ds, val_ds = prepare_data(options.dataset, Path(options.data_root), run.config.image_size,
-                                    skip_bad=options.skip_bad, progress=run.show, main=run.dist.main)
+    train_ds, val_ds = prepare_data(run)
     trainer = build_trainer(run)
     loader = make_loader(run, train_ds)
     rows = open_log(run, trainer.start_epoch)
     if run.dist.main:
         log.info(_describe(run, train_ds, val_ds))
-    last: Dict[str, Any] = {}
+    last: Optional[Evaluation] = None
     for epoch in range(trainer.start_epoch, run.recipe.epochs):
         started = time.time()
         parts = train_epoch(run, trainer, loader, epoch)
-        last = validate(run, trainer, val_ds)
-        save_epoch(run, trainer, rows, epoch=epoch, train_parts=parts, val=last, started=started)
-    if run.dist.main and last:
-        log.info(format_metrics(last))
-    return {"out": str(run.out), "model": run.family.name, "epochs": run.recipe.epochs, "recipe": run.recipe_name,
-            "best_dsc": trainer.best, "last": last}
+        due = (epoch + 1) % run.recipe.val_every == 0 or epoch + 1 == run.recipe.epochs
+        val = validate(run, trainer, val_ds) if due else None
+        last = val or last
+        save_epoch(run, trainer, rows, epoch=epoch, train_parts=parts, val=val, started=started)
+    if run.dist.main and last is not None:
+        log.info(last.table)
+    return {"out": str(run.out), "model": run.family.name, "dataset": options.dataset, "epochs": run.recipe.epochs,
+            "recipe": run.recipe_name, "best_score": trainer.best, "best_dsc": trainer.best,
+            "last": last.report if last else {}}
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
 def _recipe_help() -> str:
-    lines = ["recipes (--recipe; 'auto' = demo for --dataset synthetic with --config tiny, else paper):"]
-    for name, r in RECIPES.items():
-        lines.append(
-            f"  {name:6s} {r.optimizer} lr {r.lr:g} (x{', x'.join(f'{f:g}' for f in r.lr_factors)} at "
-            f"{', '.join(f'{int(m * 100)}%' for m in r.lr_milestones)} of the epochs), {r.epochs} epochs, "
-            f"batch {r.batch_size}, CE {r.ce:g} + Dice {r.dice:g} + SgCL {r.sgcl:g}, balancing "
-            f"{'on' if r.balance else 'off'}, flips {'on' if r.hflip else 'off'}, seed {r.seed}"
-        )
+    lines = [("recipes (--recipe; 'auto' = the family's pick: demo for its synthetic set with --config tiny, "
+              "else paper):")]
+    for fam_name in family_names():
+        try:
+            fam = get_family(fam_name)
+            recipes = fam.recipes()
+        except FamilyError:  # a family that does not train, or cannot be imported here
+            continue
+        lines.append(f" {fam_name} (datasets: {', '.join(fam.datasets())}):")
+        lines.extend(f"  {name:6s} {r.describe()}" for name, r in recipes.items())
     lines.append(
-        "The demo recipe trains a randomly initialised model (no SAM weights), which needs a far higher "
-        "learning rate than fine-tuning SAM; on the synthetic set it reaches DSC >= 0.85 in minutes on a CPU."
+        "The demo recipes train a randomly initialised tiny model (no SAM weights), which needs a far higher "
+        "learning rate than fine-tuning SAM; on the synthetic sets they learn in minutes on a CPU."
     )
     return "\n".join(lines)
 
@@ -718,18 +839,19 @@ def _parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m icmoe.train",
                    "Train a model. Distributed: torchrun --nproc_per_node N -m icmoe.train ...",
                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_recipe_help())
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="synthetic")
+    p.add_argument("--dataset", default="synthetic", help="a dataset the --model family trains on (listed below)")
     p.add_argument("--data-root", type=Path, default=None, help="dataset folder (default data/<dataset>)")
     add_model_args(p)
     p.add_argument("--sam-checkpoint", type=Path, default=None, help="SAM ViT-B .pth to start from")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<model>-<dataset>-<config>)")
-    p.add_argument("--recipe", default="auto", choices=["auto", *RECIPES])
+    p.add_argument("--recipe", default="auto", help="a recipe of the family (listed below) or auto")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="global batch size")
-    p.add_argument("--lr", type=float, default=None, help="initial learning rate")
-    p.add_argument("--sgcl-weight", type=float, default=None, help="SgCL weight g (0 turns SgCL off)")
-    p.add_argument("--no-balance", action="store_true", help="turn PPAV load balancing off in training")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate")
+    p.add_argument("--sgcl-weight", type=float, default=None, help="IC-MoE: SgCL weight g (0 turns SgCL off)")
+    p.add_argument("--no-balance", action="store_true", help="IC-MoE: turn PPAV load balancing off in training")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--val-every", type=int, default=None, help="validate every N epochs (and after the last)")
     p.add_argument("--image-size", type=int, default=None, help="override the config's input size (512 for GlaS)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images/masks with a warning")
@@ -745,8 +867,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     options = TrainOptions(
         dataset=a.dataset, data_root=a.data_root, out=a.out, model=a.model, config=a.config,
         sam_checkpoint=a.sam_checkpoint, recipe=a.recipe, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-        sgcl_weight=a.sgcl_weight, balance=False if a.no_balance else None, seed=a.seed, image_size=a.image_size,
-        resume=a.resume, skip_bad=a.skip_bad, device=a.device, progress=not a.no_progress,
+        sgcl_weight=a.sgcl_weight, balance=False if a.no_balance else None, seed=a.seed, val_every=a.val_every,
+        image_size=a.image_size, resume=a.resume, skip_bad=a.skip_bad, device=a.device, progress=not a.no_progress,
     )
     try:
         summary = train(options)

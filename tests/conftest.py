@@ -49,6 +49,17 @@ def tiny_build(tiny_checkpoint, tmp_path_factory):
                  verify=True, verify_images=16, progress=False)
 
 
+@pytest.fixture(scope="session")
+def moesam_build(tmp_path_factory):
+    """FP32 + FP16 build of a random-init tiny MoE-SAM (seed 0, 3 classes; ONNX Runtime, batch 1..8,
+    16 parity images). Its experts differ (independent random init), so routing matters."""
+    from export.build import build
+
+    out = tmp_path_factory.mktemp("moesam_build") / "moesam-tiny-fp16"
+    return build(None, random_init=True, model="moesam", config="tiny", precision="fp16", out=out,
+                 batch=(1, 2, 8), backend="onnxruntime", verify=True, verify_images=16, progress=False)
+
+
 @pytest.fixture(autouse=True)
 def _restore_cli_logging():
     """`cli.setup_logging` (run by every in-process `main([...])`) binds a handler to the test's captured

@@ -3,10 +3,13 @@
     aoti/icmoe_aoti.cpp        CPU: an AOTInductor package (.pt2, `python -m export.aoti`) through libtorch
     tensorrt/icmoe_trt.cpp     GPU: a TensorRT engine (model.plan) through the TensorRT 10 C++ runtime
     common/image_io.h          binary PPM/PGM reading, PGM mask writing (no image library needed)
-    common/outputs.h           what both programs do with a model's outputs: mask -> PGM, logits -> raw
-                               float32, other small outputs printed (names from the package / the engine)
+    common/outputs.h           what both programs do with a model's outputs: mask -> PGM (binary 0/255, or
+                               the raw label values of a multi-class model), logits -> raw float32, other
+                               small outputs printed (names from the package / the engine)
 
 `build_programs()` configures and builds them with CMake against the torch wheel's headers and libraries.
+A multi-class build's label names reach icmoe_aoti through the package's metadata and icmoe_trt through
+its `--classes` flag: `class_arguments(build_dir)` gives that flag for a build.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import List, Sequence
 
 import numpy as np
 
-from engines.base import EngineError
+from engines.base import BuildInfo, EngineError
 from icmoe.core.io import PathLike, atomic_path
+from icmoe.core.manifest import CLASS_NAME_SEPARATOR
 
 log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).resolve().parent
@@ -53,8 +57,8 @@ def build_programs(build_dir: PathLike, *, targets: Sequence[str] = ("icmoe_aoti
 
     build_dir = Path(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
-    configure = ["cmake", "-S", str(SOURCE_DIR), "-B", str(build_dir), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-                 *extra_args]
+    configure = ["cmake", "-S", str(SOURCE_DIR), "-B", str(build_dir),
+                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", *extra_args]
     build = ["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets]
     steps = [("configure", configure)] + ([("build", build)] if targets else [])
     for step, cmd in steps:
@@ -62,7 +66,8 @@ def build_programs(build_dir: PathLike, *, targets: Sequence[str] = ("icmoe_aoti
         proc = subprocess.run(cmd, capture_output=True, text=True)
         (build_dir / f"icmoe-{step}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
-            errors = [l for l in (proc.stdout + proc.stderr).splitlines() if "error" in l.lower()] or ["(no error line)"]
+            text = proc.stdout + proc.stderr
+            errors = [line for line in text.splitlines() if "error" in line.lower()] or ["(no error line)"]
             raise CMakeError(f"cmake {step} failed: {errors[0].strip()} (log: {build_dir / f'icmoe-{step}.log'})")
     return build_dir
 
@@ -107,12 +112,24 @@ def read_pgm(path: PathLike) -> np.ndarray:
     return pixels.reshape(h, w)
 
 
+def class_arguments(build_dir: PathLike) -> List[str]:
+    """icmoe_trt's flag for a build's mask: `["--classes", "background,liver,..."]` for a multi-class
+    build (its manifest's label names), `[]` for a binary one.
+
+    Raises:
+      EngineError: no readable manifest in `build_dir`.
+    """
+    names = BuildInfo(build_dir).class_names
+    return [] if names is None else ["--classes", CLASS_NAME_SEPARATOR.join(names)]
+
+
 def run_program(program: PathLike, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run one of the programs; returns the completed process (stdout, stderr, returncode)."""
     return subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
-__all__ = ["SOURCE_DIR", "CMakeError", "build_programs", "program_path", "write_ppm", "read_pgm", "run_program"]
+__all__ = ["SOURCE_DIR", "CMakeError", "build_programs", "class_arguments", "program_path", "write_ppm", "read_pgm",
+           "run_program"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("package a model with python -m export.aoti; build the programs with cmake (engines/cpp/CMakeLists.txt)")

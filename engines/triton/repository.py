@@ -19,7 +19,14 @@ written in its text format, then parsed back, so what lands on disk is a valid m
 Inputs and outputs come from the manifest's tensor specs. The batch axis is Triton's:
 `max_batch_size` is the build's largest batch, dims leave it out, and a tensor that is only a
 batch axis (IC-MoE's `expert`, shape (B,)) is exposed as (B, 1) through `reshape`, as Triton
-requires.
+requires. Every output keeps the manifest's shape, so a multi-class `logits` (B, C+1, S, S) has dims
+[C+1, S, S].
+
+What the `mask` output holds is recorded in every config's `parameters` (backends ignore keys they
+do not know; clients read them with `get_model_config`):
+
+    mask_kind    "binary" (0/1) or "labels" (label values 0..C)
+    class_names  the label names, comma-separated, index = value, 0 = background ("" for binary)
 """
 
 from __future__ import annotations
@@ -35,10 +42,13 @@ from typing import Any, Dict, List, Optional, Sequence
 from engines.base import EngineError
 from icmoe.core.io import PathLike, atomic_write_bytes
 from icmoe.core.manifest import (
+    CLASS_NAME_SEPARATOR,
     LEGACY_FAMILY,
     ONNX_GRAPHS,
     PLAN_NAME,
     artifact_path,
+    class_names,
+    mask_kind,
     read_manifest,
 )
 
@@ -62,14 +72,16 @@ class RepositoryOptions:
     instances: int = 1  # instance_group count per model (CPU instances: each runs its own session)
     max_queue_delay_us: int = 2000  # dynamic batching: how long a request may wait for others
     python_path: Optional[List[str]] = None  # sys.path entries for the python backend (default: this environment's)
-    precision: Optional[str] = None  # graph served by onnxruntime/python models: "fp32" or "fp16" (default: the build's)
+    # graph served by the onnxruntime/python models: "fp32" or "fp16" (default: the build's)
+    precision: Optional[str] = None
 
 
 def _model_config_pb2():
     try:
         from tritonclient.grpc import model_config_pb2  # lazy: optional dependency
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RepositoryError(f"writing Triton configs needs tritonclient[grpc] (pip install 'tritonclient[grpc]'): {e}") from None
+        raise RepositoryError(f"writing Triton configs needs tritonclient[grpc] "
+                              f"(pip install 'tritonclient[grpc]'): {e}") from None
     return model_config_pb2
 
 
@@ -118,7 +130,19 @@ def _io_entries(pb2, specs: Sequence[Dict[str, Any]], cls) -> list:
 
 
 def model_config(manifest: Dict[str, Any], kind: str, options: RepositoryOptions) -> Any:
-    """The ModelConfig message of one kind of model for a build's manifest."""
+    """The ModelConfig message of one kind of model for a build's manifest.
+
+    Arguments:
+      manifest: the build's manifest (`read_manifest`).
+      kind: "tensorrt", "onnxruntime" or "python".
+      options: names, instances, batching delay, python path, precision.
+
+    Returns:
+      tritonclient.grpc.model_config_pb2.ModelConfig, with the mask kind and label names in `parameters`.
+
+    Raises:
+      RepositoryError: an unknown kind, a batch range not starting at 1, a tensor Triton cannot type.
+    """
     pb2 = _model_config_pb2()
     if kind not in KINDS:
         raise RepositoryError(f"unknown model kind {kind!r} (choose from {', '.join(KINDS)})")
@@ -141,6 +165,9 @@ def model_config(manifest: Dict[str, Any], kind: str, options: RepositoryOptions
         cfg.parameters["precision"].string_value = options.precision or str(manifest["precision"])
     cfg.input.extend(_io_entries(pb2, manifest["inputs"], pb2.ModelInput))
     cfg.output.extend(_io_entries(pb2, manifest["outputs"], pb2.ModelOutput))
+    # What the mask's values mean travels with the model, for every backend.
+    cfg.parameters["mask_kind"].string_value = mask_kind(manifest)
+    cfg.parameters["class_names"].string_value = CLASS_NAME_SEPARATOR.join(class_names(manifest) or [])
     preferred = sorted({b for b in (bopt, bmax) if 1 < b <= bmax})
     cfg.dynamic_batching.preferred_batch_size.extend(preferred)
     cfg.dynamic_batching.max_queue_delay_microseconds = int(options.max_queue_delay_us)
@@ -228,7 +255,8 @@ def make_repository(
         cfg = model_config(manifest, kind, options)
         if kind == "tensorrt":
             if PLAN_NAME not in artifacts:
-                raise RepositoryError(f"{build_dir}: no {PLAN_NAME} in this build (build it on a GPU host with TensorRT)")
+                raise RepositoryError(f"{build_dir}: no {PLAN_NAME} in this build "
+                                      f"(build it on a GPU host with TensorRT)")
             files = {PLAN_NAME: artifact_path(build_dir, PLAN_NAME)}
             written.append(_write_model(out_dir, cfg, files))
         elif kind == "onnxruntime":

@@ -123,7 +123,8 @@ def _backend_dir(root: Path, dest: Path) -> Path:
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "pytriton/tritonserver/python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
-        raise ServerError(f"the nvidia-pytriton {PYTRITON_VERSION} wheel has no python backend stub for Python {version}")
+        raise ServerError(f"the nvidia-pytriton {PYTRITON_VERSION} wheel has no python backend stub "
+                          f"for Python {version}")
     shutil.copytree(root / "pytriton/tritonserver/backends", dest)
     shutil.copy2(stub, dest / "python" / stub.name)
     for exe in (dest / "python" / stub.name, root / "pytriton/tritonserver/bin/tritonserver"):
@@ -198,7 +199,8 @@ class TritonServer:
         libs = [str(root / "nvidia_pytriton.libs")]
         if sysconfig.get_config_var("Py_ENABLE_SHARED"):  # the stub then loads this interpreter's libpython
             libs.insert(0, str(sysconfig.get_config_var("LIBDIR")))
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
+        inherited = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + inherited)
         return env
 
     def start(self) -> "TritonServer":

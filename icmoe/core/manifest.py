@@ -10,11 +10,15 @@ A build directory (default `build/<family>-<config>-<precision>/`) holds
     manifest.json      this file's format, written atomically
     build.log          what the build printed
 
-`manifest.json` keys: format="icmoe-build", version=2, model{family, name, config},
+`manifest.json` keys: format="icmoe-build", version=2, model{family, name, config, classes},
 checkpoint{path (relative to the build), sha256, random_init, source}, precision, opset,
 image_size, batch{min, opt, max}, inputs/outputs [{name, dtype, shape}],
 artifacts{filename: {sha256, bytes, kind, precision, ...}}, versions{...}, built_at.
 Version 1 manifests (no `model.family`) are read as IC-MoE builds.
+
+`model.classes` says what the values of the `mask` output mean: null (or absent, in manifests
+written before it existed) for a binary mask (0/1), else the label names, index = label value,
+index 0 the background (`class_names`, `mask_kind`).
 
 Every reader goes through `read_manifest` and `artifact_path`, so a missing,
 truncated or foreign artifact is refused with one line naming the file.
@@ -44,6 +48,11 @@ CHECKPOINT_DIR = "checkpoint"
 LOG_NAME = "build.log"
 # Keys every manifest must have (the others are informative).
 REQUIRED_KEYS = ("format", "version", "model", "precision", "image_size", "batch", "inputs", "outputs", "artifacts")
+# What `mask` holds: 0/1 (binary), or label values 0..C whose names `model.classes` lists.
+MASK_KINDS = ("binary", "labels")
+# Label names travel comma-joined (AOTInductor metadata, Triton parameters, icmoe_trt --classes).
+CLASS_NAME_SEPARATOR = ","
+MAX_LABELS = 256  # the mask is uint8
 
 
 class ManifestError(IcmoeError, ValueError):
@@ -74,6 +83,7 @@ def new_manifest(
     opset: int,
     batch: Sequence[int],
     checkpoint: Optional[Dict[str, Any]] = None,
+    class_names: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     """A fresh manifest dict (no artifacts yet).
 
@@ -85,14 +95,21 @@ def new_manifest(
       opset: ONNX opset of the graphs.
       batch: (min, opt, max) dynamic batch range.
       checkpoint: {path (relative to the build), sha256, random_init, ...}.
+      class_names: the family's `class_names(config)`: label names of the `mask` output (index =
+        value, 0 = background), or None for a binary mask.
+
+    Raises:
+      ManifestError: an unknown precision, or label names that `check_class_names` refuses.
     """
     if precision not in PRECISIONS:
         raise ManifestError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     bmin, bopt, bmax = (int(b) for b in batch)
+    classes = None if class_names is None else check_class_names(class_names, f"model family {family!r}")
+    check_label_outputs(classes, specs_to_dicts(outputs), f"model family {family!r}")
     return {
         "format": FORMAT,
         "version": VERSION,
-        "model": {"family": family, "name": config["name"], "config": config},
+        "model": {"family": family, "name": config["name"], "config": config, "classes": classes},
         "checkpoint": checkpoint or {"path": None, "sha256": None, "random_init": True},
         "precision": precision,
         "opset": opset,
@@ -134,8 +151,10 @@ def read_manifest(build_dir: PathLike) -> Dict[str, Any]:
     if missing:
         raise ManifestError(f"{path}: manifest lacks {', '.join(missing)}")
     manifest["model"].setdefault("family", LEGACY_FAMILY)
+    manifest["model"].setdefault("classes", None)  # written before label models existed: binary
     check_precision(manifest, path)
     check_sizes(manifest, path)
+    check_classes(manifest, path)
     return manifest
 
 
@@ -163,6 +182,77 @@ def check_precision(manifest: Dict[str, Any], where: PathLike) -> None:
     foreign = sorted(n for n, a in artifacts.items() if a.get("precision") not in ("fp32", precision))
     if foreign:
         raise ManifestError(f"{where}: precision {precision!r}, but lists {', '.join(foreign)} of another precision")
+
+
+def check_class_names(names: Any, where: Any) -> List[str]:
+    """Label names as a list of strings, or a one-line error naming `where`.
+
+    Arguments:
+      names: the label names, index = label value (index 0 is the background).
+      where: what to name in the message (a manifest path, a family, a package).
+
+    Returns:
+      list[str]: the names.
+
+    Raises:
+      ManifestError: not a list of 2..256 distinct, non-empty strings without commas or line breaks.
+    """
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise ManifestError(f"{where}: class names must be a list of strings, got {type(names).__name__}")
+    if not 2 <= len(names) <= MAX_LABELS:
+        raise ManifestError(f"{where}: a label mask needs 2..{MAX_LABELS} class names (background first), "
+                            f"got {len(names)}")
+    for name in names:
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            raise ManifestError(f"{where}: class name {name!r} is not a non-empty string without outer spaces")
+        if CLASS_NAME_SEPARATOR in name or "\n" in name or "\r" in name:
+            raise ManifestError(f"{where}: class name {name!r} contains a comma or a line break")
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ManifestError(f"{where}: class name {twice[0]!r} given twice")
+    return list(names)
+
+
+def check_label_outputs(classes: Optional[List[str]], outputs: Sequence[Dict[str, Any]], where: Any) -> None:
+    """A label model's `mask` must be uint8, and a (B, K, S, S) `logits` output must have K = len(classes).
+
+    Raises:
+      ManifestError: the outputs contradict the label names.
+    """
+    if classes is None:
+        return
+    specs = {o["name"]: o for o in outputs}
+    mask = specs.get("mask")
+    if mask is None or mask["dtype"] != "uint8":
+        have = "no output named mask" if mask is None else f"mask is {mask['dtype']}"
+        raise ManifestError(f"{where}: class names need a uint8 output named mask ({have})")
+    logits = specs.get("logits")
+    if logits is not None and len(logits["shape"]) == 4 and logits["shape"][1] != len(classes):
+        raise ManifestError(f"{where}: {len(classes)} class names, but logits has {logits['shape'][1]} channels")
+
+
+def check_classes(manifest: Dict[str, Any], where: PathLike) -> None:
+    """`model.classes` is null or label names consistent with the outputs (an edited manifest may not be)."""
+    classes = manifest["model"]["classes"]
+    if classes is not None:
+        check_label_outputs(check_class_names(classes, where), manifest["outputs"], where)
+
+
+def class_names(manifest: Dict[str, Any]) -> Optional[List[str]]:
+    """The label names of a build's `mask` output (index = value, 0 = background), or None for a binary
+    mask (also for manifests written before label models existed)."""
+    classes = manifest["model"].get("classes")
+    return None if classes is None else list(classes)
+
+
+def mask_kind_of(names: Optional[Sequence[str]]) -> str:
+    """"binary" for no label names (the mask holds 0/1), "labels" for label names (it holds label values)."""
+    return MASK_KINDS[0] if names is None else MASK_KINDS[1]
+
+
+def mask_kind(manifest: Dict[str, Any]) -> str:
+    """"binary" (mask holds 0/1) or "labels" (mask holds label values, see `class_names`)."""
+    return mask_kind_of(class_names(manifest))
 
 
 def family_of(manifest: Dict[str, Any]) -> str:
@@ -214,7 +304,8 @@ def artifact_path(build_dir: PathLike, name: str, *, verify: bool = True) -> Pat
     if verify:
         size = path.stat().st_size
         if size != info.get("bytes"):
-            raise ManifestError(f"{path}: truncated or damaged ({size} bytes, {MANIFEST_NAME} says {info.get('bytes')})")
+            raise ManifestError(f"{path}: truncated or damaged ({size} bytes, "
+                                f"{MANIFEST_NAME} says {info.get('bytes')})")
         if sha256_file(path) != info.get("sha256"):
             raise ManifestError(f"{path}: damaged (sha256 differs from {MANIFEST_NAME})")
     return path

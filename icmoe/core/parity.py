@@ -59,3 +59,17 @@ def flipped_report(reference: np.ndarray, candidate: np.ndarray) -> Dict[str, fl
     differ = reference.reshape(len(reference), -1) != candidate.reshape(len(candidate), -1)
     return {"flipped": float(differ.mean()), "max_flipped_image": float(differ.mean(1).max()),
             "flipped_pixels": int(differ.sum())}
+
+
+def dice_per_class(reference: np.ndarray, candidate: np.ndarray, num_labels: int) -> Dict[int, Any]:
+    """Dice of each foreground label 1..num_labels-1 of two label-map batches, pooled over the batch.
+
+    Returns:
+      {label: Dice, or None where the label is absent from both}.
+    """
+    out: Dict[int, Any] = {}
+    for c in range(1, num_labels):
+        a, b = reference == c, candidate == c
+        total = int(a.sum()) + int(b.sum())
+        out[c] = None if total == 0 else float(2.0 * (a & b).sum() / total)
+    return out

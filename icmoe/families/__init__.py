@@ -24,6 +24,7 @@ from icmoe.families.base import Family, FamilyError, GraphPass, Tolerances
 
 FAMILIES: Dict[str, Union[str, Family]] = {
     "icmoe": "icmoe.families.icmoe:FAMILY",
+    "moesam": "icmoe.families.moesam:FAMILY",
 }
 DEFAULT_FAMILY = "icmoe"
 DEFAULT_CONFIG = "vit_b"  # every command's --config default

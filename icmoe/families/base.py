@@ -13,6 +13,8 @@ What a family provides (after optimum's per-architecture `OnnxConfig`):
   structures of the same weights, e.g. IC-MoE's three full experts);
 - the graph contract: `inputs` / `outputs` (TensorSpecs), `export_module` (the model
   as a function of the inputs returning the outputs in order), `example_inputs`;
+- labels: `class_names` (multi-class masks; None for binary ones);
+- export: `export_patches` (a context that makes the model trace to the wanted graph);
 - precision: `fp32_op_types` and `fp32_nodes` (what stays FP32 in the FP16 graph);
 - GPU: `tensorrt_passes` (graph passes before the TensorRT build), `prepare_eager`
   (e.g. a fused CUDA op for eager GPU inference);
@@ -23,9 +25,10 @@ What a family provides (after optimum's per-architecture `OnnxConfig`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -52,6 +55,9 @@ class Tolerances:
       max_flipped: largest fraction of mask pixels (over the whole parity set) that may differ.
       min_agreement: smallest share of images whose discrete choice (e.g. IC-MoE's chosen
         candidate) must agree; None where the family has none.
+      min_class_dice: multi-class families: smallest Dice of any label against the reference's.
+      gate_logits: False where the logits are reported but the gate is on the labels only (a
+        lower precision that may route a token differently moves logits non-smoothly).
     """
 
     atol: float
@@ -59,6 +65,8 @@ class Tolerances:
     max_flipped: float
     min_agreement: Optional[float] = None
     scaled_atol: float = 0.0
+    min_class_dice: Optional[float] = None
+    gate_logits: bool = True
 
     def replace(self, **changes: Any) -> "Tolerances":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -108,6 +116,9 @@ class Family:
         if name not in self.configs:
             raise FamilyError(f"unknown {self.name} config {name!r}; choose from {', '.join(sorted(self.configs))}")
         cfg = self.configs[name]()
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cfg)})
+        if unknown:
+            raise FamilyError(f"{self.name} configurations have no field {', '.join(unknown)}")
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
     def config_from_dict(self, d: Dict[str, Any]) -> Any:
@@ -154,6 +165,16 @@ class Family:
         g = torch.Generator().manual_seed(seed)
         return tuple(torch.rand(spec.concrete(batch), generator=g) * 255 for spec in self.inputs(config))
 
+    def class_names(self, config: Any) -> Optional[List[str]]:
+        """Names of the label values of the `mask` output (index = value, 0 = background) for a
+        multi-class family; None where `mask` is binary (0/1)."""
+        return None
+
+    def export_patches(self, model: Any) -> ContextManager[Any]:
+        """A context in which `model` traces to the graph the family wants (optimum's patchers),
+        e.g. attention over long sequences in query chunks; the model is unchanged afterwards."""
+        return contextlib.nullcontext()
+
     def fp32_nodes(self, proto: Any) -> List[str]:
         """Names of nodes of the FP32 graph `proto` that must stay FP32 in the FP16 graph."""
         return []
@@ -179,3 +200,88 @@ class Family:
 
     def format_summary(self, summary: Dict[str, Any]) -> str:
         return "\n".join(f"{k}: {v}" for k, v in summary.items())
+
+    # ---------------------------------------------------------------- training and evaluation
+    # Read by `icmoe.train` (the generic trainer) and `icmoe.evaluate`; a family that does not
+    # train keeps these defaults. Checkpoints, resume, DDP, logs and run folders stay the trainer's.
+
+    def recipes(self) -> Mapping[str, Any]:
+        """Training recipes: name -> `icmoe.train.Recipe` (optimizer, schedule, loss weights, augmentation).
+
+        Returns:
+          Mapping[str, Recipe]: in the order `--help` lists them; `paper` is the publication's.
+        """
+        raise FamilyError(f"{self.title or self.name} has no training recipes (it cannot be trained here)")
+
+    def pick_recipe(self, dataset: str, config: str) -> str:
+        """The recipe `--recipe auto` means for `dataset` and the size variant `config` (default "paper")."""
+        return "paper"
+
+    def datasets(self) -> Mapping[str, Dict[str, Any]]:
+        """The datasets the family trains and evaluates on: name -> the configuration fields that dataset
+        decides (e.g. a multi-class family's `num_classes` and `class_names`; {} where none).
+
+        Returns:
+          Mapping[str, dict]: the trainer refuses other names and builds the configuration with
+            `get_config(name, **datasets()[dataset])`.
+        """
+        return {}
+
+    def make_synthetic(self, dataset: str, root: Any, *, image_size: int) -> bool:
+        """Write the family's built-in synthetic set into `root` when `dataset` names it and `root` holds
+        none (no download). Called by one process (DDP rank 0) before any split is read.
+
+        Returns:
+          bool: True if it wrote the set.
+        """
+        return False
+
+    def load_split(self, dataset: str, root: Any, split: str, *, image_size: int, skip_bad: bool = False,
+                   progress: bool = True) -> Any:
+        """One split ("train", "val", and "test" where the dataset has one) read into memory.
+
+        Returns:
+          a torch Dataset: `ds[i]` -> (image float32 (3, S, S) RGB 0..255, target (the step's and
+            the evaluation's format, e.g. a (1, S, S) float mask or an (S, S) int64 label map), i);
+            `ds.skipped` lists what `skip_bad` dropped. Raises `DataError` naming the file at fault.
+        """
+        raise FamilyError(f"{self.title or self.name} has no datasets")
+
+    def train_step(self, model: Any, recipe: Any) -> Any:
+        """The training step of `model` (in train mode) under `recipe`.
+
+        Returns:
+          nn.Module containing `model`: forward(images (B, 3, S, S), target (B, ...)) -> dict of 0-dim
+            loss tensors with "loss" (the one minimised; the others are logged). Its parameters with
+            `requires_grad` are what the optimizer and the trainer state cover (training-only heads
+            included); `find_unused_parameters = True` on it where a forward may leave some without
+            gradient (e.g. routing), for DDP.
+        """
+        raise FamilyError(f"{self.title or self.name} has no training step")
+
+    def augmentation(self, recipe: Any, epoch: int, n: int) -> Optional[Callable[[Any, Any, Any], Tuple[Any, Any]]]:
+        """The training augmentation of (0-based) `epoch` over a split of `n` items, or None.
+
+        Returns:
+          fn(images (B, 3, S, S), target (B, ...), index (B,) dataset indices) -> (images, target) for a
+            batch (already on the device), a function of (recipe.seed, epoch, index) only, so a
+            resumed run and any number of DDP processes repeat it.
+        """
+        return None
+
+    def evaluate(self, model: Any, data: Any, *, batch_size: int = 8, device: Any = "cpu", rank: int = 0,
+                 world: int = 1, progress: bool = True, full: bool = True, overlays: Optional[Any] = None,
+                 n_overlays: int = 8) -> Any:
+        """The model (inference mode, as deployed) scored on a split from `load_split`.
+
+        Arguments:
+          rank, world: under DDP each rank evaluates its share and the figures are gathered, each
+            item counted once.
+          full: False for training's validation: only what the score needs (e.g. no HD95).
+          overlays, n_overlays: a folder for PNG pictures of the first `n_overlays` items, or None.
+
+        Returns:
+          `icmoe.evaluate.Evaluation`: `report` (JSON figures), `score` (the one figure training keeps
+            the best of, higher is better), `headline` (one line), `table` (console report), `overlays`.
+        """
+        raise FamilyError(f"{self.title or self.name} has no evaluation")

@@ -226,6 +226,57 @@ class ICMoEFamily(Family):
             f"  shared / naive                      {s['gflops_shared'] / s['gflops_naive']:8.3f}",
         ])
 
+    # ---------------------------------------------------------------- training and evaluation
+    # Training code is imported when a run asks for it: engines load this family on deployment
+    # hosts, and `icmoe.train` itself imports the family registry.
+
+    def recipes(self) -> Dict[str, Any]:
+        from icmoe.train import RECIPES
+
+        return dict(RECIPES)
+
+    def pick_recipe(self, dataset: str, config: str) -> str:
+        from icmoe.train import pick_recipe
+
+        return pick_recipe("auto", dataset, config)
+
+    def datasets(self) -> Dict[str, Dict[str, Any]]:
+        from icmoe.data.readers import DATASETS
+
+        return {name: {} for name in DATASETS}  # binary masks: nothing in the configuration depends on them
+
+    def make_synthetic(self, dataset: str, root, *, image_size: int) -> bool:
+        from icmoe.data.synthetic import has_synthetic_dataset, make_synthetic_dataset
+        from icmoe.train import SYNTHETIC_DEFAULTS
+
+        if dataset != "synthetic" or has_synthetic_dataset(root):
+            return False
+        make_synthetic_dataset(root, size=image_size, seed=0, **SYNTHETIC_DEFAULTS)
+        return True
+
+    def load_split(self, dataset: str, root, split: str, *, image_size: int, skip_bad: bool = False,
+                   progress: bool = True) -> Any:
+        from icmoe.data.dataset import build_dataset
+
+        return build_dataset(dataset, root, split, image_size=image_size, skip_bad=skip_bad, progress=progress)
+
+    def train_step(self, model: nn.Module, recipe: Any) -> nn.Module:
+        from icmoe.train import icmoe_train_step
+
+        return icmoe_train_step(model, recipe)
+
+    def augmentation(self, recipe: Any, epoch: int, n: int) -> Any:
+        from icmoe.train import flip_augmentation
+
+        return flip_augmentation(recipe, epoch, n)
+
+    def evaluate(self, model: nn.Module, data: Any, *, batch_size: int = 8, device: Any = "cpu", rank: int = 0,
+                 world: int = 1, progress: bool = True, full: bool = True, overlays=None, n_overlays: int = 8) -> Any:
+        from icmoe.evaluate import binary_evaluation
+
+        return binary_evaluation(model, data, batch_size=batch_size, device=torch.device(device), rank=rank,
+                                 world=world, progress=progress, overlays=overlays, n_overlays=n_overlays)
+
 
 def _count(module: nn.Module, trainable_only: bool = False) -> int:
     """Unique parameters (a tensor shared by several submodules counts once)."""

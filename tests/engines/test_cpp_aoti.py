@@ -10,7 +10,6 @@ with edited metadata (older packages without output names, inconsistent names) c
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import shutil
 import zipfile
@@ -22,7 +21,6 @@ import torch
 from engines.cpp import (
     CMakeError,
     build_programs,
-    program_path,
     read_pgm,
     run_program,
     write_ppm,
@@ -37,14 +35,11 @@ N_IMAGES = 2
 
 
 @pytest.fixture(scope="module")
-def built(tiny_checkpoint, tmp_path_factory):
-    """(package, program): the CMake build runs in a thread while Inductor compiles (2 cores, both mostly serial)."""
-    folder = tmp_path_factory.mktemp("aoti")
-    with cf.ThreadPoolExecutor(1) as pool:
-        cmake = pool.submit(build_programs, folder / "build", targets=("icmoe_aoti",))
-        package = package_aoti(tiny_checkpoint, folder / "tiny.pt2", fast_compile=True)
-        build = cmake.result()
-    return package, program_path(build, "icmoe_aoti")
+def built(tiny_checkpoint, tmp_path_factory, aoti_program_future):
+    """(package, program): the session's CMake build (tests/engines/conftest.py) runs in a thread while
+    Inductor compiles (2 cores, both mostly serial)."""
+    package = package_aoti(tiny_checkpoint, tmp_path_factory.mktemp("aoti") / "tiny.pt2", fast_compile=True)
+    return package, aoti_program_future.result()
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +105,7 @@ def cases(tiny_checkpoint, tmp_path_factory):
 def test_program_matches_eager(program, package, cases, tmp_path):
     metadata = read_package_metadata(package)
     assert metadata["icmoe.output_names"] == "logits,mask,expert"
+    assert (metadata["icmoe.mask_kind"], metadata["icmoe.class_names"]) == ("binary", "")
     outputs_line = expected_outputs_line(metadata)
     assert outputs_line == "logits:float32[1,1,128,128] mask:uint8[1,1,128,128] expert:int32[1]"
     worst = 0.0
@@ -133,13 +129,18 @@ def test_program_matches_eager(program, package, cases, tmp_path):
 
 def test_older_package_without_output_names(program, package, cases, tmp_path):
     """Packages written before icmoe.output_names: the IC-MoE outputs are assumed, and the program says so."""
-    old = edit_package_metadata(package, tmp_path / "old.pt2", lambda m: m.pop("icmoe.output_names"))
+    def make_old(meta):  # neither output names nor the mask kind were recorded then
+        for key in ("icmoe.output_names", "icmoe.mask_kind", "icmoe.class_names"):
+            meta.pop(key)
+
+    old = edit_package_metadata(package, tmp_path / "old.pt2", make_old)
     image, _, ref_mask, ref_expert = cases[0]
     proc = run_program(program, old, image, tmp_path / "m.pgm")
     assert proc.returncode == 0, proc.stderr
     assert "no icmoe.output_names metadata" in proc.stderr and "logits,mask,expert" in proc.stderr
     lines = parse_stdout(proc.stdout)
     assert lines["outputs"].split()[0].startswith("logits:") and int(lines["expert"]) == ref_expert
+    assert not any(key.startswith("label") for key in lines), "a binary mask has no per-label counts"
     np.testing.assert_array_equal(read_pgm(tmp_path / "m.pgm") > 0, ref_mask > 0)
 
 

@@ -62,6 +62,8 @@ def _check_io(cfg, manifest):
     assert not outs["logits"].HasField("reshape")
     assert cfg.HasField("dynamic_batching")
     assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 4]
+    # IC-MoE's mask is binary: the config says so (a label model's names its labels, tests/engines/test_mask_labels.py).
+    assert (cfg.parameters["mask_kind"].string_value, cfg.parameters["class_names"].string_value) == ("binary", "")
 
 
 def test_cpu_repository_layout_and_configs(cpu_repo, tiny_build):

@@ -10,6 +10,7 @@ pip dependency of this project; see engines/triton/server.py).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import time
 
 import numpy as np
@@ -48,11 +49,11 @@ def eager(tiny_checkpoint, images):
     return {"logits": vote.logits.numpy(), "mask": vote.mask.numpy(), "expert": vote.expert.numpy()}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_build, tmp_path_factory):
-    repo = tmp_path_factory.mktemp("triton") / "model_repository"
-    make_repository(tiny_build, repo, kinds=["python"], options=RepositoryOptions(precision="fp32"))
-    srv = TritonServer(repo, models=[MODEL], root=fetch_server(), startup_timeout=180)
+@contextlib.contextmanager
+def serving(build, repo, model):
+    """A started server on the python model `model` of a repository written for `build` (FP32 graph)."""
+    make_repository(build, repo, kinds=["python"], options=RepositoryOptions(precision="fp32"))
+    srv = TritonServer(repo, models=[model], root=fetch_server(), startup_timeout=180)
     t0 = time.monotonic()
     srv.start()
     print(f"\ntritonserver ready in {time.monotonic() - t0:.1f} s (HTTP {srv.http_url}, gRPC {srv.grpc_url})")
@@ -61,6 +62,12 @@ def server(tiny_build, tmp_path_factory):
     finally:  # always stop it, whatever happened in the tests
         srv.stop()
         srv.cleanup()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_build, tmp_path_factory):
+    with serving(tiny_build, tmp_path_factory.mktemp("triton") / "model_repository", MODEL) as srv:
+        yield srv
 
 
 def _inputs(module, x):
@@ -95,6 +102,8 @@ def test_metadata(server):
     assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {"logits": "FP32", "mask": "UINT8", "expert": "INT32"}
     config = client.get_model_config(MODEL)
     assert config["max_batch_size"] == 4 and "dynamic_batching" in config
+    params = {k: v["string_value"] for k, v in config["parameters"].items()}
+    assert (params["mask_kind"], params["class_names"]) == ("binary", "")  # the server keeps what it ignores
     client.close()
 
 
@@ -110,11 +119,15 @@ def test_parity_with_eager(server, images, eager, protocol):
     client.close()
 
 
-def test_load_dynamic_batching(server, images, eager):
-    """LOAD_REQUESTS single-image requests from CONCURRENCY threads (gRPC); every answer checked."""
+def run_load(server, model, images, check, *, requests, concurrency):
+    """`requests` single-image gRPC requests from `concurrency` threads; `check(outputs, [i])` checks each answer.
+
+    Returns:
+      dict: requests, wall_s, req_per_s, p50_ms, p99_ms, errors (messages), inferences and executions
+      (the server's statistics over the run: dynamic batching makes executions < inferences).
+    """
     rng = np.random.default_rng(0)
-    order = rng.integers(0, N_IMAGES, LOAD_REQUESTS)
-    per_worker = np.array_split(order, CONCURRENCY)
+    per_worker = np.array_split(rng.integers(0, len(images), requests), concurrency)
 
     def worker(indices):
         client = tritonclient_grpc.InferenceServerClient(server.grpc_url)
@@ -123,57 +136,69 @@ def test_load_dynamic_batching(server, images, eager):
             for i in indices:
                 t0 = time.perf_counter()
                 try:
-                    res = client.infer(MODEL, _inputs(tritonclient_grpc, images[i:i + 1]), client_timeout=60)
+                    res = client.infer(model, _inputs(tritonclient_grpc, images[i:i + 1]), client_timeout=60)
                     latencies.append(time.perf_counter() - t0)
-                    _check(_result(res), eager, [int(i)])
-                except Exception as e:  # counted, reported below
+                    check(res, [int(i)])
+                except Exception as e:  # counted, reported by the caller
                     errors.append(f"image {i}: {e}")
         finally:
             client.close()
         return latencies, errors
 
     # Earlier tests' last requests may not be counted yet: start from settled statistics.
-    before = _settled_stats(server)
+    before = _settled_stats(server, model)
     t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(CONCURRENCY) as pool:
+    with cf.ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(worker, per_worker))
     wall = time.perf_counter() - t0
     latencies = np.array([lat for r in results for lat in r[0]]) * 1e3
-    errors = [e for r in results for e in r[1]]
     # The server updates its statistics just after answering: wait (bounded) for the last ones.
     deadline = time.monotonic() + 10
-    after = _batch_stats(server)
-    while after[0] - before[0] < LOAD_REQUESTS and time.monotonic() < deadline:
+    after = _batch_stats(server, model)
+    while after[0] - before[0] < requests and time.monotonic() < deadline:
         time.sleep(0.1)
-        after = _batch_stats(server)
-    executions = after[1] - before[1]
-    inferences = after[0] - before[0]
-    print(f"\nload: {LOAD_REQUESTS} requests, concurrency {CONCURRENCY}: {LOAD_REQUESTS / wall:.1f} req/s, "
-          f"p50 {np.percentile(latencies, 50):.1f} ms, p99 {np.percentile(latencies, 99):.1f} ms, "
-          f"{inferences} inferences in {executions} executions (mean batch {inferences / max(executions, 1):.2f}), "
-          f"{len(errors)} errors (2 shared CPU cores: noisy)")
-    assert not errors, errors[:3]
-    assert len(latencies) == LOAD_REQUESTS
-    assert inferences == LOAD_REQUESTS
-    assert executions < inferences, "dynamic batching never combined requests"
+        after = _batch_stats(server, model)
+    return {"requests": requests, "answered": len(latencies), "wall_s": wall, "req_per_s": requests / wall,
+            "p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else None,
+            "p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else None,
+            "errors": [e for r in results for e in r[1]],
+            "inferences": after[0] - before[0], "executions": after[1] - before[1]}
 
 
-def _settled_stats(server, quiet_s=0.5, timeout_s=10.0):
+def report_load(load, concurrency) -> str:
+    return (f"{load['requests']} requests, concurrency {concurrency}: {load['req_per_s']:.1f} req/s, "
+            f"p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, {load['inferences']} inferences in "
+            f"{load['executions']} executions (mean batch {load['inferences'] / max(load['executions'], 1):.2f}), "
+            f"{len(load['errors'])} errors (2 shared CPU cores: noisy)")
+
+
+def test_load_dynamic_batching(server, images, eager):
+    """LOAD_REQUESTS single-image requests from CONCURRENCY threads (gRPC); every answer checked."""
+    load = run_load(server, MODEL, images, lambda res, idx: _check(_result(res), eager, idx),
+                    requests=LOAD_REQUESTS, concurrency=CONCURRENCY)
+    print(f"\nload: {report_load(load, CONCURRENCY)}")
+    assert not load["errors"], load["errors"][:3]
+    assert load["answered"] == LOAD_REQUESTS
+    assert load["inferences"] == LOAD_REQUESTS
+    assert load["executions"] < load["inferences"], "dynamic batching never combined requests"
+
+
+def _settled_stats(server, model=MODEL, quiet_s=0.5, timeout_s=10.0):
     """Statistics once they stop changing (bounded wait)."""
     deadline = time.monotonic() + timeout_s
-    last = _batch_stats(server)
+    last = _batch_stats(server, model)
     while time.monotonic() < deadline:
         time.sleep(quiet_s)
-        now = _batch_stats(server)
+        now = _batch_stats(server, model)
         if now == last:
             break
         last = now
     return last
 
 
-def _batch_stats(server):
+def _batch_stats(server, model=MODEL):
     client = tritonclient_http.InferenceServerClient(server.http_url)
-    stats = client.get_inference_statistics(MODEL)["model_stats"][0]
+    stats = client.get_inference_statistics(model)["model_stats"][0]
     client.close()
     return int(stats["inference_count"]), int(stats["execution_count"])
 

@@ -6,6 +6,12 @@ name (`register_family("toy", "tests.families.toy:FAMILY")`, or the ICMOE_FAMILI
 variable in subprocesses). It reuses SAM's parts and IC-MoE's configuration fields.
 
     image (B, 3, S, S) float32 RGB 0..255  ->  logits (B, 1, S, S) float32, mask (B, 1, S, S) uint8
+
+Its multi-class sibling `toy_labels` (`LABELS_FAMILY`, registered as
+"toy_labels=tests.families.toy:LABELS_FAMILY") decodes SAM's three multimask outputs as three
+classes and takes their argmax, the way a multi-class family (label names from `class_names`) does:
+
+    image (B, 3, S, S)  ->  logits (B, 3, S, S) float32, mask (B, 1, S, S) uint8 labels 0..2
 """
 
 from __future__ import annotations
@@ -46,15 +52,17 @@ class ToySegmenter(nn.Module):
         self.register_buffer("mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
 
+    multimask = False  # the labels sibling decodes SAM's three multimask outputs instead of one
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         y = self.vit((images - self.mean) / self.std)  # (B, C, h, w)
         c, h, w = y.shape[1:]
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, c, 1, 1).expand(1, c, h, w)
         low, _ = self.decoder(image_embeddings=y, image_pe=self.prompt_encoder.get_dense_pe(),
                               sparse_prompt_embeddings=y.new_zeros((1, 0, c)), dense_prompt_embeddings=dense,
-                              multimask_output=False)  # (B, 1, 4h, 4w)
+                              multimask_output=self.multimask)  # (B, K, 4h, 4w), K = 1 or 3
         s = self.config.image_size
-        return F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)  # (B, 1, S, S)
+        return F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)  # (B, K, S, S)
 
 
 class ToyOutputs(nn.Module):
@@ -111,3 +119,61 @@ class ToyFamily(Family):
 
 
 FAMILY = ToyFamily()
+
+
+# ---------------------------------------------------------------- the multi-class sibling
+
+LABELS = ["background", "lesion", "rim"]
+
+
+@dataclass(frozen=True)
+class ToyLabelsConfig(ICMoEConfig):
+    family: ClassVar[str] = "toy_labels"
+
+
+def toy_labels_tiny() -> ToyLabelsConfig:
+    return ToyLabelsConfig(**toy_tiny().to_dict())
+
+
+def toy_labels_micro() -> ToyLabelsConfig:
+    """One ViT block and one decoder layer at 64x64: the quickest to compile ahead of time."""
+    return ToyLabelsConfig(**{**toy_tiny().to_dict(), "name": "micro", "image_size": 64, "depth": 1,
+                              "semantic_blocks": 1, "global_attn_indexes": (0,), "decoder_depth": 1})
+
+
+class ToyLabelsSegmenter(ToySegmenter):
+    """images (B, 3, S, S) -> logits (B, 3, S, S), one channel per label of `LABELS`."""
+
+    multimask = True
+
+
+class ToyLabelsOutputs(ToyOutputs):
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(image)  # (B, 3, S, S)
+        return logits, logits.argmax(1, keepdim=True).to(torch.uint8)  # (B, 1, S, S) labels 0..2
+
+
+class ToyLabelsFamily(ToyFamily):
+    name = "toy_labels"
+    title = "Toy SAM, three labels"
+    configs = {"tiny": toy_labels_tiny, "micro": toy_labels_micro}
+
+    def config_from_dict(self, d: Dict[str, Any]) -> ToyLabelsConfig:
+        return ToyLabelsConfig.from_dict(d)
+
+    def build(self, config: Any, *, sam_checkpoint=None) -> nn.Module:
+        return ToyLabelsSegmenter(config).eval()
+
+    def class_names(self, config: Any) -> List[str]:
+        return list(LABELS)
+
+    def outputs(self, config: ToyLabelsConfig) -> List[TensorSpec]:
+        s = config.image_size
+        return [TensorSpec("logits", "float32", (BATCH, len(LABELS), s, s)),
+                TensorSpec("mask", "uint8", (BATCH, 1, s, s), doc="label values 0..2 (argmax of logits)")]
+
+    def export_module(self, model: nn.Module) -> nn.Module:
+        return ToyLabelsOutputs(model)
+
+
+LABELS_FAMILY = ToyLabelsFamily()

@@ -230,3 +230,29 @@ def test_cli_unknown_config_and_bad_batch_exit_2(data, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: need a batch size >= 1")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_family_without_training_hooks_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from icmoe.families import FAMILIES
+
+    monkeypatch.setitem(FAMILIES, "toy", "tests.families.toy:FAMILY")  # exports and serves, never trains
+    rc = train_main(["--model", "toy", "--config", "tiny", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: Toy SAM has no training recipes (it cannot be trained here)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_schedules_are_functions_of_the_iteration():
+    from icmoe.train import RECIPES, Recipe
+
+    step = RECIPES["paper"]  # IC-MoE: 1e-5, x0.5 from 50%, x0.1 from 75% of the epochs, per epoch
+    assert [step.lr_at(e * 10, 10) for e in (0, 49, 50, 74, 75, 99)] == pytest.approx(
+        [1e-5, 1e-5, 5e-6, 5e-6, 1e-6, 1e-6])
+    assert step.lr_at(509, 10) == step.lr_at(500, 10)  # constant within an epoch
+    poly = Recipe(lr=1e-3, schedule="poly", warmup=4, power=0.9, epochs=2)
+    assert [poly.lr_at(i, 10) for i in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert [poly.lr_at(i, 10) for i in (4, 14)] == pytest.approx([1e-3, 1e-3 * 0.5 ** 0.9])
+    saved = Recipe.from_dict({k: list(v) if isinstance(v, tuple) else v
+                              for k, v in {"lr": 2e-3, "betas": (0.8, 0.9), "lr_factors": (0.3,)}.items()})
+    assert saved.betas == (0.8, 0.9) and saved.lr_factors == (0.3,) and saved.schedule == "step"

@@ -5,11 +5,15 @@
 // MODEL.pt2 comes from `python -m export.aoti` (torch._inductor.aoti_compile_and_package of the model
 // family's graph, image (1, 3, S, S) float32 RGB 0..255 -> the family's outputs). The package's
 // metadata names what the program needs: icmoe.image_size (S) and icmoe.output_names (the outputs in
-// order, comma-separated; packages without it are older IC-MoE ones: logits,mask,expert). IMAGE is a
-// binary PPM/PGM of the model's size; the output named "mask" is written as a binary PGM (0/255),
-// --logits writes the output named "logits" as raw float32 (all its values, e.g. (1, C, S, S)), every
-// other small output is printed ("expert 2"), and so is the list of outputs with their types and shapes
-// (common/outputs.h). --repeat N times N more runs and prints the mean latency.
+// order, comma-separated; packages without it are older IC-MoE ones: logits,mask,expert), and what the
+// mask holds: icmoe.mask_kind "binary" (0/1) or "labels" (label values, named by icmoe.class_names,
+// comma-separated, index = value, 0 = background; packages without icmoe.mask_kind are older binary ones).
+// IMAGE is a binary PPM/PGM of the model's size; the output named "mask" is written as a binary PGM
+// (binary: 0/255; labels: the raw label values, so a downstream tool reads the label map, with the pixels
+// per label printed as "label1 812 liver"), --logits writes the output named "logits" as raw float32 (all
+// its values, e.g. (1, C, S, S)), every other small output is printed ("expert 2"), and so is the list of
+// outputs with their types and shapes (common/outputs.h). --repeat N times N more runs and prints the mean
+// latency.
 // Errors: one line "error: ..." on stderr and exit code 1; usage: exit code 2.
 // ATen and the package loader only (not torch/torch.h): a fraction of the compile time.
 #include <ATen/ATen.h>
@@ -82,6 +86,36 @@ std::vector<std::string> output_names(const Metadata& metadata, const std::strin
   return icmoe::split_names(icmoe::kLegacyOutputNames);
 }
 
+// icmoe.mask_kind and icmoe.class_names; packages written before label models are binary.
+icmoe::MaskKind mask_kind(const Metadata& metadata, const std::string& model_path) {
+  const auto kind = metadata.find("icmoe.mask_kind");
+  if (kind == metadata.end()) return icmoe::MaskKind{};
+  const auto names = metadata.find("icmoe.class_names");
+  try {
+    return icmoe::make_mask_kind(kind->second, names == metadata.end() ? "" : names->second);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(model_path + ": bad icmoe.mask_kind / icmoe.class_names metadata: " + e.what());
+  }
+}
+
+// The package's outputs as host views; `host` keeps the contiguous CPU copies alive.
+std::vector<icmoe::Output> host_outputs(const std::vector<at::Tensor>& results, const std::vector<std::string>& names,
+                                        std::vector<at::Tensor>& host) {
+  std::vector<icmoe::Output> outputs;
+  for (size_t i = 0; i < results.size(); ++i) {
+    host.push_back(results[i].to(at::kCPU).contiguous());
+    const at::Tensor& t = host.back();
+    icmoe::Output o{names[i], dtype_name(t.scalar_type()), t.sizes().vec(), t.data_ptr()};
+    try {
+      icmoe::element_size(o.dtype);  // refuses element types the programs do not handle
+    } catch (const std::exception& e) {
+      throw std::runtime_error("output " + o.name + ": " + e.what());
+    }
+    outputs.push_back(std::move(o));
+  }
+  return outputs;
+}
+
 int run(int argc, char** argv) {
   std::vector<std::string> positional;
   std::string logits_path;
@@ -116,6 +150,7 @@ int run(int argc, char** argv) {
                              std::to_string(image.height) + ", this model takes " + std::to_string(size) + "x" +
                              std::to_string(size));
   const std::vector<std::string> names = output_names(metadata, model_path);
+  const icmoe::MaskKind kind = mask_kind(metadata, model_path);
 
   // (1, 3, S, S) float32 RGB 0..255: the model normalises inside, like every engine of the project.
   at::Tensor input = at::from_blob(const_cast<float*>(image.chw.data()), {1, 3, size, size}, at::kFloat).clone();
@@ -126,19 +161,8 @@ int run(int argc, char** argv) {
                              icmoe::join(names, ", ") + ")");
 
   std::vector<at::Tensor> host;  // keeps the contiguous CPU copies alive while `outputs` points into them
-  std::vector<icmoe::Output> outputs;
-  for (size_t i = 0; i < results.size(); ++i) {
-    host.push_back(results[i].to(at::kCPU).contiguous());
-    const at::Tensor& t = host.back();
-    icmoe::Output o{names[i], dtype_name(t.scalar_type()), t.sizes().vec(), t.data_ptr()};
-    try {
-      icmoe::element_size(o.dtype);  // refuses element types the programs do not handle
-    } catch (const std::exception& e) {
-      throw std::runtime_error("output " + o.name + ": " + e.what());
-    }
-    outputs.push_back(std::move(o));
-  }
-  icmoe::write_outputs(std::cout, outputs, size, size, mask_path, logits_path);
+  const std::vector<icmoe::Output> outputs = host_outputs(results, names, host);
+  icmoe::write_outputs(std::cout, outputs, size, size, mask_path, logits_path, kind);
 
   if (repeat > 0) {
     const auto start = std::chrono::steady_clock::now();

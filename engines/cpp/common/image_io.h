@@ -2,7 +2,8 @@
 //
 //   read_pnm:  binary PPM (P6, RGB) or PGM (P5, grey, replicated to RGB), maxval 1..255,
 //              '#' comments in the header. Returns float32 CHW planes in 0..255, the model's input.
-//   write_pgm: binary PGM (P5) of a uint8 mask, 0 -> 0 and 1 -> 255.
+//   write_pgm: binary PGM (P5, maxval 255) of a uint8 mask: a binary mask as 0/255 (nonzero -> 255), a
+//              label map as its raw values (label 2 -> 2), so a downstream tool reads the labels back.
 //   write_raw: raw little-endian bytes of a buffer (logits for comparisons).
 //
 // Every failure throws std::runtime_error with one line naming the file and the problem.
@@ -95,9 +96,9 @@ inline void write_file_atomic(const std::string& path, const std::string& header
   if (std::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error(path + ": cannot rename " + tmp);
 }
 
-inline void write_pgm(const std::string& path, const uint8_t* mask, int width, int height) {
+inline void write_pgm(const std::string& path, const uint8_t* mask, int width, int height, bool raw_labels = false) {
   std::vector<unsigned char> grey(static_cast<size_t>(width) * height);
-  for (size_t i = 0; i < grey.size(); ++i) grey[i] = mask[i] ? 255 : 0;
+  for (size_t i = 0; i < grey.size(); ++i) grey[i] = raw_labels ? mask[i] : (mask[i] ? 255 : 0);
   const std::string header = "P5\n" + std::to_string(width) + " " + std::to_string(height) + "\n255\n";
   write_file_atomic(path, header, grey.data(), grey.size());
 }

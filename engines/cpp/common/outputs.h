@@ -4,14 +4,22 @@
 //   split_names:    "logits,mask,expert" (the AOTI package's icmoe.output_names) -> names.
 //   element_size:   bytes per element of a NumPy dtype name ("float32", "uint8", ...).
 //   Output:         one output in host memory: name, dtype, shape, contiguous row-major data.
-//   write_outputs:  checks the outputs first (nothing is written when one check fails), then writes the
-//                   output named "mask" (uint8 or bool, H*W values) as a binary PGM (0/255), the output
-//                   named "logits" as raw float32 (all its values: (1, C, H, W) works too) when asked,
-//                   and prints to stdout, one "key value" line each:
+//   MaskKind:       what the mask's values mean: binary (0/1) or labels 0..C-1 with C class names
+//                   (make_mask_kind: from the AOTI package's icmoe.mask_kind / icmoe.class_names, or from
+//                   icmoe_trt's --classes).
+//   write_outputs:  checks the outputs first (nothing is written when one check fails: a binary mask
+//                   holds only 0/1, a label mask only values below the number of classes, and a
+//                   (1, K, H, W) logits output of a label model has K = the number of classes), then
+//                   writes the output named "mask" (uint8 or bool, H*W values) as a binary PGM (binary:
+//                   0/255; labels: the raw label values), the output named "logits" as raw float32 (all
+//                   its values: (1, C, H, W) works too) when asked, and prints to stdout, one
+//                   "key value" line each:
 //
 //                     outputs logits:float32[1,1,128,128] mask:uint8[1,1,128,128] expert:int32[1]
 //                     expert 2                       (every other output of at most 16 values)
-//                     foreground 812 of 16384 pixels
+//                     label0 9000 background         (label models: pixels per label, then its name)
+//                     label1 5000 lesion
+//                     foreground 812 of 16384 pixels (pixels that are not 0)
 //                     mask mask.pgm
 //                     logits logits.f32              (with --logits)
 //
@@ -44,8 +52,8 @@ inline std::string join(const std::vector<std::string>& items, const std::string
 }
 
 // "logits, mask,expert" -> {"logits", "mask", "expert"}: spaces around names are dropped; an empty name
-// or a name given twice is an error.
-inline std::vector<std::string> split_names(const std::string& list) {
+// or a name given twice is an error. `what` names the list in messages ("output", "class").
+inline std::vector<std::string> split_names(const std::string& list, const std::string& what = "output") {
   std::vector<std::string> names;
   size_t start = 0;
   while (true) {
@@ -54,9 +62,9 @@ inline std::vector<std::string> split_names(const std::string& list) {
     const size_t first = name.find_first_not_of(" \t\r\n");
     const size_t last = name.find_last_not_of(" \t\r\n");
     name = first == std::string::npos ? "" : name.substr(first, last - first + 1);
-    if (name.empty()) throw std::runtime_error("empty name in the output name list '" + list + "'");
+    if (name.empty()) throw std::runtime_error("empty name in the " + what + " name list '" + list + "'");
     for (const auto& seen : names)
-      if (seen == name) throw std::runtime_error("output name '" + name + "' given twice in '" + list + "'");
+      if (seen == name) throw std::runtime_error(what + " name '" + name + "' given twice in '" + list + "'");
     names.push_back(name);
     if (end == std::string::npos) break;
     start = end + 1;
@@ -218,10 +226,70 @@ inline const Output& mask_output(const std::vector<Output>& outputs, int height,
   return *mask;
 }
 
+// What the values of the output named "mask" mean.
+struct MaskKind {
+  bool labels = false;                   // false: binary 0/1; true: label values 0..C-1
+  std::vector<std::string> class_names;  // labels: C names, index = value, 0 = the background
+
+  std::string describe() const { return labels ? "labels (" + join(class_names, ", ") + ")" : "binary (0/1)"; }
+};
+
+// A label mask is uint8 (256 values at most) and has a background and at least one class.
+inline constexpr size_t kMaxClasses = 256;
+
+// `kind` "binary" (names must be empty) or "labels" (names: "background,lesion,...", 2..256 of them).
+inline MaskKind make_mask_kind(const std::string& kind, const std::string& names) {
+  MaskKind k;
+  if (kind == "binary") {
+    if (!names.empty()) throw std::runtime_error("a binary mask has no class names, got '" + names + "'");
+    return k;
+  }
+  if (kind != "labels") throw std::runtime_error("mask kind '" + kind + "' is neither binary nor labels");
+  k.labels = true;
+  k.class_names = split_names(names, "class");
+  if (k.class_names.size() < 2 || k.class_names.size() > kMaxClasses)
+    throw std::runtime_error("a label mask needs 2.." + std::to_string(kMaxClasses) +
+                             " class names (background first), got " + std::to_string(k.class_names.size()) +
+                             " in '" + names + "'");
+  return k;
+}
+
+namespace detail {
+
+// Pixels per mask value (256 bins: the mask is uint8).
+inline std::vector<int64_t> histogram(const Output& mask) {
+  std::vector<int64_t> counts(256, 0);
+  const auto* pixels = static_cast<const uint8_t*>(mask.data);
+  for (int64_t i = 0; i < mask.numel(); ++i) ++counts[pixels[i]];
+  return counts;
+}
+
+// The mask's values and a (1, K, H, W) logits output agree with `kind` (see the top of this file).
+inline void check_mask_kind(const std::vector<Output>& outputs, const Output& mask, const std::vector<int64_t>& counts,
+                            const MaskKind& kind) {
+  const size_t allowed = kind.labels ? kind.class_names.size() : 2;
+  for (size_t v = allowed; v < counts.size(); ++v) {
+    if (counts[v] == 0) continue;
+    throw std::runtime_error("output " + mask.name + " holds the value " + std::to_string(v) + " (" +
+                             std::to_string(counts[v]) + " pixels), but the mask is " + kind.describe());
+  }
+  const Output* logits = find_output(outputs, "logits");
+  if (kind.labels && logits && logits->shape.size() == 4 &&
+      logits->shape[1] != static_cast<int64_t>(kind.class_names.size()))
+    throw std::runtime_error("output logits is " + describe(*logits) + ", but the mask has " +
+                             std::to_string(kind.class_names.size()) + " classes (" + join(kind.class_names, ", ") +
+                             ")");
+}
+
+}  // namespace detail
+
 // Checks, then files, then stdout (see the top of this file). `logits_path` empty: no logits file.
 inline void write_outputs(std::ostream& out, const std::vector<Output>& outputs, int height, int width,
-                          const std::string& mask_path, const std::string& logits_path) {
+                          const std::string& mask_path, const std::string& logits_path,
+                          const MaskKind& kind = MaskKind{}) {
   const Output& mask = mask_output(outputs, height, width);
+  const std::vector<int64_t> counts = detail::histogram(mask);
+  detail::check_mask_kind(outputs, mask, counts, kind);
   std::vector<float> logits;
   if (!logits_path.empty()) {
     const Output* found = find_output(outputs, "logits");
@@ -235,16 +303,15 @@ inline void write_outputs(std::ostream& out, const std::vector<Output>& outputs,
     if (o.name == "mask" || o.name == "logits" || o.numel() > kMaxPrintedValues) continue;
     lines.push_back(o.name + " " + format_values(o));
   }
+  for (size_t v = 0; kind.labels && v < kind.class_names.size(); ++v)
+    lines.push_back("label" + std::to_string(v) + " " + std::to_string(counts[v]) + " " + kind.class_names[v]);
 
-  const auto* pixels = static_cast<const uint8_t*>(mask.data);
-  write_pgm(mask_path, pixels, width, height);
+  write_pgm(mask_path, static_cast<const uint8_t*>(mask.data), width, height, kind.labels);
   if (!logits_path.empty()) write_raw(logits_path, logits.data(), logits.size() * sizeof(float));
 
-  int64_t foreground = 0;
-  for (int64_t i = 0; i < mask.numel(); ++i) foreground += pixels[i] != 0;
   out << "outputs " << describe(outputs) << "\n";
   for (const auto& line : lines) out << line << "\n";
-  out << "foreground " << foreground << " of " << mask.numel() << " pixels\nmask " << mask_path << "\n";
+  out << "foreground " << mask.numel() - counts[0] << " of " << mask.numel() << " pixels\nmask " << mask_path << "\n";
   if (!logits_path.empty()) out << "logits " << logits_path << "\n";
 }
 

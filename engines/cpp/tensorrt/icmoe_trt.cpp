@@ -1,6 +1,6 @@
 // icmoe_trt: run a model's TensorRT engine (model.plan) on one image with the TensorRT 10 C++ runtime.
 //
-//   icmoe_trt MODEL.plan IMAGE.ppm MASK.pgm [--logits LOGITS.f32] [--plugin LIB.so]... [--repeat N]
+//   icmoe_trt MODEL.plan IMAGE.ppm MASK.pgm [--logits LOGITS.f32] [--classes NAMES] [--plugin LIB.so]... [--repeat N]
 //
 // The engine is the one `python -m export.build` writes on a GPU host: one input, float32
 // (B, 3, S, S) RGB 0..255 with a dynamic batch axis, and the model family's outputs (IC-MoE: logits
@@ -8,9 +8,13 @@
 // (IRuntime -> ICudaEngine -> IExecutionContext), enumerates the engine's I/O tensors, sets the input
 // shape to batch 1, sizes one device buffer per output from the context's tensor shape and the tensor's
 // element type, binds them by name (setTensorAddress), runs enqueueV3 on a CUDA stream and then, like
-// icmoe_aoti (common/outputs.h): writes the output named "mask" as a binary PGM (0/255), --logits the
-// output named "logits" as raw float32, prints every other small output ("expert 2") and the list of
-// outputs with their types and shapes. TensorRT's standard plugins are registered
+// icmoe_aoti (common/outputs.h): writes the output named "mask" as a binary PGM, --logits the output
+// named "logits" as raw float32, prints every other small output ("expert 2") and the list of outputs
+// with their types and shapes. The mask is binary (0/1, written 0/255) unless --classes names its labels
+// (a multi-class model: the label names of the build's manifest, `model.classes`, comma-separated, index
+// = value, 0 = background, e.g. --classes background,liver,kidney; `python -c "from engines.cpp import
+// class_arguments; print(*class_arguments('BUILD_DIR'))"` prints the flag for a build); then the PGM holds
+// the raw label values and the pixels per label are printed ("label1 812 liver"). TensorRT's standard plugins are registered
 // (initLibNvInferPlugins) and --plugin loads more plugin libraries, for engines built with custom layers.
 //
 // NOT COMPILED OR RUN on the machine this was written on (no GPU, no TensorRT headers there); it is
@@ -108,34 +112,57 @@ struct Binding {
 };
 
 int usage() {
-  std::cerr << "usage: icmoe_trt MODEL.plan IMAGE.ppm MASK.pgm [--logits LOGITS.f32] [--plugin LIB.so]... [--repeat N]\n";
+  std::cerr << "usage: icmoe_trt MODEL.plan IMAGE.ppm MASK.pgm [--logits LOGITS.f32] [--classes NAMES] "
+               "[--plugin LIB.so]... [--repeat N]\n"
+               "  --classes NAMES  the mask holds labels: their names, comma-separated, background first (the\n"
+               "                   build manifest's model.classes); without it the mask is binary (0/1)\n";
   return 2;
 }
 
-int run(int argc, char** argv) {
+struct Arguments {
   std::vector<std::string> positional, plugins;
   std::string logits_path;
+  icmoe::MaskKind kind;
   int repeat = 0;
+  bool help = false;
+};
+
+Arguments parse_arguments(int argc, char** argv) {
+  Arguments a;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--logits" && i + 1 < argc) {
-      logits_path = argv[++i];
+      a.logits_path = argv[++i];
+    } else if (arg == "--classes" && i + 1 < argc) {
+      try {
+        a.kind = icmoe::make_mask_kind("labels", argv[++i]);
+      } catch (const std::exception& e) {
+        throw std::runtime_error(std::string("--classes: ") + e.what());
+      }
     } else if (arg == "--plugin" && i + 1 < argc) {
-      plugins.push_back(argv[++i]);
+      a.plugins.push_back(argv[++i]);
     } else if (arg == "--repeat" && i + 1 < argc) {
-      repeat = std::atoi(argv[++i]);
+      a.repeat = std::atoi(argv[++i]);
     } else if (arg == "-h" || arg == "--help") {
-      return usage();
+      a.help = true;
     } else if (!arg.empty() && arg[0] == '-') {
       throw std::runtime_error("unknown option " + arg);
     } else {
-      positional.push_back(arg);
+      a.positional.push_back(arg);
     }
   }
-  if (positional.size() != 3) return usage();
-  const std::string& plan_path = positional[0];
-  const std::string& image_path = positional[1];
-  const std::string& mask_path = positional[2];
+  return a;
+}
+
+int run(int argc, char** argv) {
+  const Arguments args = parse_arguments(argc, argv);
+  if (args.help || args.positional.size() != 3) return usage();
+  const std::vector<std::string>& plugins = args.plugins;
+  const std::string& logits_path = args.logits_path;
+  const int repeat = args.repeat;
+  const std::string& plan_path = args.positional[0];
+  const std::string& image_path = args.positional[1];
+  const std::string& mask_path = args.positional[2];
 
   const icmoe::Image image = icmoe::read_pnm(image_path);  // (3, H, W) float32 0..255
 
@@ -239,7 +266,7 @@ int run(int argc, char** argv) {
 
   std::vector<icmoe::Output> views;
   for (const auto& b : outputs) views.push_back(icmoe::Output{b.name, b.dtype, b.shape, b.host.data()});
-  icmoe::write_outputs(std::cout, views, height, width, mask_path, logits_path);
+  icmoe::write_outputs(std::cout, views, height, width, mask_path, logits_path, args.kind);
 
   if (repeat > 0) {
     const auto start = std::chrono::steady_clock::now();
