@@ -45,6 +45,7 @@ from export.rewrite import REWRITES
 from export.verify import parity_inputs, run_batched
 from icmoe.checkpoint import read_meta
 from icmoe.core import cli
+from icmoe.core.extras import require
 from icmoe.core.io import atomic_path, atomic_write_bytes, atomic_write_json
 from icmoe.core.manifest import ManifestError, family_of, read_manifest
 from icmoe.families import Family, add_model_args, get_family
@@ -196,7 +197,8 @@ def _ratios(report: Dict, outputs: Dict[str, Dict[str, np.ndarray]], family: Fam
                 row[f"speedup_vs_{ref}"] = row["images_per_s"] / base["images_per_s"] if base else None
         if reference in outputs and name in outputs:
             c = family.compare(outputs[reference], outputs[name], family.tolerances("fp16" if "fp16" in name else "fp32"))
-            r["parity"] = {k: c.get(k) for k in ("max_abs_logit", "flipped", "min_dice", "agreement", "passed")}
+            keys = ("max_abs_logit", "flipped", "passed", *(key for _, key, _ in family.parity_columns()))
+            r["parity"] = {k: c.get(k) for k in keys}
 
 
 def run(args) -> Dict:
@@ -250,33 +252,34 @@ def markdown(report: Dict) -> str:
             f"{report['threads']} threads, {report['cpu']}, {report['iters']} timed runs after "
             f"{report['warmup']} warm-up, load average {report['load_avg_before']:.1f} -> {report['load_avg_after']:.1f}\n\n")
     eager = [n for n in report["engines"] if n.split("-")[0] == "eager"]
+    columns = [("max abs dlogit", "max_abs_logit", ".2e"), ("flipped px", "flipped", ".3%"), *family.parity_columns()]
     rows = ["| engine | batch | p50 ms | p95 ms | img/s | peak MiB | " + " | ".join(f"x {e}" for e in eager)
-            + " | max abs dlogit | flipped px | min Dice | agree |",
-            "|---" * (10 + len(eager)) + "|"]
+            + " | " + " | ".join(head for head, _, _ in columns) + " |",
+            "|---" * (6 + len(eager) + len(columns)) + "|"]
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
     for name, r in report["engines"].items():
         p = r.get("parity", {})
-        agree = p.get("agreement")
+        parity = " | ".join(f(p.get(key), spec) for _, key, spec in columns)
         for b, row in r["batches"].items():
             ratios = " | ".join(f(row.get(f"speedup_vs_{e}"), ".2f") for e in eager)
             rows.append(
                 f"| {name} | {b} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['images_per_s']:.2f} | "
-                f"{r['peak_mib']:.0f} | {ratios} | {f(p.get('max_abs_logit'), '.2e')} | "
-                f"{f(None if p.get('flipped') is None else 100 * p['flipped'], '.3f')}% | {f(p.get('min_dice'), '.4f')} | "
-                f"{f(None if agree is None else 100 * agree, '.0f')}% |")
+                f"{r['peak_mib']:.0f} | {ratios} | {parity} |")
     for name, why in report["skipped"].items():
-        rows.append(f"| {name} | - | skipped: {why} |" + " |" * (7 + len(eager)))
+        rows.append(f"| {name} | - | skipped: {why} |" + " |" * (3 + len(eager) + len(columns)))
     return head + "\n".join(rows) + "\n"
 
 
-def plot(report: Dict, path: Path) -> None:
-    import matplotlib
+PLOT_NEEDS = ("matplotlib", "bench", "the benchmark's plot (or pass --no-plot)")  # module, extra, purpose
 
+
+def plot(report: Dict, path: Path) -> None:
+    matplotlib = require(*PLOT_NEEDS)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", *PLOT_NEEDS[1:])
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, r in report["engines"].items():
@@ -335,6 +338,8 @@ def _main(argv=None) -> int:
         bad = [e for e in args.engines if e not in known]
         if bad:
             raise cli.UsageError(f"unknown engine(s) {', '.join(bad)}; choose from {', '.join(known)}")
+    if not args.no_plot:
+        require(*PLOT_NEEDS)  # say so now, not after minutes of measuring
     args.out.mkdir(parents=True, exist_ok=True)
     report = run(args)
     stem = f"latency-{report['family']}-{report['model']}-{report['image_size']}"

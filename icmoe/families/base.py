@@ -15,11 +15,12 @@ What a family provides (after optimum's per-architecture `OnnxConfig`):
   as a function of the inputs returning the outputs in order), `example_inputs`;
 - labels: `class_names` (multi-class masks; None for binary ones);
 - export: `export_patches` (a context that makes the model trace to the wanted graph);
-- precision: `fp32_op_types` and `fp32_nodes` (what stays FP32 in the FP16 graph);
+- precision: `fp32_op_types` and `fp32_nodes` (what stays FP32 in the FP16 graph, and in floating
+  point in the INT8 graphs); `calibration_images` (real images for INT8 calibration);
 - GPU: `tensorrt_passes` (graph passes before the TensorRT build), `prepare_eager`
   (e.g. a fused CUDA op for eager GPU inference);
-- checks: `synthetic_inputs` (structured parity images), `tolerances` and `compare`
-  (the family's parity gates);
+- checks: `synthetic_inputs` (structured parity images), `synthetic_validation` (labelled
+  held-out images for the INT8 Dice gate), `tolerances` and `compare` (the family's parity gates);
 - reports: `summarize` / `format_summary`.
 """
 
@@ -58,6 +59,9 @@ class Tolerances:
       min_class_dice: multi-class families: smallest Dice of any label against the reference's.
       gate_logits: False where the logits are reported but the gate is on the labels only (a
         lower precision that may route a token differently moves logits non-smoothly).
+      max_dice_change: held-out check (export.verify): on the family's labelled synthetic validation
+        images, the candidate's Dice against the ground truth (per class) may differ from eager FP32's
+        by at most this; None: not checked.
     """
 
     atol: float
@@ -67,6 +71,7 @@ class Tolerances:
     scaled_atol: float = 0.0
     min_class_dice: Optional[float] = None
     gate_logits: bool = True
+    max_dice_change: Optional[float] = None
 
     def replace(self, **changes: Any) -> "Tolerances":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -185,8 +190,29 @@ class Family:
         """`n` structured images (float32 (n, 3, S, S), RGB 0..255) like the family's real data."""
         raise NotImplementedError
 
+    def synthetic_validation(self, n: int, image_size: int, seed: int = 0) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """`n` labelled images like `synthetic_inputs`, for held-out Dice: (images float32 (n, 3, S, S) RGB
+        0..255, ground truth uint8 (n, 1, S, S) in the `mask` output's values); None where the family has none."""
+        return None
+
+    def calibration_images(self, source: Any, n: int, image_size: int, seed: int = 0) -> np.ndarray:
+        """`n` real images for INT8 calibration, drawn (seeded) from a dataset folder or name the family reads.
+
+        Returns:
+          np.ndarray: float32 (n, 3, S, S), RGB 0..255 (fewer where the source has fewer).
+
+        Raises:
+          DataError: an empty, unknown or damaged source (one line naming it); FamilyError: no reader.
+        """
+        raise FamilyError(f"{self.title or self.name} cannot read calibration images (use the synthetic set)")
+
     def tolerances(self, precision: str) -> Tolerances:
         raise NotImplementedError
+
+    def parity_columns(self) -> List[Tuple[str, str, str]]:
+        """Figures of `compare`'s report that tables show beside max |dlogit| and flipped pixels:
+        (column header, report key, format spec; "%" specs print a share as a percentage)."""
+        return []
 
     def compare(self, reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],
                 tolerances: Tolerances) -> Dict[str, Any]:

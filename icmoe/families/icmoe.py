@@ -141,6 +141,16 @@ class ICMoEFamily(Family):
     def synthetic_inputs(self, n: int, image_size: int, seed: int = 0) -> np.ndarray:
         return np.asarray(synthetic_images(n, image_size, seed)[0], dtype=np.float32)
 
+    def synthetic_validation(self, n: int, image_size: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+        images, masks = synthetic_images(n, image_size, seed)
+        return np.asarray(images, dtype=np.float32), np.asarray(masks, dtype=np.uint8)
+
+    def calibration_images(self, source: Any, n: int, image_size: int, seed: int = 0) -> np.ndarray:
+        """A 2-D dataset's training images (ISIC, BUSI, GlaS, synthetic) or a plain image folder."""
+        from icmoe.data.calibration import images_2d
+
+        return images_2d(source, n, image_size=image_size, seed=seed)
+
     def tolerances(self, precision: str) -> Tolerances:
         """The gates of docs/icmoe.md ("Parity gates"), per precision, against eager FP32."""
         if precision == "fp32":
@@ -155,6 +165,9 @@ class ICMoEFamily(Family):
             tol = 16 * FP16_UNIT_ROUNDOFF  # 0.0078
             return Tolerances(atol=1e-5, rtol=tol, scaled_atol=tol, max_flipped=5e-3, min_agreement=0.95)
         raise FamilyError(f"IC-MoE has no parity gates for precision {precision!r}")
+
+    def parity_columns(self) -> List[Tuple[str, str, str]]:
+        return [("min Dice", "min_dice", ".4f"), ("expert agrees", "agreement", ".0%")]
 
     def compare(self, reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],
                 tolerances: Tolerances) -> Dict[str, Any]:

@@ -146,6 +146,17 @@ class MoESAMFamily(Family):
         """Slices of synthetic multi-organ volumes (textured blobs, MRI-like noise), RGB 0..255."""
         return synthetic_slices(n, image_size, seed)[0]
 
+    def synthetic_validation(self, n: int, image_size: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+        images, labels = synthetic_slices(n, image_size, seed)
+        return images.astype(np.float32), labels[:, None].astype(np.uint8)
+
+    def calibration_images(self, source: Any, n: int, image_size: int, seed: int = 0) -> np.ndarray:
+        """Slices of a 3-D dataset's training volumes (ACDC, BTCV, MM-WHS, Synapse, synthetic3d)."""
+        from icmoe.data.calibration import slices_3d
+
+        return slices_3d(source, n, image_size=image_size, seed=seed, datasets=tuple(self.datasets()),
+                         load_split=self.load_split)
+
     def tolerances(self, precision: str) -> Tolerances:
         """The gates of docs/moesam.md ("Parity gates"), per precision, against eager FP32."""
         if precision == "fp32":
@@ -157,6 +168,9 @@ class MoESAMFamily(Family):
             # differently, which moves logits non-smoothly: the gate is on the labels.
             return Tolerances(atol=1e-3, rtol=0.0, max_flipped=0.01, min_class_dice=0.99, gate_logits=False)
         raise FamilyError(f"MoE-SAM has no parity gates for precision {precision!r}")
+
+    def parity_columns(self) -> List[Tuple[str, str, str]]:
+        return [("min class Dice", "min_class_dice", ".4f"), ("labels agree", "label_agreement", ".3%")]
 
     def compare(self, reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],
                 tolerances: Tolerances) -> Dict[str, Any]:
