@@ -38,26 +38,39 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from engines import load_engine
-from engines.eager import default_threads
-from engines.tensorrt import unavailable_reason
-from export.rewrite import REWRITES
-from export.verify import parity_inputs, run_batched
-from icmoe.checkpoint import read_meta
-from icmoe.core import cli
-from icmoe.core.extras import require
-from icmoe.core.io import atomic_path, atomic_write_bytes, atomic_write_json
-from icmoe.core.manifest import ManifestError, family_of, read_manifest
-from icmoe.families import Family, add_model_args, get_family
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from benchmarks.op_profile import markdown as profile_markdown  # noqa: E402
+from benchmarks.op_profile import profile_engine  # noqa: E402
+from benchmarks.roofline import CpuPeak, build_rewrites, cpu_peak, gflops_per_image  # noqa: E402
+from engines import load_engine  # noqa: E402
+from engines.eager import default_threads  # noqa: E402
+from engines.tensorrt import unavailable_reason  # noqa: E402
+from export.rewrite import REWRITES  # noqa: E402
+from export.verify import parity_inputs, run_batched  # noqa: E402
+from icmoe.checkpoint import read_meta  # noqa: E402
+from icmoe.core import cli  # noqa: E402
+from icmoe.core.extras import require  # noqa: E402
+from icmoe.core.io import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: E402
+from icmoe.core.manifest import ONNX_GRAPHS, ManifestError, family_of, read_manifest  # noqa: E402
+from icmoe.families import Family, add_model_args, get_family  # noqa: E402
 
 log = logging.getLogger("benchmarks.latency")
-GRAPH_ENGINES = ("onnxruntime-fp32", "onnxruntime-fp16", "tensorrt")
+GRAPH_ENGINES = ("onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "openvino-fp32", "openvino-int8",
+                 "tensorrt")
+COMPILED = "-compiled"
 
 
 def engine_names(family: Family) -> List[str]:
-    """Every engine the benchmark knows for a family: its eager structures first, the reference second to last."""
+    """Every engine the benchmark knows for a family: its eager structures, the reference last of them,
+    the reference through torch.compile, then the graph engines."""
     eager = [family.eager_label(v) for v in family.variants] + [reference_name(family)]
-    return eager + list(GRAPH_ENGINES)
+    return eager + [reference_name(family) + COMPILED] + list(GRAPH_ENGINES)
+
+
+def precision_of(name: str) -> str:
+    """The precision an engine computes in, from its benchmark name (eager and compiled: FP32)."""
+    return next((p for p in ("int8", "fp16") if name.endswith("-" + p)), "fp32")
 
 
 def reference_name(family: Family) -> str:
@@ -73,10 +86,13 @@ def load(build_dir: Path, engine: str, threads: Optional[int]):
     """Load one engine of the build by its benchmark name."""
     if engine == "eager" or engine.startswith("eager-"):
         family = get_family(family_of(read_manifest(build_dir)))
-        variant = next((v for v in family.variants if family.eager_label(v) == engine), None)
-        return load_engine(build_dir, "eager", variant=variant, threads=threads)
-    if engine.startswith("onnxruntime-"):
-        return load_engine(build_dir, "onnxruntime", engine.split("-")[1], threads=threads)
+        compiled = engine.endswith(COMPILED)
+        base = engine[: -len(COMPILED)] if compiled else engine
+        variant = next((v for v in family.variants if family.eager_label(v) == base), None)
+        return load_engine(build_dir, "eager", variant=variant, threads=threads, compile=compiled)
+    if engine.startswith(("onnxruntime-", "openvino-")):
+        backend, precision = engine.split("-")
+        return load_engine(build_dir, backend, precision, threads=threads)
     if engine == "tensorrt":
         return load_engine(build_dir, "tensorrt")
     raise ValueError(f"unknown engine {engine!r}")
@@ -130,20 +146,21 @@ def tensorrt_available(build_dir: Path) -> Optional[str]:
     return None
 
 
-def _fresh(out: Path, family: str, cfg, sha: Optional[str], bmax: int) -> bool:
+def _fresh(out: Path, family: str, cfg, sha: Optional[str], bmax: int, precision: str) -> bool:
     """Whether `out` holds a build this benchmark can reuse."""
     try:
         m = read_manifest(out)
     except ManifestError:
         return False
     return (m["model"]["family"] == family and m["model"]["config"] == cfg.to_dict()
-            and "model.fp16.onnx" in m["artifacts"] and m.get("rewrites") == list(REWRITES)
+            and ONNX_GRAPHS[precision] in m["artifacts"] and m.get("rewrites") == list(REWRITES)
             and m["batch"]["max"] >= bmax
             and (m["checkpoint"]["sha256"] == sha if sha else m["checkpoint"]["random_init"]))
 
 
-def get_build(args) -> Path:
-    """Reuse `--build`, or make (and cache) an FP16 build (it holds the FP32 graph too)."""
+def get_build(args, precision: str = "fp16") -> Path:
+    """Reuse `--build`, or make (and cache) a build of `precision`: FP16 (it holds the FP32 graph too), or
+    INT8 for the int8 rows (NNCF and ONNX Runtime quantization, calibrated on the family's synthetic set)."""
     if args.build:
         return args.build
     if args.checkpoint:
@@ -152,16 +169,17 @@ def get_build(args) -> Path:
     else:
         family, cfg, sha = args.model, get_family(args.model).get_config(args.config), None
     out = args.out / f"build-{family}-{cfg.name}-{'ckpt-' + sha[:8] if sha else 'random'}"
+    out = out.with_name(out.name + ("-int8" if precision == "int8" else ""))
     bmax = max(max(args.batch_sizes), 8)
-    if _fresh(out, family, cfg, sha, bmax):
+    if _fresh(out, family, cfg, sha, bmax, precision):
         log.info(f"benchmark: reusing build {out}")
         return out
-    log.info(f"benchmark: building {out} (export, FP16; verified separately by the parity columns)")
+    log.info(f"benchmark: building {out} (export, {precision.upper()}; verified separately by the parity columns)")
     # In a child process: Linux keeps a process's peak RSS across fork and exec, so a build made in
     # this process (gigabytes for vit_b) would show up as every worker's peak memory.
     source = ["--checkpoint", str(args.checkpoint)] if args.checkpoint else ["--random-init", "--model", family,
                                                                             "--config", cfg.name]
-    cmd = [sys.executable, "-m", "export.build", *source, "--precision", "fp16", "--out", str(out),
+    cmd = [sys.executable, "-m", "export.build", *source, "--precision", precision, "--out", str(out),
            "--dynamic-batch", f"1,1,{bmax}", "--backend", "onnxruntime", "--force", "--no-verify"]
     proc = subprocess.run(cmd + (["--no-progress"] if args.no_progress else []), stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -206,6 +224,8 @@ def run(args) -> Dict:
     from tqdm import tqdm
 
     build_dir = get_build(args)
+    names = args.engines or [n for n in engine_names(family_of_args(args)) if args.compiled or not n.endswith(COMPILED)]
+    int8_dir = get_build(args, "int8") if any(precision_of(n) == "int8" for n in names) else build_dir
     threads = args.threads or default_threads()
     manifest = read_manifest(build_dir)
     family = get_family(family_of(manifest))
@@ -216,10 +236,10 @@ def run(args) -> Dict:
                     "load_avg_before": os.getloadavg()[0], "engines": {}, "skipped": {},
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     outputs = {}
-    names = args.engines or engine_names(family)
     with tempfile.TemporaryDirectory(prefix="icmoe-bench-") as tmp:
         for name in tqdm(names, desc="benchmark", unit="engine", disable=args.no_progress):
-            result, why = _measure(args, build_dir, name, threads, Path(tmp))
+            result, why = _measure(args, int8_dir if precision_of(name) == "int8" else build_dir, name, threads,
+                                   Path(tmp))
             if why:
                 report["skipped"][name] = why
                 continue
@@ -229,7 +249,64 @@ def run(args) -> Dict:
                 outputs[name] = dict(np.load(npz))
     _ratios(report, outputs, family)
     report["load_avg_after"] = os.getloadavg()[0]
+    peak = cpu_peak(threads, clock_ghz=args.clock_ghz, fma_units=args.fma_units)
+    report["cpu_peak"] = peak.to_dict()
+    _roofline(report, build_dir, family, peak)
+    if args.profile and report["engines"]:
+        _profile_best(report, lambda name: int8_dir if precision_of(name) == "int8" else build_dir, threads)
     return report
+
+
+def family_of_args(args) -> Family:
+    """The family the benchmark measures: the build's, the checkpoint's, or --model."""
+    if args.build:
+        return get_family(family_of(read_manifest(args.build)))
+    return get_family(read_meta(args.checkpoint)["family"] if args.checkpoint else args.model)
+
+
+def _engine_gflops(build_dir: Path, family: Family, names: List[str]) -> Dict[str, float]:
+    """GFLOPs of one image of the function each engine runs (see benchmarks/roofline.py): eager
+    structures as written (compiled eager as its structure), the graph engines with the build's rewrites.
+    Run after the workers: the models loaded here would otherwise count in their peak RSS."""
+    rewrites, size = build_rewrites(build_dir), int(read_manifest(build_dir)["image_size"])
+    base = {n: n[: -len(COMPILED)] if n.endswith(COMPILED) else n for n in names}
+    out: Dict[str, float] = {}
+    for v in [*family.variants, None]:  # None: the reference structure, which the graphs were exported from
+        label = family.eager_label(v)
+        if v is not None and label not in base.values():
+            continue
+        with load_engine(build_dir, "eager", variant=v) as engine:
+            model = engine.model
+            out[label] = gflops_per_image(model, size, patches=family.export_patches(model))
+            if v is None:
+                graph = gflops_per_image(model, size, rewrites=rewrites, patches=family.export_patches(model))
+    return {n: out.get(base[n], graph) for n in names}
+
+
+def _roofline(report: Dict, build_dir: Path, family: Family, peak: CpuPeak) -> None:
+    """Per engine GFLOPs per image; per row the achieved GFLOP/s (GOP/s for INT8) and its share of the peak."""
+    flops = _engine_gflops(build_dir, family, list(report["engines"]))
+    for name, r in report["engines"].items():
+        r["gflops_per_image"] = flops[name]
+        for row in r["batches"].values():
+            row["achieved_gflops"] = flops[name] * row["images_per_s"]
+            row["peak_fraction"] = row["achieved_gflops"] / peak.peak(precision_of(name))
+
+
+def _profile_best(report: Dict, build_of, threads: int) -> None:
+    """Operator-type profile of the fastest engine at the smallest batch (benchmarks/op_profile.py);
+    `build_of(name)` is the build directory an engine runs from."""
+    b = str(min(report["batches"]))
+    name = max(report["engines"], key=lambda n: report["engines"][n]["batches"][b]["images_per_s"])
+    engine = load(Path(build_of(name)), name, threads)
+    images = (np.random.default_rng(0).random(engine.inputs[0].concrete(1)) * 255).astype(np.float32)
+    try:
+        with engine:
+            rows = profile_engine(engine, images)
+    except (ValueError, ImportError) as e:
+        report["profile"] = {"engine": name, "skipped": str(e)}
+        return
+    report["profile"] = {"engine": name, "batch": 1, "ops": [{"op": op, "ms": ms, "share": sh} for op, ms, sh in rows]}
 
 
 def _cpu_name() -> str:
@@ -247,15 +324,17 @@ def _cpu_name() -> str:
 def markdown(report: Dict) -> str:
     """The report as a Markdown table (one row per engine and batch size)."""
     family = get_family(report["family"])
+    peak = CpuPeak(**{k: v for k, v in report["cpu_peak"].items() if k in CpuPeak.__dataclass_fields__})
     head = (f"{family.title} `{report['model']}` at {report['image_size']}x{report['image_size']}, "
             f"{'random init' if report['checkpoint'].get('random_init') else 'checkpoint'}, "
-            f"{report['threads']} threads, {report['cpu']}, {report['iters']} timed runs after "
-            f"{report['warmup']} warm-up, load average {report['load_avg_before']:.1f} -> {report['load_avg_after']:.1f}\n\n")
+            f"{report['threads']} threads, {report['iters']} timed runs after "
+            f"{report['warmup']} warm-up, load average {report['load_avg_before']:.1f} -> {report['load_avg_after']:.1f}\n"
+            f"CPU: {peak.describe()}\n\n")
     eager = [n for n in report["engines"] if n.split("-")[0] == "eager"]
     columns = [("max abs dlogit", "max_abs_logit", ".2e"), ("flipped px", "flipped", ".3%"), *family.parity_columns()]
     rows = ["| engine | batch | p50 ms | p95 ms | img/s | peak MiB | " + " | ".join(f"x {e}" for e in eager)
-            + " | " + " | ".join(head for head, _, _ in columns) + " |",
-            "|---" * (6 + len(eager) + len(columns)) + "|"]
+            + " | GFLOP/img | GFLOP/s | of peak | " + " | ".join(head for head, _, _ in columns) + " |",
+            "|---" * (9 + len(eager) + len(columns)) + "|"]
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
@@ -265,12 +344,18 @@ def markdown(report: Dict) -> str:
         parity = " | ".join(f(p.get(key), spec) for _, key, spec in columns)
         for b, row in r["batches"].items():
             ratios = " | ".join(f(row.get(f"speedup_vs_{e}"), ".2f") for e in eager)
+            roof = (f"{f(r.get('gflops_per_image'), '.3g')} | {f(row.get('achieved_gflops'), '.1f')} | "
+                    f"{f(row.get('peak_fraction'), '.1%')}")
             rows.append(
                 f"| {name} | {b} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['images_per_s']:.2f} | "
-                f"{r['peak_mib']:.0f} | {ratios} | {parity} |")
+                f"{r['peak_mib']:.0f} | {ratios} | {roof} | {parity} |")
     for name, why in report["skipped"].items():
-        rows.append(f"| {name} | - | skipped: {why} |" + " |" * (3 + len(eager) + len(columns)))
-    return head + "\n".join(rows) + "\n"
+        rows.append(f"| {name} | - | skipped: {why} |" + " |" * (6 + len(eager) + len(columns)))
+    table = head + "\n".join(rows) + "\n"
+    prof = report.get("profile") or {}
+    if prof.get("ops"):
+        table += "\n" + profile_markdown(prof["engine"], [(o["op"], o["ms"], o["share"]) for o in prof["ops"]])
+    return table
 
 
 PLOT_NEEDS = ("matplotlib", "bench", "the benchmark's plot (or pass --no-plot)")  # module, extra, purpose
@@ -318,6 +403,13 @@ def _parser():
     p.add_argument("--engines", default=None, help="comma-separated subset (default: every engine of the family)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per engine (default: usable cores)")
     p.add_argument("--parity-images", type=int, default=8, help="images for the parity columns (0: none)")
+    p.add_argument("--clock-ghz", type=float, default=None,
+                   help="CPU clock for the peak rate (default: measured with a C loop, else /proc/cpuinfo's)")
+    p.add_argument("--no-compiled", dest="compiled", action="store_false",
+                   help="leave out the torch.compile row (it compiles for minutes per batch size)")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the operator-type profile of the fastest engine")
+    p.add_argument("--fma-units", type=int, default=2, help="FMA units per core for the peak rate (default 2)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
     cli.add_json(p)
     cli.add_progress(p)

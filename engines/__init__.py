@@ -4,7 +4,7 @@
     with load_engine("build/icmoe-tiny-fp16", backend="onnxruntime", precision="fp16") as engine:
         out = engine.infer(images)   # {output name: NumPy array}, names from the build's manifest
 
-Backends are imported lazily, so a missing optional library (TensorRT) disables its
+Backends are imported lazily, so a missing optional library (TensorRT, OpenVINO) disables its
 backend only.
 """
 
@@ -19,6 +19,7 @@ from engines.base import BuildInfo, Engine, EngineError, InputError, check_input
 BACKENDS: Dict[str, str] = {
     "eager": "engines.eager:EagerEngine",
     "onnxruntime": "engines.onnxruntime:OnnxRuntimeEngine",
+    "openvino": "engines.openvino:OpenVINOEngine",
     "tensorrt": "engines.tensorrt:TensorRTEngine",
     "torch-tensorrt": "engines.torch_tensorrt:TorchTensorRTEngine",
 }
@@ -45,7 +46,7 @@ def load_engine(build_dir, backend: str = "onnxruntime", precision: Optional[str
     Arguments:
       build_dir: a directory written by `python -m export.build`.
       backend: a key of `BACKENDS`.
-      precision: "fp32" or "fp16"; None takes the build's precision.
+      precision: "fp32", "fp16" or "int8"; None takes the build's precision.
       kw: passed to the engine's `from_build` (e.g. `threads`, `expect`, `variant` for eager).
 
     Returns:

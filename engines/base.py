@@ -18,7 +18,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from icmoe.core.errors import IcmoeError
+from engines.errors import EngineError, InputError
+from engines.prediction import Prediction
+from engines.prediction import predict as predict_pictures
 from icmoe.core.manifest import (
     ManifestError,
     artifact_path,
@@ -29,14 +31,6 @@ from icmoe.core.manifest import (
 from icmoe.core.manifest import class_names as build_class_names
 from icmoe.core.specs import BATCH, TensorSpec
 from icmoe.families import check_expected
-
-
-class EngineError(IcmoeError, RuntimeError):
-    """An engine or build artifact that cannot be used (missing, damaged, mismatched)."""
-
-
-class InputError(IcmoeError, ValueError):
-    """Images an engine cannot take (shape, dtype, channels, batch, NaN)."""
 
 
 def to_numpy(images) -> np.ndarray:
@@ -142,6 +136,23 @@ class Engine(abc.ABC):
             self.activate()
         x = check_input(images, self.inputs[0], self.batch_range)
         return self._infer(x)
+
+    def predict(self, images, *, batch_size: Optional[int] = None, window=None) -> List[Prediction]:
+        """Masks of images of any size, at their own sizes (`engines.prediction`, the predict command's path).
+
+        Arguments:
+          images: one image or a list: file paths (PNG, JPEG, BMP, TIFF, DICOM, NIfTI), PIL images, or
+            uint8/uint16 arrays (H, W), (H, W, 3), (H, W, 4); each is resized to the model's input as
+            training resizes it.
+          batch_size: pictures per batch (default 8 within the engine's batch range).
+          window: (low, high) intensity window for NIfTI volumes (default: each slice's min..max).
+
+        Returns:
+          list of `engines.prediction.Prediction`, one per picture (a multi-frame file or a volume gives one
+          per frame or slice): `.mask` uint8 (H, W) at the picture's size (0/1, or label values),
+          `.fractions`, `.choice` (the per-image outputs), `.seconds`, `.source`, `.frame`.
+        """
+        return predict_pictures(self, images, batch_size=batch_size, window=window)
 
     @abc.abstractmethod
     def _activate(self) -> None: ...

@@ -39,10 +39,13 @@ class EagerEngine(Engine):
       name: label for reports (default: the family's label of the structure, e.g. "eager-shared").
       variant: which eager structure `model` is (for the label only).
       batch_range: (min, max) batch accepted, or None for any.
+      compile: run the module through `torch.compile` (Inductor; what a PyTorch user tries first). The
+        first call per batch size compiles (minutes for vit_b on a small CPU); labelled "<name>-compiled".
     """
 
     def __init__(self, *, model: torch.nn.Module, device: str = "cpu", threads: Optional[int] = None,
-                 name: Optional[str] = None, variant: Optional[str] = None, batch_range=None) -> None:
+                 name: Optional[str] = None, variant: Optional[str] = None, batch_range=None,
+                 compile: bool = False) -> None:
         self.family = get_family(type(model.config).family)
         cfg = model.config
         super().__init__(inputs=self.family.inputs(cfg), outputs=self.family.outputs(cfg), batch_range=batch_range,
@@ -51,7 +54,8 @@ class EagerEngine(Engine):
         self.module = self.family.export_module(self.model)
         self.device = torch.device(device)
         self.threads = threads or default_threads()
-        self.name = name or self.family.eager_label(variant)
+        self.name = name or self.family.eager_label(variant) + ("-compiled" if compile else "")
+        self.compile = compile
 
     @classmethod
     def from_checkpoint(cls, checkpoint, *, variant: Optional[str] = None, expect=None, **kw) -> "EagerEngine":
@@ -101,6 +105,8 @@ class EagerEngine(Engine):
         torch.set_num_threads(self.threads)
         self.model.to(self.device)
         self.family.prepare_eager(self.model, self.device)
+        if self.compile:
+            self.module = torch.compile(self.family.export_module(self.model), dynamic=False)
 
     def _infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         with torch.inference_mode():

@@ -1,4 +1,4 @@
-"""ONNX Runtime engine for the FP32 and FP16 graphs of a build directory (any model family).
+"""ONNX Runtime engine for the FP32, FP16 and INT8 (QDQ) graphs of a build directory (any model family).
 
 Session settings are chosen for a fair CPU comparison with eager PyTorch: all graph
 optimizations on, intra-op threads = the cores eager uses, sequential execution.
@@ -39,7 +39,7 @@ class OnnxRuntimeEngine(Engine):
       path: the ONNX file.
       inputs, outputs: the graph's tensor specs (from the manifest).
       batch_range: (min, max) batch the build allows, or None.
-      precision: "fp32" or "fp16" (label only; the graph decides).
+      precision: "fp32", "fp16" or "int8" (label only; the graph decides).
       threads: intra-op threads (default: the usable cores).
       providers: ORT execution providers (default CPU).
     """
@@ -61,7 +61,8 @@ class OnnxRuntimeEngine(Engine):
 
         Arguments:
           build_dir: a build directory.
-          precision: "fp32" (model.onnx) or "fp16" (model.fp16.onnx); None: the build's precision.
+          precision: "fp32" (model.onnx), "fp16" (model.fp16.onnx) or "int8" (model.int8.onnx, the QDQ graph);
+            None: the build's precision.
           expect: what the build must be for (see `icmoe.families.check_expected`).
           verify: compare the artifact's size and sha256 with the manifest.
 

@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from engines.base import BuildInfo, Engine, EngineError
+from icmoe.core.extras import install_hint
 from icmoe.core.manifest import PLAN_NAME
 
 # TensorRT I/O dtype name (DataType.name) -> NumPy/torch dtype name
@@ -56,7 +57,7 @@ def unavailable_reason() -> Optional[str]:
     try:
         tensorrt_version()
     except Exception as e:  # ImportError, or a broken install
-        return f"TensorRT not importable ({type(e).__name__}: {e})"
+        return f"TensorRT not importable ({type(e).__name__}: {e}; {install_hint('tensorrt')})"
     import torch
 
     if not torch.cuda.is_available():

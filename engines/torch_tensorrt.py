@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from engines.base import BuildInfo, Engine, EngineError
+from icmoe.core.extras import missing
 from icmoe.core.manifest import TORCH_TENSORRT_NAME
 
 
@@ -59,7 +60,7 @@ class TorchTensorRTEngine(Engine):
         try:
             import torch_tensorrt  # noqa: F401  (registers the TensorRT TorchScript ops)
         except ImportError as e:
-            raise EngineError(f"the torch-tensorrt engine needs torch-tensorrt: {e}") from None
+            raise EngineError(missing("the torch-tensorrt engine", "tensorrt", e)) from None
         if not torch.cuda.is_available():
             raise EngineError("the torch-tensorrt engine needs a CUDA GPU (torch.cuda.is_available() is False)")
         try:

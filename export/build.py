@@ -3,11 +3,14 @@
     python -m export.build                                  # newest run under runs/, FP32
     python -m export.build --precision fp16                 # + strongly typed FP16 graph
     python -m export.build --random-init --config vit_b --out build/latency
+    python -m export.build --precision int8 --calibration data/busi   # + NNCF OpenVINO IR and QDQ graph
 
 The build is a list of named stages (`STAGES`), each shown in the progress bar and in
-build.log: load the weights, export the FP32 ONNX graph, convert to FP16 (--precision
-fp16), any stages the model family adds, build the GPU engine (TensorRT or
-torch-tensorrt, GPU hosts), verify parity with eager FP32, and (--triton) write a Triton
+build.log: read the calibration images (--precision int8), load the weights, export the
+FP32 ONNX graph, convert to FP16 (--precision fp16) or quantize to INT8 (--precision
+int8: NNCF's OpenVINO IR and the QDQ graph, `export.quantize`), any stages the model family
+adds, build the GPU engine (TensorRT or torch-tensorrt, GPU hosts) or compile OpenVINO's
+caches (--backend openvino), verify parity with eager FP32, and (--triton) write a Triton
 model repository.
 
 Every stage runs in a staging folder next to `--out`; only when all of them passed,
@@ -33,10 +36,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from tqdm import tqdm
 
+from engines.openvino import cache_precisions, write_cache
+from engines.openvino import unavailable_reason as openvino_unavailable
 from engines.tensorrt import unavailable_reason
 from engines.triton import RepositoryOptions, make_repository
 from export.onnx_export import DEFAULT_OPSET, export_onnx, initializer_stats
-from export.precision import convert_fp16
+from export.precision import convert_fp16, fp16_unavailable
+from export.quantize import int8_unavailable, quantize_build
 from export.rewrite import REWRITES
 from export.tensorrt import EngineSettings, build_engine
 from export.torch_tensorrt import compile_and_save
@@ -66,7 +72,8 @@ from icmoe.families import (
 )
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch-tensorrt")
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "torch-tensorrt")
+CALIBRATION_SEED = 0  # the draw of the calibration images (recorded in the manifest)
 
 
 class BuildError(IcmoeError, RuntimeError):
@@ -85,10 +92,11 @@ class BuildOptions:
       checkpoint: checkpoint folder; None: the newest run under runs/ (unless random_init).
       random_init: export the untrained architecture `model`/`config` (seeded).
       model, config: family and size variant for random_init (a checkpoint names its own).
-      precision: "fp32" (model.onnx) or "fp16" (model.onnx + model.fp16.onnx).
+      precision: "fp32" (model.onnx), "fp16" (model.onnx + model.fp16.onnx) or "int8" (model.onnx +
+        model.int8.onnx, the QDQ graph + model.int8.xml/.bin, NNCF's OpenVINO IR).
       out: build directory; default build/<family>-<config>-<precision>.
       batch: (min, opt, max) dynamic batch range.
-      backend: auto | onnxruntime | tensorrt | torch-tensorrt.
+      backend: auto | onnxruntime | openvino (also compiles OpenVINO's caches) | tensorrt | torch-tensorrt.
       opset: ONNX opset.
       force: replace an existing build of a different model.
       rewrite: apply the export-time rewrites of `export.rewrite` (same function, less work).
@@ -100,6 +108,9 @@ class BuildOptions:
       seed: seed of the random initialisation.
       progress: show the stage progress bar.
       engine: TensorRT builder settings.
+      calibration: INT8 calibration images: a dataset folder or name the family reads; None: the
+        family's synthetic set.
+      calibration_size: how many calibration images (drawn seeded from the training split).
     """
 
     checkpoint: Optional[Path] = None
@@ -121,6 +132,8 @@ class BuildOptions:
     seed: int = 0
     progress: bool = True
     engine: EngineSettings = EngineSettings()
+    calibration: Optional[str] = None
+    calibration_size: int = 64
 
 
 @dataclass
@@ -135,6 +148,7 @@ class BuildState:
     staging: Path = Path()
     model: Any = None
     report: Optional[Dict[str, Any]] = None
+    calibration: Any = None  # INT8 calibration images, float32 (n, 3, S, S)
 
 
 @dataclass(frozen=True)
@@ -226,11 +240,28 @@ def prepare(options: BuildOptions) -> BuildState:
         raise BuildError(f"{family.name} has no variant {options.variant!r} (has: {', '.join(family.variants) or 'none'})")
     out = Path(options.out) if options.out else Path("build") / f"{family.name}-{config.name}-{options.precision}"
     _check_target(out, family.name, config.to_dict(), options.force)
+    if options.precision == "fp16" and fp16_unavailable():  # before minutes of export, not after
+        raise BuildError(f"--precision fp16: {fp16_unavailable()}")
+    _check_int8(options)
     backend = resolve_backend(options.backend)
     why = unavailable_reason() if backend in ("tensorrt", "torch-tensorrt") else None
+    why = why or (openvino_unavailable() if backend == "openvino" else None)
     if why:  # say so before minutes of export, not after
         raise BuildError(f"--backend {backend} is unavailable here: {why}")
     return BuildState(options=options, family=family, config=config, out=out, backend=backend)
+
+
+def _check_int8(options: BuildOptions) -> None:
+    """INT8 options, checked before anything is written: the packages, the calibration count and source."""
+    if options.precision != "int8":
+        if options.calibration is not None:
+            raise BuildError("--calibration applies to --precision int8 only")
+        return
+    why = int8_unavailable()
+    if why:
+        raise BuildError(f"--precision int8: {why}")
+    if options.calibration_size < 1:
+        raise BuildError(f"--calibration-size must be >= 1, got {options.calibration_size}")
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -279,6 +310,32 @@ def stage_onnx(state: BuildState) -> None:
     log.info(f"onnx: {path.name} ({stats['bytes'] / 2**20:.1f} MiB of initializers, {stats['count']} tensors)")
 
 
+def stage_calibration(state: BuildState) -> None:
+    """The INT8 calibration images: real ones from --calibration (the family's readers), else its synthetic set."""
+    o, size = state.options, int(state.config.image_size)
+    if o.calibration is None:
+        state.calibration = state.family.synthetic_inputs(o.calibration_size, size, CALIBRATION_SEED)
+    else:
+        state.calibration = state.family.calibration_images(o.calibration, o.calibration_size, size, CALIBRATION_SEED)
+    log.info(f"calibration: {len(state.calibration)} images from {o.calibration or 'the synthetic set'}")
+
+
+def stage_int8(state: BuildState) -> None:
+    o = state.options
+    source = "synthetic" if o.calibration is None else str(Path(o.calibration).resolve() if Path(o.calibration).is_dir()
+                                                                 else o.calibration)
+    quantize_build(state.staging, family=state.family,
+                   specs=state.family.inputs(state.config) + state.family.outputs(state.config), batch=o.batch[2],
+                   images=state.calibration, progress=o.progress,
+                   calibration={"source": source, "images": int(len(state.calibration)), "seed": CALIBRATION_SEED})
+
+
+def stage_openvino(state: BuildState) -> None:
+    """OpenVINO's compiled models for this host, one per graph it runs (see engines.openvino)."""
+    for precision in cache_precisions(read_manifest(state.staging)):
+        write_cache(state.staging, precision)
+
+
 def stage_fp16(state: BuildState) -> None:
     dst = state.staging / ONNX_GRAPHS["fp16"]
     convert_fp16(state.staging / ONNX_GRAPHS["fp32"], dst, family=state.family,
@@ -322,10 +379,14 @@ def stage_triton(state: BuildState) -> None:
 
 
 STAGES: List[Stage] = [
+    # First: a calibration source that cannot be read stops the build before anything is written.
+    Stage("calibration", stage_calibration, lambda s: s.options.precision == "int8"),
     Stage("load", stage_load),
     Stage("onnx", stage_onnx),
     Stage("fp16", stage_fp16, lambda s: s.options.precision == "fp16"),
+    Stage("int8", stage_int8, lambda s: s.options.precision == "int8"),
     Stage("family", stage_family_steps, lambda s: bool(s.family.build_steps)),
+    Stage("openvino", stage_openvino, lambda s: s.backend == "openvino"),
     Stage("tensorrt", stage_tensorrt, lambda s: s.backend == "tensorrt"),
     Stage("torch-tensorrt", stage_torch_tensorrt, lambda s: s.backend == "torch-tensorrt"),
     Stage("verify", stage_verify, lambda s: s.options.verify),
@@ -447,7 +508,8 @@ def _options(args) -> Dict[str, Any]:
                 out=args.out, batch=parse_batch(args.dynamic_batch), backend=args.backend, opset=args.opset,
                 force=args.force, rewrite=not args.no_rewrite, variant=args.variant, verify=not args.no_verify,
                 verify_images=args.verify_images, tolerances=tolerance_overrides(args), triton=args.triton,
-                seed=args.seed, progress=not args.no_progress, engine=engine)
+                seed=args.seed, progress=not args.no_progress, engine=engine, calibration=args.calibration,
+                calibration_size=args.calibration_size)
 
 
 def _parser():
@@ -460,7 +522,9 @@ def _parser():
     p.add_argument("--out", type=Path, default=None, help="build directory (default build/<model>-<config>-<precision>)")
     p.add_argument("--dynamic-batch", default="1,1,8", metavar="MIN,OPT,MAX",
                    help="the graphs' dynamic batch range (default 1,1,8)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: TensorRT where it and a GPU exist, else ONNX Runtime")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto: TensorRT where it and a GPU exist, else ONNX Runtime; openvino: also compile "
+                        "OpenVINO's caches for this host")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--force", action="store_true", help="replace an existing build of a different model")
     p.add_argument("--no-rewrite", action="store_true",
@@ -473,6 +537,13 @@ def _parser():
     add_tolerance_args(p)
     p.add_argument("--triton", type=Path, default=None, metavar="DIR", help="also write a Triton model repository")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
+    q = p.add_argument_group("INT8 (--precision int8)")
+    q.add_argument("--calibration", default=None, metavar="DIR_OR_DATASET",
+                   help="calibration images: a dataset folder or name the model family reads (2-D: isic, busi, glas, "
+                        "synthetic or a plain image folder; 3-D: acdc, btcv, mmwhs, synapse, synthetic3d); "
+                        "default: the family's synthetic set")
+    q.add_argument("--calibration-size", type=int, default=64, metavar="N",
+                   help="calibration images, drawn seeded from the training split (default 64)")
     trt = p.add_argument_group("TensorRT builder (--backend tensorrt / torch-tensorrt)")
     trt.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder optimization level (default 3)")
     trt.add_argument("--workspace", type=float, default=None, metavar="MIB", help="workspace memory limit in MiB")

@@ -10,8 +10,9 @@ outputs keep the FP32 graph's types (checked against the manifest's specs).
 Why AutoCast without its `[onnx]` extra: `nvidia-modelopt[onnx]` pins
 onnxruntime-gpu and onnx~=1.21, which would put a second ONNX Runtime next to the
 CPU one. `modelopt.onnx.autocast` itself needs only nvidia-modelopt plus onnxslim,
-ml_dtypes, lief and onnxconverter-common (listed in pyproject.toml); it runs its
-reference inference with the installed CPU ONNX Runtime.
+ml_dtypes, lief, onnxconverter-common and polygraphy (the `[fp16]` extra in pyproject.toml); it runs
+its reference inference with the installed CPU ONNX Runtime. Without that extra `fp16_unavailable()` says so
+in one line, and the build refuses `--precision fp16` before exporting anything.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import onnx
 
 from icmoe.core.errors import IcmoeError
+from icmoe.core.extras import missing
 from icmoe.core.io import PathLike, atomic_path
 from icmoe.core.specs import TensorSpec
 from icmoe.families import Family
@@ -33,6 +35,16 @@ log = logging.getLogger(__name__)
 
 class PrecisionError(IcmoeError, RuntimeError):
     """The FP16 conversion failed or produced a graph that breaks the contract."""
+
+
+def fp16_unavailable() -> Optional[str]:
+    """Why the FP16 graph cannot be made here (ModelOpt AutoCast or what it imports is missing), or None."""
+    try:
+        import modelopt.onnx.autocast  # noqa: F401
+        import polygraphy  # noqa: F401  (AutoCast's reference runner imports it only when it converts)
+    except ImportError as e:
+        return missing("the FP16 graph (ModelOpt AutoCast)", "fp16", e)
+    return None
 
 
 def convert_fp16(src: PathLike, dst: PathLike, *, family: Family, outputs: Sequence[TensorSpec],
@@ -55,7 +67,7 @@ def convert_fp16(src: PathLike, dst: PathLike, *, family: Family, outputs: Seque
         from modelopt.onnx.autocast import convert_to_mixed_precision
         from modelopt.onnx.logging_config import configure_logging
     except ImportError as e:
-        raise PrecisionError(f"FP16 needs NVIDIA ModelOpt AutoCast (pip install -e .): {e}") from None
+        raise PrecisionError(missing("the FP16 graph (ModelOpt AutoCast)", "fp16", e)) from None
     src, dst = Path(src), Path(dst)
     try:
         island = family.fp32_nodes(onnx.load(str(src), load_external_data=False))

@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from engines.tensorrt import tensorrt_version
 from icmoe.core.errors import IcmoeError
+from icmoe.core.extras import install_hint, missing
 from icmoe.core.io import PathLike, atomic_path
 from icmoe.core.manifest import (
     PLAN_NAME,
@@ -121,9 +122,13 @@ def _check_tensorrt() -> str:
     try:
         version = tensorrt_version()
     except ImportError as e:
-        raise TensorRTBuildError(f"TensorRT is not available: {e}") from None
+        raise TensorRTBuildError(f"TensorRT is not available: {e} ({install_hint('tensorrt')}, on a GPU host)") from None
     if version < MIN_TENSORRT:
         raise TensorRTBuildError(f"TensorRT {version[0]}.{version[1]} is too old: need >= {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]}")
+    try:
+        import polygraphy  # noqa: F401  (the builder front end, installed with TensorRT by the same extra)
+    except ImportError as e:
+        raise TensorRTBuildError(missing("building a TensorRT engine", "tensorrt", e)) from None
     import torch
 
     if not torch.cuda.is_available():

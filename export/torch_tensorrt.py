@@ -22,6 +22,7 @@ from typing import Any, Optional, Tuple
 from export.rewrite import PADDING_FREE_WINDOWS, padding_free_windows
 from icmoe.checkpoint import load
 from icmoe.core.errors import IcmoeError
+from icmoe.core.extras import missing
 from icmoe.core.io import PathLike, atomic_path
 from icmoe.core.manifest import (
     TORCH_TENSORRT_NAME,
@@ -121,7 +122,7 @@ def _import_torch_tensorrt() -> Any:
     try:
         import torch_tensorrt
     except ImportError as e:
-        raise TorchTensorRTError(f"torch-tensorrt is not installed: {e}") from None
+        raise TorchTensorRTError(missing("compiling with torch-tensorrt", "tensorrt", e)) from None
     if not torch.cuda.is_available():
         raise TorchTensorRTError("torch-tensorrt needs a CUDA GPU (torch.cuda.is_available() is False)")
     return torch_tensorrt

@@ -2,12 +2,18 @@
 
 The fixed input set (default 64 images, seed 0) is half the family's structured synthetic
 images (`Family.synthetic_inputs`) and half uniform random images in 0..255. Every engine
-of the build runs it: ONNX Runtime for each ONNX graph, TensorRT for `model.plan` and
-torch-tensorrt for `model.trt.ts` where this host can run them (else they are reported as
-skipped, with the reason). Each is compared with the eager FP32 model the build was
+of the build runs it: ONNX Runtime for each ONNX graph, OpenVINO for the FP32 graph and the INT8
+IR, TensorRT for `model.plan` and torch-tensorrt for `model.trt.ts` where this host can run them
+(else they are reported as skipped, with the reason: OpenVINO not installed, no GPU). Each is compared with the eager FP32 model the build was
 exported from by the family's gates (`Family.compare` with `Family.tolerances(precision)`;
 for IC-MoE: logits element-wise within atol + rtol * |reference|, a cap on flipped mask
 pixels, chosen-candidate agreement, with Dice reported beside them).
+
+Held-out Dice (INT8, or any precision whose gates set `max_dice_change`): on ceil(n/2) labelled
+images of the family's synthetic validation set (`Family.synthetic_validation`, seeded apart from
+the training set and the parity set), the engine's Dice against the ground truth, per class
+(pooled over the images; a binary mask has one class), must stay within `max_dice_change` of eager
+FP32's. Where the family has no labelled set it is reported as skipped.
 
 Batch consistency is measured too: the first images are run alone (batch 1) and their
 outputs compared with the same images inside the batched run. It is reported, not gated:
@@ -27,14 +33,17 @@ import numpy as np
 
 from engines import EngineError, load_engine
 from engines.eager import EagerEngine
+from engines.openvino import unavailable_reason as openvino_unavailable
 from icmoe.core import cli
 from icmoe.core.errors import CheckFailed
-from icmoe.core.manifest import ONNX_GRAPHS, family_of, model_label, read_manifest
-from icmoe.families import Family, get_family
+from icmoe.core.manifest import ONNX_GRAPHS, OPENVINO_GRAPHS, class_names, family_of, model_label, read_manifest
+from icmoe.core.parity import dice_per_class
+from icmoe.families import Family, Tolerances, get_family
 
 log = logging.getLogger(__name__)
 GPU_BACKENDS = ("tensorrt", "torch-tensorrt")
 BATCH_CHECK_IMAGES = 8  # images also run alone for the batch-consistency figures
+HELDOUT_SEED = 7919  # offset of the held-out set's seed: apart from the training set's (0) and the parity set's
 
 
 def parity_inputs(family: Family, n: int, image_size: int, seed: int = 0) -> np.ndarray:
@@ -61,6 +70,9 @@ def engine_candidates(manifest: Dict[str, Any]) -> List[Tuple[str, str, str]]:
     for precision, name in ONNX_GRAPHS.items():
         if name in manifest["artifacts"]:
             found.append((f"onnxruntime-{precision}", "onnxruntime", precision))
+    for precision, name in OPENVINO_GRAPHS.items():
+        if name in manifest["artifacts"]:
+            found.append((f"openvino-{precision}", "openvino", precision))
     for name, info in manifest["artifacts"].items():
         backend = {"tensorrt": "tensorrt", "torch_tensorrt": "torch-tensorrt"}.get(info.get("kind"))
         if backend:
@@ -88,6 +100,11 @@ def _load_candidates(build_dir: Path, manifest: Dict, skipped: Dict[str, str]) -
     """Load (and so check) every engine before the long eager run: a damaged build fails at once."""
     engines = []
     for label, backend, precision in engine_candidates(manifest):
+        why = openvino_unavailable() if backend == "openvino" else None
+        if why:  # an optional CPU runtime: every build could run on it, this host cannot
+            skipped[label] = why
+            log.warning(f"verify: {label}: skipped ({why})")
+            continue
         try:
             engines.append((label, precision, load_engine(build_dir, backend, precision)))
         except EngineError as e:
@@ -101,15 +118,42 @@ def _load_candidates(build_dir: Path, manifest: Dict, skipped: Dict[str, str]) -
 def _summary_line(label: str, r: Dict[str, Any], n: int) -> str:
     parts = [f"verify: {label}:"]
     if r.get("max_abs_logit") is not None:
-        parts.append(f"max|dlogit| {r['max_abs_logit']:.3g} ({r['logits_worst_ratio']:.2f} of tolerance),")
+        gated = (r.get("tolerances") or {}).get("gate_logits", True)
+        ratio = f"{r['logits_worst_ratio']:.2f} of tolerance" if gated else "not gated"
+        parts.append(f"max|dlogit| {r['max_abs_logit']:.3g} ({ratio}),")
     if "flipped" in r:
         parts.append(f"flipped pixels {100 * r['flipped']:.4f}%,")
     if "min_dice" in r:
         parts.append(f"Dice min {r['min_dice']:.4f},")
+    if r.get("min_class_dice") is not None:
+        parts.append(f"class Dice min {r['min_class_dice']:.4f},")
     if r.get("agreement") is not None:
         parts.append(f"agreement {100 * r['agreement']:.1f}%,")
+    if r.get("heldout", {}).get("max_change") is not None:
+        parts.append(f"held-out Dice change {r['heldout']['max_change']:.4f},")
     parts.append(f"{n} images: {'PASS' if r['passed'] else 'FAIL'}")
     return " ".join(parts)
+
+
+def heldout_dice(masks: np.ndarray, targets: np.ndarray, labels: int) -> Dict[str, float]:
+    """Dice of each foreground label of `masks` against the ground truth, pooled over the set (absent from
+    both: 1.0); label value -> Dice."""
+    return {str(k): 1.0 if v is None else float(v) for k, v in dice_per_class(targets, masks, labels).items()}
+
+
+def heldout_check(reference: Dict[str, float], dice: Dict[str, float], limit: float, n: int) -> Dict[str, Any]:
+    """The held-out gate: every label's Dice within `limit` of eager FP32's."""
+    change = max(abs(dice[k] - reference[k]) for k in reference)
+    return {"images": n, "dice_fp32": reference, "dice": dice, "max_change": change, "max_dice_change": limit,
+            "passed": bool(change <= limit)}
+
+
+def _heldout_set(family: Family, manifest: Dict, n: int, seed: int) -> Tuple[Optional[np.ndarray], Any]:
+    """The labelled held-out images (or None) and the ground truth (or why there is none)."""
+    data = family.synthetic_validation(n, int(manifest["image_size"]), seed + HELDOUT_SEED)
+    if data is None:
+        return None, f"{family.name} has no labelled synthetic validation set"
+    return data[0].astype(np.float32), data[1]
 
 
 def verify_build(build_dir, *, n: int = 64, seed: int = 0, batch: Optional[int] = None,
@@ -137,17 +181,29 @@ def verify_build(build_dir, *, n: int = 64, seed: int = 0, batch: Optional[int] 
     report: Dict[str, Any] = {"build_dir": str(build_dir), "model": model_label(manifest), "n": n, "seed": seed,
                               "batch": batch, "engines": {}, "skipped": {}}
     engines = _load_candidates(build_dir, manifest, report["skipped"])
+    gates: Dict[str, Tolerances] = {label: family.tolerances(precision).replace(**(overrides or {}))
+                                    for label, precision, _ in engines}
+    held, truth = None, None
+    if any(t.max_dice_change is not None for t in gates.values()):
+        held, truth = _heldout_set(family, manifest, (n + 1) // 2, seed)
+    labels = len(class_names(manifest) or ()) or 2  # a binary mask: background and one class
     bar = tqdm(total=len(engines) + 1, desc="verify", unit="engine", disable=not progress, leave=False)
     with EagerEngine.from_build(build_dir) as eager:
         reference = run_batched(eager, images, batch)
+        held_ref = None if held is None else heldout_dice(run_batched(eager, held, batch)["mask"], truth, labels)
     bar.update()
     for label, precision, engine in engines:
         bar.set_postfix_str(label)
-        tolerances = family.tolerances(precision).replace(**(overrides or {}))
+        tolerances = gates[label]
         with engine:
             out = run_batched(engine, images, batch)
             r = family.compare(reference, out, tolerances)
             r["batch_consistency"] = batch_consistency(engine, images, out)
+            if tolerances.max_dice_change is not None:
+                r["heldout"] = ({"skipped": truth} if held is None else heldout_check(
+                    held_ref, heldout_dice(run_batched(engine, held, batch)["mask"], truth, labels),
+                    tolerances.max_dice_change, len(held)))
+                r["passed"] = bool(r["passed"] and r["heldout"].get("passed", True))
         report["engines"][label] = r
         log.info(_summary_line(label, r, n))
         bar.update()

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -42,19 +42,13 @@ from tqdm import tqdm
 from icmoe.checkpoint import load
 from icmoe.core import cli
 from icmoe.core.io import atomic_path
+from icmoe.data.overlays import PALETTE, class_overlay, overlay, pick_slices  # noqa: F401 (PALETTE re-exported)
 from icmoe.data.readers import DataError
 from icmoe.data.volumes import resize_label
 from icmoe.families import get_family
 from icmoe.metrics import MetricAccumulator, format_metrics
 from icmoe.volume_metrics import format_summary, score_volume, summarize
 
-GT_COLOUR = (0, 230, 0)
-PRED_COLOUR = (255, 40, 40)
-# One colour per foreground class (class k: PALETTE[(k - 1) % len]); background is left as it is.
-PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-           (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195))
-FILL_ALPHA = 0.45
 SLICES_PER_VOLUME = 3
 
 
@@ -136,57 +130,6 @@ def evaluate_model(
     if keep:
         result["kept"] = sorted(kept, key=lambda k: k[0])
     return result
-
-
-def _boundary(mask: np.ndarray) -> np.ndarray:
-    """Pixels of `mask` (H, W) bool with a 4-neighbour outside it."""
-    m = np.pad(mask, 1, mode="constant")
-    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
-    return mask & ~inner
-
-
-def _thicken(edge: np.ndarray, k: int) -> np.ndarray:
-    out = edge.copy()
-    for _ in range(k):
-        p = np.pad(out, 1)
-        out = out | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
-    return out
-
-
-def _rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """(3, H, W) or (H, W, 3) RGB, or (H, W) gray, 0..255 -> (H, W, 3) uint8."""
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=-1)
-    elif img.shape[0] == 3 and img.shape[-1] != 3:
-        img = img.transpose(1, 2, 0)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, *, caption: str = "", min_side: int = 384) -> Image.Image:
-    """RGB overlay: ground-truth contour green, predicted contour red, with a caption.
-
-    Arguments:
-      image: (3, S, S) or (S, S, 3) RGB 0..255.
-      truth, pred: (S, S) masks (foreground > 0.5).
-      caption: text drawn on a strip under the image.
-      min_side: the overlay is enlarged (nearest) to at least this side.
-    """
-    img = _rgb_uint8(image)
-    scale = max(1, -(-min_side // img.shape[0]))
-    big = img.repeat(scale, 0).repeat(scale, 1)
-    width = max(1, scale // 2)
-    for mask, colour in ((truth, GT_COLOUR), (pred, PRED_COLOUR)):
-        m = (np.asarray(mask) > 0.5).repeat(scale, 0).repeat(scale, 1)
-        big[_thicken(_boundary(m), width)] = colour
-    canvas = Image.new("RGB", (big.shape[1], big.shape[0] + 22), (0, 0, 0))
-    canvas.paste(Image.fromarray(big), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, big.shape[0] + 5), "ground truth", fill=GT_COLOUR)
-    draw.text((90, big.shape[0] + 5), "prediction", fill=PRED_COLOUR)
-    if caption:
-        draw.text((170, big.shape[0] + 5), caption, fill=(230, 230, 230))
-    return canvas
 
 
 def _safe_name(name: str) -> str:
@@ -305,58 +248,11 @@ def volume_evaluation(model: nn.Module, dataset: Any, class_names: Sequence[str]
                       headline=f"mean Dice {summary['mean_dice']:.4f} over {summary['n_volumes']} volumes{hd}")
 
 
-def _pick_slices(truth: np.ndarray, pred: np.ndarray, k: int) -> List[int]:
-    """Up to `k` slice indices spread over the slices where either map has foreground (else over all)."""
-    fg = np.flatnonzero((truth > 0).any(axis=(1, 2)) | (pred > 0).any(axis=(1, 2)))
-    pool = fg if fg.size else np.arange(truth.shape[0])
-    picks = np.unique(pool[np.linspace(0, len(pool) - 1, num=min(k, len(pool))).round().astype(int)])
-    return [int(z) for z in picks]
-
-
-def _paint(gray: np.ndarray, labels: np.ndarray, scale: int) -> np.ndarray:
-    """(H, W) gray 0..255 with each class filled in its palette colour (alpha FILL_ALPHA), enlarged x scale."""
-    rgb = _rgb_uint8(gray).astype(np.float32)
-    for k in np.unique(labels[labels > 0]):
-        m = labels == k
-        rgb[m] = (1 - FILL_ALPHA) * rgb[m] + FILL_ALPHA * np.asarray(PALETTE[(int(k) - 1) % len(PALETTE)])
-    return rgb.astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
-
-
-def class_overlay(gray: np.ndarray, truth: np.ndarray, pred: np.ndarray, class_names: Sequence[str], *,
-                  caption: str = "", min_side: int = 256) -> Image.Image:
-    """Reference (left) and prediction (right) of one slice, one colour per class, with a legend.
-
-    Arguments:
-      gray: (H, W) image slice, 0..255.
-      truth, pred: (H, W) label maps, 0 = background, k = class_names[k - 1].
-      caption: text under the panels.
-      min_side: each panel is enlarged (nearest) to at least this height.
-    """
-    scale = max(1, -(-min_side // gray.shape[0]))
-    left, right = _paint(gray, truth, scale), _paint(gray, pred, scale)
-    gap, line = 6, 14
-    rows = 2 + (len(class_names) + 3) // 4
-    canvas = Image.new("RGB", (2 * left.shape[1] + gap, left.shape[0] + rows * line + 6), (0, 0, 0))
-    canvas.paste(Image.fromarray(left), (0, 0))
-    canvas.paste(Image.fromarray(right), (left.shape[1] + gap, 0))
-    draw = ImageDraw.Draw(canvas)
-    y = left.shape[0] + 3
-    draw.text((4, y), "reference", fill=(230, 230, 230))
-    draw.text((left.shape[1] + gap + 4, y), "prediction", fill=(230, 230, 230))
-    for k, name in enumerate(class_names):
-        x, yy = 4 + (k % 4) * (canvas.width // 4), y + line * (1 + k // 4)
-        draw.rectangle((x, yy + 2, x + 9, yy + 11), fill=PALETTE[k % len(PALETTE)])
-        draw.text((x + 13, yy), name, fill=(230, 230, 230))
-    if caption:
-        draw.text((4, y + line * (rows - 1)), caption, fill=(230, 230, 230))
-    return canvas
-
-
 def volume_overlays(volume: Any, pred: np.ndarray, class_names: Sequence[str], folder: Path, *,
                     caption: str = "", slices: int = SLICES_PER_VOLUME) -> List[str]:
     """PNG overlays of a few slices of one volume (`class_overlay`); returns the paths written."""
     written = []
-    for z in _pick_slices(volume.label, pred, slices):
+    for z in pick_slices(volume.label, pred, slices):
         pic = class_overlay(volume.image[z], volume.label[z], pred[z], class_names,
                             caption=f"{volume.name} z={z}  {caption}".strip())
         written.append(_save_png(pic, folder / f"{_safe_name(volume.name)}_z{z:03d}.png"))

@@ -22,6 +22,8 @@ COMMANDS = {
     "export.aoti": ("--model", "--config"),
     "engines.triton.__main__": (),
     "engines.triton.server": (),
+    "icmoe.core.fetch": (),
+    "engines.predict": ("--json", "--no-progress"),
     "benchmarks/latency.py": ("--model", "--config", "--batch-sizes", "--json", "--no-progress"),
     "benchmarks/quickstart.py": (),
     "benchmarks/train_synthetic.py": (),

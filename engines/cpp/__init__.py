@@ -2,14 +2,19 @@
 
     aoti/icmoe_aoti.cpp        CPU: an AOTInductor package (.pt2, `python -m export.aoti`) through libtorch
     tensorrt/icmoe_trt.cpp     GPU: a TensorRT engine (model.plan) through the TensorRT 10 C++ runtime
-    common/image_io.h          binary PPM/PGM reading, PGM mask writing (no image library needed)
-    common/outputs.h           what both programs do with a model's outputs: mask -> PGM (binary 0/255, or
-                               the raw label values of a multi-class model), logits -> raw float32, other
-                               small outputs printed (names from the package / the engine)
+    common/args.h              the command line both programs share (validated numbers, --help, errors exit 2)
+    common/image_io.h          PNG/JPEG/BMP/PPM/PGM of any size -> 8-bit RGB as icmoe.data.images reads it (stb_image);
+                               PNG/PGM mask writing (stb_image_write), atomic
+    common/resize.h            Pillow's bilinear resize (to the model's size) and nearest (the mask back)
+    common/outputs.h           what both programs do with a model's outputs: mask -> PNG/PGM at the image's size
+                               (binary 0/255, or the raw label values of a multi-class model), logits -> raw float32,
+                               other small outputs printed (names from the package / the engine)
+    third_party/stb/           stb_image.h and stb_image_write.h, vendored (see its README.md)
 
-`build_programs()` configures and builds them with CMake against the torch wheel's headers and libraries.
-A multi-class build's label names reach icmoe_aoti through the package's metadata and icmoe_trt through
-its `--classes` flag: `class_arguments(build_dir)` gives that flag for a build.
+The sources ship with the package (package data), so `build_programs()` works from an installed copy too: it
+configures and builds them with CMake against the torch wheel's headers and libraries. A multi-class build's
+label names reach icmoe_aoti through the package's metadata and icmoe_trt through its `--classes` flag:
+`class_arguments(build_dir)` gives that flag for a build.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class CMakeError(EngineError):
 
 
 def build_programs(build_dir: PathLike, *, targets: Sequence[str] = ("icmoe_aoti",), jobs: int = 2,
-                   extra_args: Sequence[str] = ()) -> Path:
+                   extra_args: Sequence[str] = (), source_dir: PathLike = SOURCE_DIR) -> Path:
     """Configure and build the C++ programs with CMake.
 
     Arguments:
@@ -44,6 +49,7 @@ def build_programs(build_dir: PathLike, *, targets: Sequence[str] = ("icmoe_aoti
         empty: configure only.
       jobs: parallel compile jobs.
       extra_args: more `cmake -D...` arguments.
+      source_dir: the CMake project (this folder, wherever the package is installed).
 
     Progress lines go to this module's logger (INFO).
 
@@ -57,7 +63,7 @@ def build_programs(build_dir: PathLike, *, targets: Sequence[str] = ("icmoe_aoti
 
     build_dir = Path(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
-    configure = ["cmake", "-S", str(SOURCE_DIR), "-B", str(build_dir),
+    configure = ["cmake", "-S", str(source_dir), "-B", str(build_dir),
                  f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", *extra_args]
     build = ["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets]
     steps = [("configure", configure)] + ([("build", build)] if targets else [])
@@ -78,7 +84,8 @@ def program_path(build_dir: PathLike, target: str = "icmoe_aoti") -> Path:
 
 
 def write_ppm(path: PathLike, image) -> Path:
-    """Write one (3, H, W) RGB image in 0..255 (float or uint8) as a binary PPM, the C++ programs' input.
+    """Write one (3, H, W) RGB image in 0..255 (float or uint8) as a binary PPM (the programs read PNG, JPEG
+    and BMP as well).
 
     Float values are rounded to the nearest integer: the program then sees exactly `read_ppm(path)`.
     """
@@ -90,6 +97,19 @@ def write_ppm(path: PathLike, image) -> Path:
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(header + pixels.tobytes())
     return Path(path)
+
+
+def read_mask(path: PathLike) -> np.ndarray:
+    """Read a mask the programs wrote, PNG or PGM (by content) -> (H, W) uint8 as stored (0/255 or labels)."""
+    data = Path(path).read_bytes()
+    if data[:2] == b"P5":
+        return read_pgm(path)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode != "L":
+            raise ValueError(f"{path}: a mask PNG is 8-bit gray, got mode {im.mode}")
+        return np.asarray(im, dtype=np.uint8).copy()
 
 
 def read_pgm(path: PathLike) -> np.ndarray:
@@ -128,8 +148,8 @@ def run_program(program: PathLike, *args: str, timeout: float = 300) -> subproce
     return subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
-__all__ = ["SOURCE_DIR", "CMakeError", "build_programs", "class_arguments", "program_path", "write_ppm", "read_pgm",
-           "run_program"]
+__all__ = ["SOURCE_DIR", "CMakeError", "build_programs", "class_arguments", "program_path", "write_ppm", "read_mask",
+           "read_pgm", "run_program"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("package a model with python -m export.aoti; build the programs with cmake (engines/cpp/CMakeLists.txt)")

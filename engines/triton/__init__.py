@@ -3,8 +3,8 @@
     python -m engines.triton BUILD_DIR --out model_repository/     # write the repository
     python -m engines.triton.server model_repository/               # serve it (nvidia-pytriton's server)
 
-tritonclient (and, for serving, the nvidia-pytriton wheel's server) are imported or fetched lazily,
-so the rest of the project works without them.
+tritonclient (the [triton] extra) is imported lazily and the server (the pinned nvidia-pytriton wheel,
+`icmoe.core.fetch`) fetched on first use, so the rest of the project works without them.
 """
 
 from engines.triton.repository import (

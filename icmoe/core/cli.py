@@ -16,11 +16,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from icmoe.core.errors import CheckFailed, IcmoeError, first_line  # noqa: F401 (CheckFailed re-exported)
 from icmoe.core.io import atomic_write_json
@@ -41,9 +42,23 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+_prog_override: Optional[str] = None  # set by `program_name` (the `icmoe` front end names its commands)
+
+
+@contextlib.contextmanager
+def program_name(name: str) -> Iterator[None]:
+    """Within the block, parsers made by `parser` call themselves `name` (e.g. "icmoe build")."""
+    global _prog_override
+    saved, _prog_override = _prog_override, name
+    try:
+        yield
+    finally:
+        _prog_override = saved
+
+
 def parser(prog: str, description: str, **kw: Any) -> ArgumentParser:
     """A parser with the common `-q/-v` flags already added."""
-    p = ArgumentParser(prog=prog, description=description, **kw)
+    p = ArgumentParser(prog=_prog_override or prog, description=description, **kw)
     group = p.add_mutually_exclusive_group()
     group.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", default=0,
                        help="print warnings and errors only")

@@ -4,6 +4,9 @@ A build directory (default `build/<family>-<config>-<precision>/`) holds
 
     model.onnx         FP32 portable graph (always)
     model.fp16.onnx    strongly typed FP16 graph (--precision fp16)
+    model.int8.onnx    explicitly quantized QDQ graph (--precision int8; TensorRT, ONNX Runtime)
+    model.int8.xml/.bin  NNCF-quantized OpenVINO IR (--precision int8)
+    openvino-<precision>.blob  OpenVINO's compiled model for one OpenVINO version and CPU (--backend openvino)
     model.plan         TensorRT engine (GPU hosts)
     model.trt.ts       torch-tensorrt TorchScript module (GPU hosts)
     checkpoint/        the weights the graphs were exported from (hard-linked where possible)
@@ -39,9 +42,12 @@ FORMAT = "icmoe-build"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 LEGACY_FAMILY = "icmoe"  # version 1 manifests and checkpoints predate families: all are IC-MoE
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 # Artifact file names, shared by the build, the engines and the deployment writers.
-ONNX_GRAPHS = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
+ONNX_GRAPHS = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+# OpenVINO reads the FP32 ONNX graph itself; INT8 is NNCF's IR (the .xml names its .bin weights).
+OPENVINO_GRAPHS = {"fp32": "model.onnx", "int8": "model.int8.xml"}
+OPENVINO_CACHE = "openvino-{precision}.blob"
 PLAN_NAME = "model.plan"
 TORCH_TENSORRT_NAME = "model.trt.ts"
 CHECKPOINT_DIR = "checkpoint"
@@ -65,7 +71,7 @@ def library_versions() -> Dict[str, str]:
 
     out = {}
     for dist in ("icmoe", "torch", "onnx", "onnxruntime", "onnxscript", "onnx-graphsurgeon", "onnxconverter-common",
-                 "polygraphy", "segment-anything", "tensorrt", "numpy"):
+                 "polygraphy", "segment-anything", "tensorrt", "openvino", "nncf", "numpy"):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -91,7 +97,7 @@ def new_manifest(
       family: the model family's registry name.
       config: the model config as a dict (its `name` is the size variant).
       inputs, outputs: the graph's tensor specs (from the family).
-      precision: "fp32" or "fp16".
+      precision: "fp32", "fp16" or "int8".
       opset: ONNX opset of the graphs.
       batch: (min, opt, max) dynamic batch range.
       checkpoint: {path (relative to the build), sha256, random_init, ...}.
@@ -317,8 +323,8 @@ def add_artifact(build_dir: PathLike, name: str, *, kind: str, precision: str, *
     Arguments:
       build_dir: the build directory (its manifest must exist).
       name: file name inside the build directory.
-      kind: "onnx", "tensorrt", "torch_tensorrt", ...
-      precision: "fp32" or "fp16" (of this artifact).
+      kind: "onnx", "tensorrt", "torch_tensorrt", "openvino_ir", "openvino_cache", ...
+      precision: "fp32", "fp16" or "int8" (of this artifact).
       info: more JSON-serialisable facts (e.g. initializer bytes).
 
     Returns:

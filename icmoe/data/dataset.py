@@ -1,10 +1,11 @@
 """Loading, resizing and holding segmentation samples in memory.
 
-Images are decoded once, converted to RGB (grayscale and palette images are
-expanded, alpha dropped), resized bilinearly to the model's square input and
-kept as uint8; `__getitem__` returns float32 RGB in 0..255, the input contract
-of every IC-MoE model and engine (SAM's normalisation happens inside the
-model). Masks are the union of an item's mask files, binarised at their own
+Images are decoded once by `icmoe.data.images` (EXIF orientation applied; 16-bit
+gray mapped to 0..255 by its own range; grayscale and palette images expanded to
+RGB, alpha dropped), resized bilinearly to the model's square input (the resize
+prediction uses) and kept as uint8; `__getitem__` returns float32 RGB in 0..255,
+the input contract of every IC-MoE model and engine (SAM's normalisation happens
+inside the model). Masks are the union of an item's mask files, binarised at their own
 resolution (above half the file's maximum value, so 1-bit, 0/1 and 0/255
 grayscale or RGB masks all work; GlaS instance labels: > 0), then resized
 bilinearly and thresholded at one half.
@@ -27,6 +28,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from icmoe.core.io import PathLike
+from icmoe.data.images import exif_oriented, model_input, read_image, resize_rgb
 from icmoe.data.readers import DataError, Item, list_split
 
 log = logging.getLogger(__name__)
@@ -35,18 +37,16 @@ _READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
-    """Decode an image file to RGB uint8 (size, size, 3), resized bilinearly."""
-    if not path.is_file():
-        raise DataError(f"{path}: image file is missing")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except _READ_ERRORS as e:
-        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+    """Decode an image file to RGB uint8 (size, size, 3), resized bilinearly.
+
+    Read by `icmoe.data.images.read_image` (EXIF orientation applied, 16-bit gray mapped by its
+    range, the first frame of a multi-frame file) and resized by `resize_rgb`, as prediction does.
+    Float pictures (DICOM) are resized as float, then rounded: the dataset holds uint8.
+    """
+    pic = read_image(path)
+    if pic.pixels.dtype == np.uint8:
+        return resize_rgb(pic.pixels, size)
+    return np.rint(model_input(pic, size).transpose(1, 2, 0)).astype(np.uint8)
 
 
 def _mask_array(path: Path, binarize: str) -> np.ndarray:
@@ -55,6 +55,7 @@ def _mask_array(path: Path, binarize: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
+            im, _ = exif_oriented(im)  # turned like its image, which is read in a viewer's orientation
             if im.mode in ("RGB", "RGBA", "LA"):
                 arr = np.asarray(im.convert("RGB")).max(axis=-1)  # any channel
             else:  # "1", "L", "P" (palette indices = labels), "I", "I;16"

@@ -38,20 +38,25 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple
 
 import h5py
 import nibabel as nib
 import numpy as np
 import torch
-from nibabel.filebasedimages import ImageFileError
-from nibabel.spatialimages import HeaderDataError
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from icmoe.core.errors import first_line
 from icmoe.core.io import PathLike
+from icmoe.data.images import (  # noqa: F401 (to_nifti_order, resize_image, resize_label re-exported)
+    from_nifti_order as _from_nifti_order,
+    load_nifti,
+    resize_image,
+    resize_label,
+    scale_to_0_255,
+    to_nifti_order,
+)
 from icmoe.data.readers import DataError
 
 log = logging.getLogger(__name__)
@@ -63,8 +68,7 @@ VAL_FRACTION = 0.2
 VAL_SEED = 0
 SYNAPSE_RANGE_TOLERANCE = 1e-4  # TransUNet's images are exactly [0, 1]; allow rounding only
 
-# What nibabel, gzip and zlib raise on a damaged, truncated or foreign file.
-_NIFTI_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
+# What numpy's npz and h5py raise on a damaged, truncated or foreign file.
 _NPZ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
 _H5_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError)
 
@@ -160,21 +164,6 @@ def get_volume_spec(name: str) -> VolumeDatasetSpec:
     if name not in VOLUME_DATASETS:
         raise DataError(f"unknown 3-D dataset {name!r}; choose from {', '.join(VOLUME_DATASETS)}")
     return VOLUME_DATASETS[name]
-
-
-def to_nifti_order(arr: np.ndarray) -> np.ndarray:
-    """(Z, H, W) as held in a `Volume` -> (X, Y, Z) as stored in the source NIfTI file (a view).
-
-    A prediction `p` of a NIfTI case saves as `nib.Nifti1Image(to_nifti_order(p), volume.affine)`.
-    """
-    if np.ndim(arr) != 3:
-        raise DataError(f"to_nifti_order: expected a (Z, H, W) array, got shape {np.shape(arr)}")
-    return np.moveaxis(arr, 0, -1)
-
-
-def _from_nifti_order(arr: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) -> (Z, X, Y), contiguous so that each slice is one block of memory."""
-    return np.ascontiguousarray(np.moveaxis(arr, -1, 0))
 
 
 # ----------------------------------------------------------------------------- finding and listing cases
@@ -459,18 +448,8 @@ def _as_3d(arr: np.ndarray, path: Path) -> np.ndarray:
 
 def _load_nifti(path: Path, what: str, label: bool) -> Tuple[np.ndarray, nib.Nifti1Image]:
     """The data of a NIfTI file ((X, Y, Z); float32 image with scaling applied, or the label's stored values)."""
-    if not path.is_file():
-        raise DataError(f"{path}: {what} file is missing")
-    try:
-        img = nib.load(str(path))
-        if not isinstance(img, nib.Nifti1Image):  # Nifti2Image derives from it
-            raise DataError(f"{path}: not a NIfTI file ({type(img).__name__})")
-        arr = np.asanyarray(img.dataobj) if label else img.get_fdata(dtype=np.float32)
-    except DataError:
-        raise
-    except _NIFTI_ERRORS as e:
-        raise DataError(f"{path}: unreadable NIfTI {what} ({type(e).__name__}: {first_line(e)})") from None
-    return _as_3d(np.asarray(arr), path), img
+    arr, img = load_nifti(path, what, label)
+    return _as_3d(arr, path), img
 
 
 def _spacing(img: nib.Nifti1Image) -> Optional[Tuple[float, float, float]]:
@@ -570,19 +549,7 @@ def _slice_names(folder: Path) -> List[str]:
 
 def map_to_0_255(image: np.ndarray, spec: VolumeDatasetSpec) -> np.ndarray:
     """Map a (Z, H, W) float32 image to 0..255 in place: the spec's window, or each slice's min..max (MRI)."""
-    if spec.window is not None:
-        lo, hi = (np.float32(v) for v in spec.window)
-        np.clip(image, lo, hi, out=image)
-        image -= lo
-        image /= hi - lo  # divide first: the window's top maps to exactly 1, then exactly 255
-        image *= np.float32(255)
-        return image
-    lo = image.min(axis=(1, 2), keepdims=True)
-    span = image.max(axis=(1, 2), keepdims=True) - lo
-    image -= lo  # a constant slice is now all 0 and stays 0: it is not divided (span 0)
-    np.divide(image, span, out=image, where=span > 0)
-    image *= np.float32(255)
-    return image
+    return scale_to_0_255(image, spec.window)
 
 
 def read_volume(case: Case, spec: Optional[VolumeDatasetSpec] = None) -> Volume:
@@ -643,51 +610,6 @@ def load_volumes(
 
 
 # ----------------------------------------------------------------------------- slices for training
-
-
-def resize_image(img: np.ndarray, size: int) -> np.ndarray:
-    """Resize one slice bilinearly (PIL, antialiased when shrinking, as the 2-D readers do).
-
-    Arguments:
-      img: (H, W) array, converted to float32.
-      size: output side.
-
-    Returns:
-      float32 (size, size).
-    """
-    arr = np.ascontiguousarray(img, dtype=np.float32)
-    if arr.ndim != 2:
-        raise DataError(f"resize_image: expected an (H, W) slice, got shape {arr.shape}")
-    if int(size) < 1:
-        raise DataError(f"resize_image: size must be >= 1, got {size}")
-    if arr.shape == (size, size):
-        return arr.copy()
-    out = Image.fromarray(arr).resize((int(size), int(size)), Image.BILINEAR)  # mode "F": no rounding
-    return np.asarray(out, dtype=np.float32)
-
-
-def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
-    """Source index of each output pixel: the pixel under its centre (as PIL NEAREST, torch nearest-exact)."""
-    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
-
-
-def resize_label(lbl: np.ndarray, size: Union[int, Tuple[int, int]]) -> np.ndarray:
-    """Resize one label slice by nearest neighbour, so only values already present appear.
-
-    Arguments:
-      lbl: (H, W) integer labels (any dtype; kept).
-      size: output side, or (h, w) (e.g. back to a volume's own slice size).
-
-    Returns:
-      (size, size) or (h, w), the dtype of `lbl`.
-    """
-    arr = np.asarray(lbl)
-    if arr.ndim != 2:
-        raise DataError(f"resize_label: expected an (H, W) slice, got shape {arr.shape}")
-    h, w = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))  # type: ignore[index]
-    if h < 1 or w < 1:
-        raise DataError(f"resize_label: size must be >= 1, got {size}")
-    return arr[_nearest_index(arr.shape[0], h)[:, None], _nearest_index(arr.shape[1], w)[None, :]]
 
 
 def _check_sliceable(volume: Volume, n_classes: int) -> None:

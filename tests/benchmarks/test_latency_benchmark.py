@@ -21,7 +21,9 @@ SCRIPT = ROOT / "benchmarks" / "latency.py"
 def bench(tiny_build, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, str(SCRIPT), "--build", str(tiny_build), "--batch-sizes", "1,2", "--iters", "2", "--warmup", "1",
-           "--parity-images", "4", "--out", str(out), "--json", str(out / "copy.json")]
+           "--parity-images", "4", "--out", str(out), "--json", str(out / "copy.json"),
+           # torch.compile (the eager-shared-compiled row) takes minutes per batch size: not in a unit test
+           "--engines", "eager-naive,eager-shared,onnxruntime-fp32,onnxruntime-fp16,tensorrt"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out, proc
@@ -56,6 +58,34 @@ def test_report_figures(bench):
     assert r["engines"]["eager-naive"]["parity"]["max_abs_logit"] <= 1e-3
     assert r["engines"]["onnxruntime-fp16"]["parity"]["min_dice"] >= 0.99
     assert r["threads"] >= 1
+
+
+def test_roofline_columns(bench):
+    """GFLOPs per image of what each engine runs; achieved rate = GFLOPs x images/s; share of the stated peak."""
+    out, proc = bench
+    r = json.loads((out / "latency-icmoe-tiny-128.json").read_text())
+    peak = r["cpu_peak"]
+    assert peak["fp32_gflops"] == pytest.approx(peak["cores"] * peak["clock_ghz"] * peak["vector_bits"] / 32 * 2
+                                                * peak["fma_units"])
+    e = r["engines"]
+    # The naive structure runs the frozen trunk three times; the graphs run the shared one (tiny has no
+    # padded windows, so the export-time rewrite changes nothing here).
+    assert e["eager-naive"]["gflops_per_image"] > e["eager-shared"]["gflops_per_image"] > 0
+    assert e["onnxruntime-fp32"]["gflops_per_image"] == pytest.approx(e["eager-shared"]["gflops_per_image"])
+    for row in e["onnxruntime-fp32"]["batches"].values():
+        assert row["achieved_gflops"] == pytest.approx(e["onnxruntime-fp32"]["gflops_per_image"] * row["images_per_s"])
+        assert 0 < row["peak_fraction"] < 1
+    assert "CPU: " in proc.stdout and "GFLOP/s FP32" in proc.stdout
+
+
+def test_operator_profile_of_the_fastest_engine(bench):
+    out, proc = bench
+    r = json.loads((out / "latency-icmoe-tiny-128.json").read_text())
+    fastest = max(r["engines"], key=lambda n: r["engines"][n]["batches"]["1"]["images_per_s"])
+    prof = r["profile"]
+    assert prof["engine"] == fastest and prof["ops"], prof
+    assert sum(o["share"] for o in prof["ops"]) <= 1.0 + 1e-9
+    assert f"Where {fastest}'s time goes" in proc.stdout
 
 
 def test_bad_engine_name(tmp_path):

@@ -40,6 +40,24 @@ def labels_family():
 
 
 @pytest.fixture(scope="session")
+def labels_model(labels_family):
+    """A random-init multi-class toy (micro: 64x64, labels 0..2), eval mode."""
+    import torch
+
+    torch.manual_seed(0)
+    return labels_family.build(labels_family.get_config("micro")).eval()
+
+
+@pytest.fixture(scope="session")
+def labels_package(labels_model, tmp_path_factory, aoti_program_future):
+    """The toy labels model as an AOTInductor package (fast-compile settings); the session's CMake build of
+    icmoe_aoti (started first) runs while Inductor compiles."""
+    from export.aoti import package_aoti
+
+    return package_aoti(labels_model, tmp_path_factory.mktemp("labels") / "labels.pt2", fast_compile=True)
+
+
+@pytest.fixture(scope="session")
 def labels_build(labels_family, tmp_path_factory):
     """FP32 build of a random-init multi-class toy (micro, 64x64, labels 0..2; batch 1..4, verified on 8 images)."""
     from export.build import build

@@ -21,6 +21,7 @@ import torch
 from engines.cpp import (
     CMakeError,
     build_programs,
+    read_mask,
     read_pgm,
     run_program,
     write_ppm,
@@ -212,33 +213,44 @@ def test_program_latency_line(program, package, cases, tmp_path):
     assert "latency" in proc.stdout
 
 
-def _expect_error(program, *args, match):
+def _expect_error(program, *args, match, code=1):
+    """The program fails with one line "error: ..." containing `match`, exit code `code` (2: a command-line
+    mistake)."""
     proc = run_program(program, *args)
-    assert proc.returncode == 1, proc.stdout
+    assert proc.returncode == code, proc.stdout
     assert proc.stderr.startswith("error: ") and match in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_wrong_image_size_refused(program, package, tmp_path):
-    small = write_ppm(tmp_path / "small.ppm", np.zeros((3, 64, 64), np.float32))
-    _expect_error(program, package, small, tmp_path / "m.pgm", match="this model takes 128x128")
-    assert not (tmp_path / "m.pgm").exists()
+def test_image_of_another_size_resized(program, package, cases, tmp_path):
+    """An image of another size is resized to the model's, and its mask written at the image's size."""
+    from PIL import Image
+
+    with Image.open(cases[0][0]) as im:
+        pixels = np.asarray(im.convert("RGB"))[::2, ::3]  # 64 rows, 43 columns
+    Image.fromarray(np.ascontiguousarray(pixels)).save(tmp_path / "small.png")
+    proc = run_program(program, package, tmp_path / "small.png", tmp_path / "m.png")
+    assert proc.returncode == 0, proc.stderr
+    assert parse_stdout(proc.stdout)["image"] == "43x64"
+    mask = read_mask(tmp_path / "m.png")
+    assert mask.shape == (64, 43) and set(np.unique(mask)) <= {0, 255}
 
 
-@pytest.mark.parametrize("damage", ["not_an_image", "truncated", "sixteen_bit"])
+@pytest.mark.parametrize("damage", ["not_an_image", "truncated", "bad_maxval"])
 def test_bad_image_refused(program, package, cases, tmp_path, damage):
     bad = tmp_path / "bad.ppm"
     data = cases[0][0].read_bytes()
     if damage == "not_an_image":
         bad.write_bytes(b"hello, not an image\n")
-        match = "not a binary PPM"
+        match = "not a readable PNG, JPEG, BMP or PPM/PGM image"
     elif damage == "truncated":
         bad.write_bytes(data[: len(data) // 2])
         match = "truncated image data"
     else:
-        bad.write_bytes(b"P6\n128 128\n65535\n" + bytes(128 * 128 * 6))
-        match = "only 8-bit"
+        bad.write_bytes(b"P6\n128 128\n70000\n" + bytes(128 * 128 * 6))
+        match = "bad PNM maxval 70000"
     _expect_error(program, package, bad, tmp_path / "m.pgm", match=match)
+    assert not (tmp_path / "m.pgm").exists()
 
 
 def test_bad_package_refused(program, cases, tmp_path):

@@ -2,7 +2,7 @@
 
 The multi-class toy family (`toy_labels`, micro: 64x64, logits (1, 3, S, S), mask labels 0..2) is packaged
 with AOTInductor (fast-compile settings) while the session's CMake build of icmoe_aoti runs
-(tests/engines/conftest.py). The package's metadata names the mask kind and the labels; the program writes
+(tests/engines/conftest.py, fixtures shared with test_cpp_images.py). The package's metadata names the mask kind and the labels; the program writes
 the label values themselves (not 0/255), so the PGM it writes equals eager PyTorch's mask on the same pixels.
 Copies of the package with edited metadata check that the program refuses a mask its metadata contradicts.
 """
@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from engines.cpp import read_pgm, run_program, write_ppm
-from export.aoti import package_aoti
 from tests.engines.label_checks import check_label_mask
 from tests.engines.test_cpp_aoti import _expect_error, edit_package_metadata, parse_stdout, read_package_metadata
 from tests.families.toy import LABELS
@@ -30,15 +29,14 @@ LOGIT_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def model(labels_family):
-    torch.manual_seed(0)
-    return labels_family.build(labels_family.get_config("micro"))
+def model(labels_model):
+    return labels_model
 
 
 @pytest.fixture(scope="module")
-def package(model, tmp_path_factory, aoti_program_future):
-    """The toy labels package; the CMake build of the program (started first) runs while Inductor compiles."""
-    return package_aoti(model, tmp_path_factory.mktemp("labels") / "labels.pt2", fast_compile=True)
+def package(labels_package):
+    """The toy labels package (tests/engines/conftest.py: shared with test_cpp_images.py)."""
+    return labels_package
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ The stand-in (NvInfer.h, NvInferPlugin.h, cuda_runtime_api.h) declares the Tenso
 program makes, in host memory, and its "engine" is a fake plan: the I/O tensors and canned output values
 (see trt_standin/NvInfer.h). That checks what the program does around TensorRT, not TensorRT: argument
 parsing, I/O enumeration, buffers sized from shapes and element types, the image reaching the input
-buffer (a computed `image_sum` output), and the outputs handled by common/outputs.h, binary masks and
-label maps (`--classes`) alike. The real engine is tests/engines/test_cpp_tensorrt.py's (GPU hosts).
+buffer resized as the Python side resizes it (a computed `image_sum` output), and the outputs handled by
+common/outputs.h (the mask back at the image's size), binary masks and label maps (`--classes`) alike. The real engine is tests/engines/test_cpp_tensorrt.py's (GPU hosts).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.cpp import SOURCE_DIR, read_pgm, run_program, write_ppm
+from engines.cpp import SOURCE_DIR, read_mask, read_pgm, run_program, write_ppm
 from tests.engines.test_cpp_aoti import _expect_error, parse_stdout
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler on PATH")
@@ -30,7 +30,8 @@ S = 16
 def program(tmp_path_factory):
     exe = tmp_path_factory.mktemp("trt_standin") / "icmoe_trt"
     cmd = ["c++", "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", "-I", str(STANDIN), "-I",
-           str(SOURCE_DIR / "common"), str(SOURCE_DIR / "tensorrt" / "icmoe_trt.cpp"), "-o", str(exe)]
+           str(SOURCE_DIR / "common"), "-isystem", str(SOURCE_DIR / "third_party" / "stb"),
+           str(SOURCE_DIR / "tensorrt" / "icmoe_trt.cpp"), "-o", str(exe)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return exe
@@ -96,18 +97,18 @@ def test_label_engine_with_classes(program, image, tmp_path):
     assert lines["foreground"] == f"{int((labels > 0).sum())} of {S * S} pixels"
 
 
-@pytest.mark.parametrize("args, match", [
-    ((), "output mask holds the value 2"),  # a label map without --classes: not binary
-    (("--classes", "background,liver,kidney"), "holds the value 3"),
-    (("--classes", "background,liver,kidney,spleen,lung"), "but the mask has 5 classes"),
-    (("--classes", "background"), "--classes: a label mask needs 2..256 class names"),
-    (("--classes", "background,liver,liver"), "--classes: class name 'liver' given twice"),
+@pytest.mark.parametrize("args, match, code", [
+    ((), "output mask holds the value 2", 1),  # a label map without --classes: not binary
+    (("--classes", "background,liver,kidney"), "holds the value 3", 1),
+    (("--classes", "background,liver,kidney,spleen,lung"), "but the mask has 5 classes", 1),
+    (("--classes", "background"), "--classes: a label mask needs 2..256 class names", 2),  # a command-line mistake
+    (("--classes", "background,liver,liver"), "--classes: class name 'liver' given twice", 2),
 ])
-def test_label_engine_contradicted_refused(program, image, tmp_path, args, match):
+def test_label_engine_contradicted_refused(program, image, tmp_path, args, match, code):
     logits, mask = _labels()
     plan = fake_plan(tmp_path / "labels.plan", [("logits", "float32", (-1, 4, S, S), logits),
                                                  ("mask", "uint8", (-1, 1, S, S), mask)])
-    _expect_error(program, plan, image[0], tmp_path / "m.pgm", *args, match=match)
+    _expect_error(program, plan, image[0], tmp_path / "m.pgm", *args, match=match, code=code)
     assert not (tmp_path / "m.pgm").exists()
 
 
@@ -118,8 +119,48 @@ def test_damaged_plan_and_usage(program, image, tmp_path):
     data = plan.read_bytes()
     (tmp_path / "cut.plan").write_bytes(data[: len(data) - 100])
     _expect_error(program, tmp_path / "cut.plan", image[0], tmp_path / "m.pgm", match="could not deserialize")
-    small = fake_plan(tmp_path / "small.plan", [("mask", "uint8", (-1, 1, 8, 8), np.zeros((1, 1, 8, 8)))],
-                      input_dims=(-1, 3, 8, 8))
-    _expect_error(program, small, image[0], tmp_path / "m.pgm", match=f"image is {S}x{S}, this engine takes 8x8")
     proc = run_program(program)
     assert proc.returncode == 2 and "--classes NAMES" in proc.stderr and "model.classes" in proc.stderr
+
+
+def test_png_of_another_size(program, tmp_path):
+    """A PNG of any size: resized to the engine's size as the Python side does (the input's sum proves it), the
+    mask written back at the PNG's size by nearest neighbour, as PNG."""
+    from PIL import Image
+
+    from icmoe.data.images import model_input, read_image, resize_label
+
+    rng = np.random.default_rng(4)
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    logits, mask = _labels()
+    plan = fake_plan(tmp_path / "labels.plan", [("logits", "float32", (-1, 4, S, S), logits),
+                                                 ("mask", "uint8", (-1, 1, S, S), mask),
+                                                 ("image_sum", "float32", (-1,), None)])
+    proc = run_program(program, plan, tmp_path / "in.png", tmp_path / "m.png", "--classes", "a,b,c,d")
+    assert proc.returncode == 0, proc.stderr
+    lines = parse_stdout(proc.stdout)
+    expected_input = model_input(read_image(tmp_path / "in.png"), S)
+    assert float(lines["image_sum"]) == float(expected_input.sum()) and lines["image"] == "53x37"
+    written = read_mask(tmp_path / "m.png")
+    np.testing.assert_array_equal(written, resize_label(mask[0, 0], (37, 53)))
+    assert lines["foreground"] == f"{int((written > 0).sum())} of {37 * 53} pixels"
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--repeat", "abc"), "--repeat expects a whole number 0..1000000, got 'abc'"),
+    (("--repeat", "-1"), "got '-1'"),
+    (("--repeat", "1x"), "got '1x'"),
+    (("--plugin",), "--plugin needs a value"),
+    (("--classes", "a,b", "--classes", "a,b"), "--classes given twice"),
+    (("--batch", "2"), "unknown option --batch"),
+])
+def test_bad_arguments(program, image, tmp_path, args, match):
+    proc = run_program(program, tmp_path / "any.plan", image[0], tmp_path / "m.png", *args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and match in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_help(program):
+    proc = run_program(program, "--help")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("usage: icmoe_trt MODEL.plan IMAGE MASK") and "--classes NAMES" in proc.stdout

@@ -58,3 +58,16 @@ def test_build_with_other_checkpoint_weights(tiny_build, tmp_path):
 def test_wrong_model_checkpoint(tiny_checkpoint):
     with pytest.raises(EngineError, match="checkpoint is for icmoe/tiny, expected icmoe/vit_b"):
         EagerEngine.from_checkpoint(tiny_checkpoint, expect="vit_b")
+
+
+@pytest.mark.slow  # Inductor compiles the model for about a minute here
+def test_compiled_eager_matches_eager(tiny_build):
+    from icmoe.data.synthetic import synthetic_images
+
+    x, _ = synthetic_images(2, 128, seed=4)
+    with load_engine(tiny_build, "eager") as eager, load_engine(tiny_build, "eager", compile=True) as compiled:
+        ref, out = eager.infer(x), compiled.infer(x)
+        assert compiled.name == "eager-shared-compiled"
+    np.testing.assert_allclose(out["logits"], ref["logits"], rtol=0, atol=1e-4)
+    assert np.array_equal(out["expert"], ref["expert"])
+    assert (out["mask"] != ref["mask"]).mean() <= 1e-4

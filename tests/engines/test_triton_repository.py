@@ -86,9 +86,52 @@ def test_cpu_repository_layout_and_configs(cpu_repo, tiny_build):
     assert (cpu_repo / "icmoe_onnxruntime/1/model.onnx").read_bytes() == graph
     assert (cpu_repo / "icmoe_python/1/build/model.fp16.onnx").read_bytes() == graph
     assert (cpu_repo / "icmoe_python/1/model.py").read_text().startswith('"""Triton python-backend model')
-    # The python backend's stub must find this project and its packages.
-    paths = py.parameters["python_path"].string_value.split(":")
-    assert str(ROOT) in paths and any(Path(p, "numpy").is_dir() for p in paths)
+
+
+
+def test_configs_name_nothing_of_this_machine(cpu_repo):
+    """A repository is portable: no config carries a path of the machine (or environment) that wrote it;
+    the python model's stub finds the packages through the server's environment instead."""
+    import site
+
+    machine_paths = {str(ROOT), sys.prefix, sys.base_prefix, *site.getsitepackages()}
+    for path in cpu_repo.glob("*/config.pbtxt"):
+        text = path.read_text()
+        assert not [p for p in machine_paths if p in text], path
+        assert "python_path" not in text and "site-packages" not in text, path
+
+
+def test_uint8_input_repository(tiny_build, tmp_path):
+    """--input-dtype uint8: both CPU models take UINT8 images; the onnxruntime graph casts, checked by ORT."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from icmoe.core.manifest import read_manifest
+    from icmoe.data.synthetic import synthetic_images
+
+    out = tmp_path / "repo"
+    make_repository(tiny_build, out, options=RepositoryOptions(input_dtype="uint8", precision="fp32"))
+    s = read_manifest(tiny_build)["image_size"]
+    for model in ("icmoe_onnxruntime", "icmoe_python"):
+        cfg = _parse(out / model / "config.pbtxt")
+        assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [("image", mc.TYPE_UINT8, [3, s, s])]
+    graph = out / "icmoe_onnxruntime/1/model.onnx"
+    onnx.checker.check_model(str(graph))
+    assert onnx.load(str(graph)).graph.node[0].op_type == "Cast"
+    assert (out / "icmoe_python/1/build/model.onnx").read_bytes() == (tiny_build / "model.onnx").read_bytes()
+    assert not list(out.glob(".*")), "a temporary file was left in the repository"
+    images = np.rint(synthetic_images(3, s, 5)[0]).clip(0, 255).astype(np.float32)  # integer-valued RGB
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    run = lambda path, x: ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {"image": x})
+    for want, got in zip(run(tiny_build / "model.onnx", images), run(graph, images.astype(np.uint8))):
+        np.testing.assert_array_equal(got, want)  # the Cast is exact: the same answers, bit for bit
+
+
+def test_uint8_input_refused_for_tensorrt(trt_build, tmp_path):
+    with pytest.raises(RepositoryError, match="fixed when it is built"):
+        make_repository(trt_build, tmp_path / "repo", options=RepositoryOptions(input_dtype="uint8"))
 
 
 def test_onnxruntime_config_matches_graph(cpu_repo):
@@ -155,10 +198,12 @@ def _cli(*args):
 
 
 def test_cli(tiny_build, tmp_path):
-    proc = _cli(tiny_build, "--out", tmp_path / "repo", "--kind", "python", "--precision", "fp32", "--name", "seg")
+    proc = _cli(tiny_build, "--out", tmp_path / "repo", "--kind", "python", "--precision", "fp32", "--name", "seg",
+                "--input-dtype", "uint8")
     assert proc.returncode == 0, proc.stderr
     cfg = _parse(tmp_path / "repo/seg_python/config.pbtxt")
     assert cfg.parameters["precision"].string_value == "fp32"
+    assert cfg.input[0].data_type == mc.TYPE_UINT8
     assert (tmp_path / "repo/seg_python/1/build/model.onnx").is_file()
 
 

@@ -2,16 +2,20 @@
 
 The repository is generated from the shared tiny build (FP32 graph), the server loads its python-backend
 model (the project's ONNX Runtime engine), and tritonclient talks to it over HTTP and gRPC. Outputs are
-compared with eager PyTorch on the same checkpoint. The server binary comes from the nvidia-pytriton
-wheel, fetched with `pip download --no-deps` on first use (the package pins NumPy < 2, so it is not a
-pip dependency of this project; see engines/triton/server.py).
+compared with eager PyTorch on the same checkpoint. The server binary comes from the pinned nvidia-pytriton
+wheel (`icmoe.core.fetch`, sha256-checked, cached); where it is neither cached nor downloadable the tests
+skip with the reason. The repository is written in one folder and served from a copy in another (its
+configs name no path), and it also holds a model that takes UINT8 images (`--input-dtype uint8`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import os
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,12 +23,13 @@ import torch
 
 tritonclient_http = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http] (the test extra)")
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the test extra)")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # noqa: E402
 
 from engines.triton import RepositoryOptions, make_repository  # noqa: E402
-from engines.triton.server import TritonServer, fetch_server  # noqa: E402
+from engines.triton.server import PYTHONPATH_ENV, ServerError, TritonServer, fetch_server  # noqa: E402
 
 MODEL = "icmoe_python"
+UINT8_MODEL = "icmoe_uint8_python"  # the same build, image input UINT8
 N_IMAGES = 8
 LOAD_REQUESTS = 504  # >= 500, a multiple of the concurrency
 CONCURRENCY = 8
@@ -49,11 +54,28 @@ def eager(tiny_checkpoint, images):
     return {"logits": vote.logits.numpy(), "mask": vote.mask.numpy(), "expert": vote.expert.numpy()}
 
 
+def server_root():
+    """The Triton server of the pinned nvidia-pytriton wheel, or a skip saying why there is none."""
+    try:
+        return fetch_server()
+    except ServerError as e:
+        pytest.skip(f"needs the Triton server of the nvidia-pytriton wheel: {e}")
+
+
 @contextlib.contextmanager
-def serving(build, repo, model):
-    """A started server on the python model `model` of a repository written for `build` (FP32 graph)."""
-    make_repository(build, repo, kinds=["python"], options=RepositoryOptions(precision="fp32"))
-    srv = TritonServer(repo, models=[model], root=fetch_server(), startup_timeout=180)
+def serving(build, repo, model, *, extra=()):
+    """A started server on the python model `model` of a repository written for `build` (FP32 graph), and on
+    the python models of `extra` (RepositoryOptions with their own names). The repository is written in a
+    sibling folder and served from a copy at `repo`: its configs name no path of the writer, so it moves."""
+    root = server_root()
+    written = repo.with_name(repo.name + ".written")
+    make_repository(build, written, kinds=["python"], options=RepositoryOptions(precision="fp32"))
+    for options in extra:
+        make_repository(build, written, kinds=["python"], options=options)
+    shutil.copytree(written, repo)
+    shutil.rmtree(written)
+    models = [model] + [f"{options.name}_python" for options in extra]
+    srv = TritonServer(repo, models=models, root=root, startup_timeout=180)
     t0 = time.monotonic()
     srv.start()
     print(f"\ntritonserver ready in {time.monotonic() - t0:.1f} s (HTTP {srv.http_url}, gRPC {srv.grpc_url})")
@@ -66,12 +88,13 @@ def serving(build, repo, model):
 
 @pytest.fixture(scope="module")
 def server(tiny_build, tmp_path_factory):
-    with serving(tiny_build, tmp_path_factory.mktemp("triton") / "model_repository", MODEL) as srv:
+    uint8 = RepositoryOptions(name=UINT8_MODEL[: -len("_python")], precision="fp32", input_dtype="uint8")
+    with serving(tiny_build, tmp_path_factory.mktemp("triton") / "model_repository", MODEL, extra=[uint8]) as srv:
         yield srv
 
 
 def _inputs(module, x):
-    inp = module.InferInput("image", list(x.shape), "FP32")
+    inp = module.InferInput("image", list(x.shape), np_to_triton_dtype(x.dtype))
     inp.set_data_from_numpy(x)
     return [inp]
 
@@ -117,6 +140,44 @@ def test_parity_with_eager(server, images, eager, protocol):
     print(f"\n{protocol}: max |logit diff| vs eager {worst:.3g} over {N_IMAGES} images; experts "
           f"{eager['expert'].tolist()}; masks equal")
     client.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_uint8_input_answers_equal_fp32(server, images, protocol):
+    """The UINT8-input model answers integer-valued images exactly as the FP32 model does, from 1/4 of the bytes."""
+    module = tritonclient_http if protocol == "http" else tritonclient_grpc
+    client = module.InferenceServerClient(server.http_url if protocol == "http" else server.grpc_url)
+    as_uint8 = np.rint(images).clip(0, 255).astype(np.uint8)
+    as_float = as_uint8.astype(np.float32)
+    for idx in ([0], [1, 2, 3, 4]):
+        want = _result(client.infer(MODEL, _inputs(module, as_float[idx])))
+        got = _result(client.infer(UINT8_MODEL, _inputs(module, as_uint8[idx])))
+        for name, a, b in zip(("logits", "mask", "expert"), got, want):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    meta = client.get_model_metadata(UINT8_MODEL)
+    datatype = meta["inputs"][0]["datatype"] if protocol == "http" else meta.inputs[0].datatype
+    assert datatype == "UINT8"
+    client.close()
+
+
+def test_stub_took_the_packages_from_the_environment(server):
+    """The python model's stub added the folders the launcher passed in ICMOE_TRITON_PYTHONPATH (its log says so)."""
+    import engines
+
+    lines = [ln for ln in server.log_path.read_text(errors="replace").splitlines() if PYTHONPATH_ENV in ln]
+    assert lines, server.log_tail(5)
+    assert str(Path(engines.__file__).resolve().parents[1]) in lines[0]
+
+
+def test_server_passes_the_environment_not_the_config(tmp_path, monkeypatch):
+    """The stubs learn where the packages are from the server's environment (a caller's value wins)."""
+    import engines
+
+    monkeypatch.delenv(PYTHONPATH_ENV, raising=False)
+    env = TritonServer(tmp_path, root=tmp_path).environment()
+    assert str(Path(engines.__file__).resolve().parents[1]) in env[PYTHONPATH_ENV].split(os.pathsep)
+    monkeypatch.setenv(PYTHONPATH_ENV, "/opt/elsewhere")
+    assert TritonServer(tmp_path, root=tmp_path).environment()[PYTHONPATH_ENV] == "/opt/elsewhere"
 
 
 def run_load(server, model, images, check, *, requests, concurrency):

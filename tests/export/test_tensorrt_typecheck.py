@@ -2,8 +2,9 @@
 
 tensorrt-stubs cannot be a normal test dependency: every release pins `tensorrt==<same
 version>`, whose libraries come from NVIDIA's own index, so `pip install` fails on a host
-without it. The fixture fetches the stubs wheel with `pip download --no-deps` (cached under
-~/.cache/icmoe/), unpacks it outside site-packages (so `import tensorrt` keeps failing
+without it. The fixture takes the pinned, sha256-checked stubs wheel from `icmoe.core.fetch`
+(cached under ~/.cache/icmoe/; the tests skip with the reason where it is neither cached nor
+downloadable), unpacks it outside site-packages (so `import tensorrt` keeps failing
 honestly) and repairs two generator bugs that make the .pyi unparsable (parameters named
 `in`; a parameter without default after defaulted ones). mypy runs with pyproject.toml's
 [tool.mypy] section; `ignore_missing_imports` is used only for libraries without type
@@ -14,19 +15,17 @@ from __future__ import annotations
 
 import ast
 import keyword
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from icmoe.core.fetch import FetchError, unpacked
+
 REPO = Path(__file__).resolve().parents[2]
-STUBS_VERSION = "10.13.0.35.1"
+STUBS = "tensorrt-stubs"  # pinned in icmoe.core.fetch.PINS
+REPAIR_TAG = "repaired-1"  # names repair_stub's rules: change it when they change, to re-unpack the cache
 TENSORRT_MODULES = ["export/tensorrt.py", "engines/tensorrt.py", "icmoe/voting/plugin.py", "export/torch_tensorrt.py"]
 _KEYWORDS = "|".join(k for k in keyword.kwlist if k.islower())
 
@@ -56,35 +55,20 @@ def repair_stub(src: str) -> str:
     raise RuntimeError("could not repair the stub")
 
 
+def _extract_repaired(wheel: Path, dest: Path) -> None:
+    """Unpack the stubs wheel into `dest` and make every .pyi parse."""
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(dest)
+    for pyi in dest.rglob("*.pyi"):
+        pyi.write_text(repair_stub(pyi.read_text()))
+
+
 @pytest.fixture(scope="module")
 def stubs_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "icmoe" / f"tensorrt-stubs-{STUBS_VERSION}"
-    if (cache / "tensorrt" / "__init__.pyi").is_file():
-        return cache
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"tensorrt-stubs=={STUBS_VERSION}", "-d", tmp],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        wheels = list(Path(tmp).glob("tensorrt_stubs-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            pytest.skip(f"needs the tensorrt-stubs wheel: `pip download tensorrt-stubs=={STUBS_VERSION}` failed "
-                        f"({(proc.stderr.strip().splitlines() or ['no output'])[-1]})")
-        unpacked = Path(tmp) / "stubs"
-        with zipfile.ZipFile(wheels[0]) as zf:
-            zf.extractall(unpacked)
-        for pyi in unpacked.rglob("*.pyi"):
-            pyi.write_text(repair_stub(pyi.read_text()))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".stubs.", dir=cache.parent))
-        shutil.copytree(unpacked, staging, dirs_exist_ok=True)
-        try:
-            staging.rename(cache)
-        except OSError:  # another process won the race
-            shutil.rmtree(staging, ignore_errors=True)
-    return cache
+    try:
+        return unpacked(STUBS, _extract_repaired, tag=REPAIR_TAG)
+    except FetchError as e:
+        pytest.skip(f"needs the {STUBS} wheel: {e}")
 
 
 def _mypy(stubs: Path, files, monkeypatch):

@@ -1,6 +1,6 @@
 // icmoe_aoti: run a model's AOTInductor package (.pt2) on the CPU with libtorch, one image -> mask.
 //
-//   icmoe_aoti MODEL.pt2 IMAGE.ppm MASK.pgm [--logits LOGITS.f32] [--repeat N]
+//   icmoe_aoti MODEL.pt2 IMAGE MASK [--logits LOGITS.f32] [--repeat N]
 //
 // MODEL.pt2 comes from `python -m export.aoti` (torch._inductor.aoti_compile_and_package of the model
 // family's graph, image (1, 3, S, S) float32 RGB 0..255 -> the family's outputs). The package's
@@ -8,25 +8,28 @@
 // order, comma-separated; packages without it are older IC-MoE ones: logits,mask,expert), and what the
 // mask holds: icmoe.mask_kind "binary" (0/1) or "labels" (label values, named by icmoe.class_names,
 // comma-separated, index = value, 0 = background; packages without icmoe.mask_kind are older binary ones).
-// IMAGE is a binary PPM/PGM of the model's size; the output named "mask" is written as a binary PGM
-// (binary: 0/255; labels: the raw label values, so a downstream tool reads the label map, with the pixels
-// per label printed as "label1 812 liver"), --logits writes the output named "logits" as raw float32 (all
+// IMAGE is a PNG, JPEG, BMP or PPM/PGM of any size (common/image_io.h), resized to S x S as the Python
+// loaders do (Pillow's bilinear filter, common/resize.h). The output named "mask" is resized back to the
+// image's size (nearest) and written as PNG, or PGM for a MASK ending in .pgm (binary: 0/255; labels: the
+// raw label values, so a downstream tool reads the label map, with the pixels per label printed as
+// "label1 812 liver"); --logits writes the output named "logits" as raw float32 at the model's size (all
 // its values, e.g. (1, C, S, S)), every other small output is printed ("expert 2"), and so is the list of
 // outputs with their types and shapes (common/outputs.h). --repeat N times N more runs and prints the mean
 // latency.
-// Errors: one line "error: ..." on stderr and exit code 1; usage: exit code 2.
+// Errors: one line "error: ..." on stderr and exit code 1; command-line mistakes exit with 2; --help
+// prints the usage to stdout.
 // ATen and the package loader only (not torch/torch.h): a fraction of the compile time.
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <chrono>
-#include <cstdlib>
 #include <iostream>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
+#include "args.h"
 #include "image_io.h"
 #include "outputs.h"
 
@@ -34,9 +37,13 @@ namespace {
 
 using Metadata = std::unordered_map<std::string, std::string>;
 
-int usage() {
-  std::cerr << "usage: icmoe_aoti MODEL.pt2 IMAGE.ppm MASK.pgm [--logits LOGITS.f32] [--repeat N]\n";
-  return 2;
+icmoe::ArgParser make_parser() {
+  icmoe::ArgParser parser("icmoe_aoti", {"MODEL.pt2", "IMAGE", "MASK"},
+                          "Runs an AOTInductor package of python -m export.aoti on one image (PNG, JPEG, BMP, PPM/PGM;\n"
+                          "any size: resized to the model's) and writes the mask at the image's size (MASK: .png or\n"
+                          ".pgm; binary masks 0/255, label maps their label values).");
+  icmoe::add_run_options(parser);
+  return parser;
 }
 
 // NumPy's name of a tensor element type (the names of the package's tensor specs).
@@ -116,59 +123,34 @@ std::vector<icmoe::Output> host_outputs(const std::vector<at::Tensor>& results, 
   return outputs;
 }
 
-int run(int argc, char** argv) {
-  std::vector<std::string> positional;
-  std::string logits_path;
-  int repeat = 0;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--logits" && i + 1 < argc) {
-      logits_path = argv[++i];
-    } else if (arg == "--repeat" && i + 1 < argc) {
-      repeat = std::atoi(argv[++i]);
-    } else if (arg == "-h" || arg == "--help") {
-      return usage();
-    } else if (!arg.empty() && arg[0] == '-') {
-      throw std::runtime_error("unknown option " + arg);
-    } else {
-      positional.push_back(arg);
-    }
-  }
-  if (positional.size() != 3) return usage();
-  const std::string& model_path = positional[0];
-  const std::string& image_path = positional[1];
-  const std::string& mask_path = positional[2];
-
-  const icmoe::Image image = icmoe::read_pnm(image_path);  // (3, H, W) float32 0..255
+int run(const icmoe::RunArguments& args) {
+  const icmoe::Rgb8 image = icmoe::load_image(args.image);
 
   c10::InferenceMode inference_mode;
-  torch::inductor::AOTIModelPackageLoader loader(model_path);
+  torch::inductor::AOTIModelPackageLoader loader(args.model);
   const Metadata metadata = loader.get_metadata();
-  const int size = image_size(metadata, model_path);
-  if (image.width != size || image.height != size)
-    throw std::runtime_error(image_path + ": image is " + std::to_string(image.width) + "x" +
-                             std::to_string(image.height) + ", this model takes " + std::to_string(size) + "x" +
-                             std::to_string(size));
-  const std::vector<std::string> names = output_names(metadata, model_path);
-  const icmoe::MaskKind kind = mask_kind(metadata, model_path);
+  const int size = image_size(metadata, args.model);
+  const icmoe::Image input_image = icmoe::model_input(image, size, size);  // (3, S, S) float32 0..255
+  const std::vector<std::string> names = output_names(metadata, args.model);
+  const icmoe::MaskKind kind = mask_kind(metadata, args.model);
 
   // (1, 3, S, S) float32 RGB 0..255: the model normalises inside, like every engine of the project.
-  at::Tensor input = at::from_blob(const_cast<float*>(image.chw.data()), {1, 3, size, size}, at::kFloat).clone();
+  at::Tensor input = at::from_blob(const_cast<float*>(input_image.chw.data()), {1, 3, size, size}, at::kFloat).clone();
   const std::vector<at::Tensor> results = loader.run({input});
   if (results.size() != names.size())
-    throw std::runtime_error(model_path + ": the package returned " + std::to_string(results.size()) +
+    throw std::runtime_error(args.model + ": the package returned " + std::to_string(results.size()) +
                              " outputs, its metadata names " + std::to_string(names.size()) + " (" +
                              icmoe::join(names, ", ") + ")");
 
   std::vector<at::Tensor> host;  // keeps the contiguous CPU copies alive while `outputs` points into them
   const std::vector<icmoe::Output> outputs = host_outputs(results, names, host);
-  icmoe::write_outputs(std::cout, outputs, size, size, mask_path, logits_path, kind);
+  icmoe::write_outputs(std::cout, outputs, size, size, {args.mask, image.width, image.height}, args.logits, kind);
 
-  if (repeat > 0) {
+  if (args.repeat > 0) {
     const auto start = std::chrono::steady_clock::now();
-    for (int i = 0; i < repeat; ++i) loader.run({input});
+    for (int i = 0; i < args.repeat; ++i) loader.run({input});
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-    std::cout << "latency " << ms / repeat << " ms (mean of " << repeat << ")\n";
+    std::cout << "latency " << ms / args.repeat << " ms (mean of " << args.repeat << ")\n";
   }
   return 0;
 }
@@ -177,7 +159,14 @@ int run(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   try {
-    return run(argc, argv);
+    const icmoe::ArgParser parser = make_parser();
+    icmoe::Arguments args;
+    int exit_code = 0;
+    if (!icmoe::parse_command_line(parser, argc, argv, args, exit_code)) return exit_code;
+    return run(icmoe::run_arguments(args));
+  } catch (const icmoe::UsageError& e) {
+    std::cerr << "error: " << icmoe::first_line(e.what()) << "\n";
+    return 2;
   } catch (const c10::Error& e) {
     std::cerr << "error: " << icmoe::first_line(e.what_without_backtrace()) << "\n";
   } catch (const std::exception& e) {

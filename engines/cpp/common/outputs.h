@@ -10,17 +10,20 @@
 //   write_outputs:  checks the outputs first (nothing is written when one check fails: a binary mask
 //                   holds only 0/1, a label mask only values below the number of classes, and a
 //                   (1, K, H, W) logits output of a label model has K = the number of classes), then
-//                   writes the output named "mask" (uint8 or bool, H*W values) as a binary PGM (binary:
-//                   0/255; labels: the raw label values), the output named "logits" as raw float32 (all
-//                   its values: (1, C, H, W) works too) when asked, and prints to stdout, one
-//                   "key value" line each:
+//                   writes the output named "mask" (uint8 or bool, H*W values ending in (H, W)) resized
+//                   to the input image's size by nearest neighbour, as PNG or PGM (by the file's
+//                   extension; binary: 0/255; labels: the raw label values), the output named "logits"
+//                   as raw float32 at the model's size (all its values: (1, C, H, W) works too) when
+//                   asked, and prints to stdout, one "key value" line each (pixel counts are of the
+//                   written mask):
 //
 //                     outputs logits:float32[1,1,128,128] mask:uint8[1,1,128,128] expert:int32[1]
 //                     expert 2                       (every other output of at most 16 values)
+//                     image 640x480                  (the input's size: the mask's)
 //                     label0 9000 background         (label models: pixels per label, then its name)
 //                     label1 5000 lesion
-//                     foreground 812 of 16384 pixels (pixels that are not 0)
-//                     mask mask.pgm
+//                     foreground 812 of 307200 pixels (pixels that are not 0)
+//                     mask mask.png
 //                     logits logits.f32              (with --logits)
 //
 // Every failure throws std::runtime_error with one line.
@@ -35,6 +38,7 @@
 #include <vector>
 
 #include "image_io.h"
+#include "resize.h"
 
 namespace icmoe {
 
@@ -283,13 +287,20 @@ inline void check_mask_kind(const std::vector<Output>& outputs, const Output& ma
 
 }  // namespace detail
 
-// Checks, then files, then stdout (see the top of this file). `logits_path` empty: no logits file.
+// Where the mask goes: its file, and the size it is written at (the input image's).
+struct MaskFile {
+  std::string path;
+  int width = 0;
+  int height = 0;
+};
+
+// Checks, then files, then stdout (see the top of this file); `height` x `width` is the model's size.
+// `logits_path` empty: no logits file.
 inline void write_outputs(std::ostream& out, const std::vector<Output>& outputs, int height, int width,
-                          const std::string& mask_path, const std::string& logits_path,
+                          const MaskFile& mask_file, const std::string& logits_path,
                           const MaskKind& kind = MaskKind{}) {
   const Output& mask = mask_output(outputs, height, width);
-  const std::vector<int64_t> counts = detail::histogram(mask);
-  detail::check_mask_kind(outputs, mask, counts, kind);
+  detail::check_mask_kind(outputs, mask, detail::histogram(mask), kind);
   std::vector<float> logits;
   if (!logits_path.empty()) {
     const Output* found = find_output(outputs, "logits");
@@ -298,20 +309,27 @@ inline void write_outputs(std::ostream& out, const std::vector<Output>& outputs,
                                join(names_of(outputs), ", ") + ")");
     logits = to_float32(*found);
   }
+  std::vector<uint8_t> written = resize_nearest(static_cast<const uint8_t*>(mask.data), width, height,
+                                                mask_file.width, mask_file.height);
+  const Output resized{mask.name, "uint8", {mask_file.height, mask_file.width}, written.data()};
+  const std::vector<int64_t> counts = detail::histogram(resized);
+
   std::vector<std::string> lines;
   for (const auto& o : outputs) {
     if (o.name == "mask" || o.name == "logits" || o.numel() > kMaxPrintedValues) continue;
     lines.push_back(o.name + " " + format_values(o));
   }
+  lines.push_back("image " + std::to_string(mask_file.width) + "x" + std::to_string(mask_file.height));
   for (size_t v = 0; kind.labels && v < kind.class_names.size(); ++v)
     lines.push_back("label" + std::to_string(v) + " " + std::to_string(counts[v]) + " " + kind.class_names[v]);
 
-  write_pgm(mask_path, static_cast<const uint8_t*>(mask.data), width, height, kind.labels);
+  write_mask(mask_file.path, written.data(), mask_file.width, mask_file.height, kind.labels);
   if (!logits_path.empty()) write_raw(logits_path, logits.data(), logits.size() * sizeof(float));
 
   out << "outputs " << describe(outputs) << "\n";
   for (const auto& line : lines) out << line << "\n";
-  out << "foreground " << mask.numel() - counts[0] << " of " << mask.numel() << " pixels\nmask " << mask_path << "\n";
+  out << "foreground " << resized.numel() - counts[0] << " of " << resized.numel() << " pixels\nmask "
+      << mask_file.path << "\n";
   if (!logits_path.empty()) out << "logits " << logits_path << "\n";
 }
 

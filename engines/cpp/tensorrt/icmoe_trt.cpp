@@ -1,6 +1,6 @@
 // icmoe_trt: run a model's TensorRT engine (model.plan) on one image with the TensorRT 10 C++ runtime.
 //
-//   icmoe_trt MODEL.plan IMAGE.ppm MASK.pgm [--logits LOGITS.f32] [--classes NAMES] [--plugin LIB.so]... [--repeat N]
+//   icmoe_trt MODEL.plan IMAGE MASK [--logits LOGITS.f32] [--classes NAMES] [--plugin LIB.so]... [--repeat N]
 //
 // The engine is the one `python -m export.build` writes on a GPU host: one input, float32
 // (B, 3, S, S) RGB 0..255 with a dynamic batch axis, and the model family's outputs (IC-MoE: logits
@@ -8,18 +8,22 @@
 // (IRuntime -> ICudaEngine -> IExecutionContext), enumerates the engine's I/O tensors, sets the input
 // shape to batch 1, sizes one device buffer per output from the context's tensor shape and the tensor's
 // element type, binds them by name (setTensorAddress), runs enqueueV3 on a CUDA stream and then, like
-// icmoe_aoti (common/outputs.h): writes the output named "mask" as a binary PGM, --logits the output
-// named "logits" as raw float32, prints every other small output ("expert 2") and the list of outputs
-// with their types and shapes. The mask is binary (0/1, written 0/255) unless --classes names its labels
-// (a multi-class model: the label names of the build's manifest, `model.classes`, comma-separated, index
-// = value, 0 = background, e.g. --classes background,liver,kidney; `python -c "from engines.cpp import
-// class_arguments; print(*class_arguments('BUILD_DIR'))"` prints the flag for a build); then the PGM holds
-// the raw label values and the pixels per label are printed ("label1 812 liver"). TensorRT's standard plugins are registered
-// (initLibNvInferPlugins) and --plugin loads more plugin libraries, for engines built with custom layers.
+// icmoe_aoti: IMAGE is a PNG, JPEG, BMP or PPM/PGM of any size, resized to the engine's size as the Python
+// loaders do (common/image_io.h, common/resize.h); the output named "mask" is resized back to the image's
+// size (nearest) and written as PNG (or PGM for a MASK ending in .pgm), --logits writes the output named
+// "logits" as raw float32 at the engine's size, every other small output is printed ("expert 2") and so is
+// the list of outputs with their types and shapes (common/outputs.h). The mask is binary (0/1, written
+// 0/255) unless --classes names its labels (a multi-class model: the label names of the build's manifest,
+// `model.classes`, comma-separated, index = value, 0 = background, e.g. --classes background,liver,kidney;
+// `python -c "from engines.cpp import class_arguments; print(*class_arguments('BUILD_DIR'))"` prints the
+// flag for a build); then the mask holds the raw label values and the pixels per label are printed
+// ("label1 812 liver"). TensorRT's standard plugins are registered (initLibNvInferPlugins) and --plugin
+// loads more plugin libraries, for engines built with custom layers.
 //
 // NOT COMPILED OR RUN on the machine this was written on (no GPU, no TensorRT headers there); it is
 // written against the TensorRT 10 API (NvInfer.h / NvInferRuntime.h).
-// Errors: one line "error: ..." on stderr and exit code 1; usage: exit code 2.
+// Errors: one line "error: ..." on stderr and exit code 1; command-line mistakes exit with 2; --help
+// prints the usage to stdout.
 #include <NvInfer.h>
 #include <NvInferPlugin.h>
 #include <cuda_runtime_api.h>
@@ -27,7 +31,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
-#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -36,6 +39,7 @@
 #include <string>
 #include <vector>
 
+#include "args.h"
 #include "image_io.h"
 #include "outputs.h"
 
@@ -111,60 +115,35 @@ struct Binding {
   std::vector<unsigned char> host;
 };
 
-int usage() {
-  std::cerr << "usage: icmoe_trt MODEL.plan IMAGE.ppm MASK.pgm [--logits LOGITS.f32] [--classes NAMES] "
-               "[--plugin LIB.so]... [--repeat N]\n"
-               "  --classes NAMES  the mask holds labels: their names, comma-separated, background first (the\n"
-               "                   build manifest's model.classes); without it the mask is binary (0/1)\n";
-  return 2;
+icmoe::ArgParser make_parser() {
+  icmoe::ArgParser parser("icmoe_trt", {"MODEL.plan", "IMAGE", "MASK"},
+                          "Runs a TensorRT engine of python -m export.build on one image (PNG, JPEG, BMP, PPM/PGM;\n"
+                          "any size: resized to the engine's) and writes the mask at the image's size (MASK: .png\n"
+                          "or .pgm; binary masks 0/255, label maps their label values).");
+  icmoe::add_run_options(parser);
+  parser.option("--classes", "NAMES",
+                "the mask holds labels: their names, comma-separated, background first (the build\n"
+                "                        manifest's model.classes); without it the mask is binary (0/1)");
+  parser.option("--plugin", "LIB.so", "load a TensorRT plugin library (repeatable)", true);
+  return parser;
 }
 
-struct Arguments {
-  std::vector<std::string> positional, plugins;
-  std::string logits_path;
-  icmoe::MaskKind kind;
-  int repeat = 0;
-  bool help = false;
-};
-
-Arguments parse_arguments(int argc, char** argv) {
-  Arguments a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--logits" && i + 1 < argc) {
-      a.logits_path = argv[++i];
-    } else if (arg == "--classes" && i + 1 < argc) {
-      try {
-        a.kind = icmoe::make_mask_kind("labels", argv[++i]);
-      } catch (const std::exception& e) {
-        throw std::runtime_error(std::string("--classes: ") + e.what());
-      }
-    } else if (arg == "--plugin" && i + 1 < argc) {
-      a.plugins.push_back(argv[++i]);
-    } else if (arg == "--repeat" && i + 1 < argc) {
-      a.repeat = std::atoi(argv[++i]);
-    } else if (arg == "-h" || arg == "--help") {
-      a.help = true;
-    } else if (!arg.empty() && arg[0] == '-') {
-      throw std::runtime_error("unknown option " + arg);
-    } else {
-      a.positional.push_back(arg);
-    }
+// --classes NAMES -> the mask's kind (binary without it).
+icmoe::MaskKind classes_argument(const icmoe::Arguments& args) {
+  if (!args.has("--classes")) return icmoe::MaskKind{};
+  try {
+    return icmoe::make_mask_kind("labels", args.get("--classes"));
+  } catch (const std::exception& e) {
+    throw icmoe::UsageError(std::string("--classes: ") + e.what());
   }
-  return a;
 }
 
-int run(int argc, char** argv) {
-  const Arguments args = parse_arguments(argc, argv);
-  if (args.help || args.positional.size() != 3) return usage();
-  const std::vector<std::string>& plugins = args.plugins;
-  const std::string& logits_path = args.logits_path;
-  const int repeat = args.repeat;
-  const std::string& plan_path = args.positional[0];
-  const std::string& image_path = args.positional[1];
-  const std::string& mask_path = args.positional[2];
-
-  const icmoe::Image image = icmoe::read_pnm(image_path);  // (3, H, W) float32 0..255
+int run(const icmoe::Arguments& parsed) {
+  const icmoe::RunArguments args = icmoe::run_arguments(parsed);
+  const icmoe::MaskKind kind = classes_argument(parsed);
+  const std::vector<std::string> plugins = parsed.all("--plugin");
+  const std::string& plan_path = args.model;
+  const icmoe::Rgb8 image = icmoe::load_image(args.image);
 
   std::ifstream file(plan_path, std::ios::binary);
   if (!file) throw std::runtime_error(plan_path + ": cannot open engine");
@@ -210,17 +189,14 @@ int run(int argc, char** argv) {
                              ", not (B, 3, S, S) with a fixed image size");
   const int height = static_cast<int>(in_dims.d[2]);
   const int width = static_cast<int>(in_dims.d[3]);
-  if (image.width != width || image.height != height)
-    throw std::runtime_error(image_path + ": image is " + std::to_string(image.width) + "x" +
-                             std::to_string(image.height) + ", this engine takes " + std::to_string(width) + "x" +
-                             std::to_string(height));
+  const icmoe::Image input_image = icmoe::model_input(image, width, height);  // (3, H, W) float32 0..255
   in_dims.d[0] = 1;
   if (!context->setInputShape(input_name.c_str(), in_dims))
     throw std::runtime_error(plan_path + ": batch 1 is outside the engine's optimization profile");
   if (!context->allInputDimensionsSpecified())
     throw std::runtime_error(plan_path + ": input shape still unspecified after setting batch 1");
 
-  const size_t input_bytes = image.chw.size() * sizeof(float);
+  const size_t input_bytes = input_image.chw.size() * sizeof(float);
   DeviceBuffer input(input_bytes);
   if (!context->setTensorAddress(input_name.c_str(), input.ptr))
     throw std::runtime_error("cannot bind input " + input_name);
@@ -254,7 +230,7 @@ int run(int argc, char** argv) {
   }
 
   Stream stream;
-  check_cuda(cudaMemcpyAsync(input.ptr, image.chw.data(), input_bytes, cudaMemcpyHostToDevice, stream.stream),
+  check_cuda(cudaMemcpyAsync(input.ptr, input_image.chw.data(), input_bytes, cudaMemcpyHostToDevice, stream.stream),
              "copy image to the GPU");
   if (!context->enqueueV3(stream.stream)) throw std::runtime_error("enqueueV3 failed");
   for (auto& b : outputs) {
@@ -266,8 +242,9 @@ int run(int argc, char** argv) {
 
   std::vector<icmoe::Output> views;
   for (const auto& b : outputs) views.push_back(icmoe::Output{b.name, b.dtype, b.shape, b.host.data()});
-  icmoe::write_outputs(std::cout, views, height, width, mask_path, logits_path, args.kind);
+  icmoe::write_outputs(std::cout, views, height, width, {args.mask, image.width, image.height}, args.logits, kind);
 
+  const int repeat = args.repeat;
   if (repeat > 0) {
     const auto start = std::chrono::steady_clock::now();
     for (int i = 0; i < repeat; ++i) {
@@ -284,7 +261,14 @@ int run(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   try {
-    return run(argc, argv);
+    const icmoe::ArgParser parser = make_parser();
+    icmoe::Arguments args;
+    int exit_code = 0;
+    if (!icmoe::parse_command_line(parser, argc, argv, args, exit_code)) return exit_code;
+    return run(args);
+  } catch (const icmoe::UsageError& e) {
+    std::cerr << "error: " << icmoe::first_line(e.what()) << "\n";
+    return 2;
   } catch (const std::exception& e) {
     std::cerr << "error: " << icmoe::first_line(e.what()) << "\n";
   }

@@ -1,0 +1,455 @@
+"""INT8: post-training quantization of a build's FP32 graph, calibrated on real or synthetic images.
+
+Two artifacts, from the same calibration images and the same list of what stays in floating point:
+
+- `model.int8.xml` + `model.int8.bin`: OpenVINO IR made by NNCF (`nncf.quantize` on the OpenVINO
+  model read from model.onnx; model_type TRANSFORMER, preset MIXED: symmetric INT8 weights per output
+  channel, asymmetric activations per tensor; NNCF's fast bias correction). Two settings differ from
+  NNCF's defaults, both for inputs unlike the calibration set (the parity set's uniform-noise half):
+  activation ranges are the calibration set's minimum and maximum (NNCF averages per-image extremes
+  by default, which clips what lies beyond them), and SmoothQuant is off. On the quick start's tiny
+  model the defaults flipped 1.9% of the parity set's mask pixels (3.9% of the noise images'), these
+  settings 0.7% (and 0.03% of the structured images' either way). The OpenVINO engine runs it.
+- `model.int8.onnx`: the explicitly quantized QDQ graph, made by ONNX Runtime's `quantize_static`
+  (QuantizeLinear/DequantizeLinear, the build's opset): INT8 weights, symmetric, per output channel
+  (every weight's DequantizeLinear carries its axis); INT8 activations, symmetric per tensor (zero
+  point 0, MinMax calibration); biases left in FP32; only MatMul, Gemm, Conv and ConvTranspose are
+  quantized. Why this quantizer for the QDQ graph: TensorRT's strongly typed INT8 build takes only
+  symmetric INT8 Q/DQ (zero point 0) and FP32 biases, and NNCF's ONNX backend with the mixed preset
+  writes asymmetric UINT8 activations, which TensorRT refuses; `quantize_static` with
+  ActivationSymmetric and QuantizeBias off is the recipe ONNX Runtime documents for its TensorRT
+  execution provider, and ONNX Runtime runs the same graph on the CPU.
+
+What stays in floating point (both artifacts; the manifest's `quantization.kept_fp32` says what and
+why): every node of the family's `fp32_op_types` (LayerNorm and SAM's LayerNorm2d reductions,
+softmax, ...: wide dynamic ranges and normalisations that 8 bits flatten), its `fp32_nodes` island
+(its discrete decisions and what feeds them: one flipped choice changes a whole output, not one
+pixel), and every MatMul of two activations (attention scores and their softmax-weighted sums:
+per-tensor INT8 of probabilities in 0..1 and of query/key ranges; on a trained tiny MoE-SAM they
+alone doubled the flipped labels, 1.0% against 0.45%, for about a tenth of the FLOPs). No Q/DQ pair
+feeds a kept node, and a softmax's output is never quantized.
+
+Weights behind a constant chain (`Transpose(W)`, `Squeeze(Slice(W))`: the export stores a shared
+frozen weight once and transposes it in the graph) are folded into initializers first, in a
+temporary copy, so that the quantizers see them as weights (per channel), not as activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from export.precision import check_io_types
+from icmoe.core.errors import IcmoeError
+from icmoe.core.extras import missing
+from icmoe.core.io import PathLike, atomic_path
+from icmoe.core.manifest import (
+    ONNX_GRAPHS,
+    OPENVINO_GRAPHS,
+    add_artifact,
+    read_manifest,
+    write_manifest,
+)
+from icmoe.families import Family
+
+log = logging.getLogger(__name__)
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+# Ops of a constant weight chain that are folded before quantization (they only move or select values).
+FOLDABLE = ("Transpose", "Squeeze", "Unsqueeze", "Slice", "Reshape", "Identity")
+CALIBRATION_BATCH = 4  # images per calibration run of ONNX Runtime (its memory holds one run)
+
+
+class QuantizeError(IcmoeError, RuntimeError):
+    """The INT8 quantization failed or produced a graph that breaks the contract; one line."""
+
+
+def int8_unavailable() -> Optional[str]:
+    """Why the INT8 graphs cannot be made here (NNCF or OpenVINO missing), or None."""
+    for module in ("openvino", "nncf"):
+        try:
+            __import__(module)
+        except ImportError as e:
+            return missing("the INT8 build (NNCF and OpenVINO)", "openvino", e)
+    return None
+
+
+ISLAND = "the family's FP32 island"
+PRODUCT = "product of two activations"
+WHY = {
+    "op types": "wide dynamic ranges and normalisations (LayerNorm, softmax, their reductions) that 8 bits flatten",
+    "island": "the family's discrete decisions and what feeds them: one flipped choice changes a whole output",
+    "activation products": "attention scores and softmax-weighted sums: per-tensor INT8 of probabilities and of "
+                           "query/key ranges costs the most accuracy for a tenth of the FLOPs",
+}
+
+
+def activation_products(proto: onnx.ModelProto) -> List[str]:
+    """MatMul nodes neither of whose inputs is a weight (an initializer, possibly behind a `FOLDABLE` chain)."""
+    g = proto.graph
+    inits = {i.name for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def constant(name: str) -> bool:
+        while name not in inits:
+            node = producer.get(name)
+            if node is None or node.op_type not in FOLDABLE + ("Constant",):
+                return False
+            if node.op_type == "Constant":
+                return True
+            name = node.input[0]
+        return True
+
+    return [n.name for n in g.node if n.op_type == "MatMul" and not any(constant(i) for i in n.input[:2])]
+
+
+def kept_fp32(proto: onnx.ModelProto, family: Family) -> Dict[str, str]:
+    """The FP32 graph's nodes that stay in floating point, with the reason: name -> why.
+
+    Arguments:
+      proto: the FP32 graph.
+      family: names the op types (`fp32_op_types`) and the island (`fp32_nodes`).
+
+    Returns:
+      dict: node name -> "op type X", the island (`ISLAND`) or a product of two activations (`PRODUCT`).
+    """
+    why = {n.name: f"op type {n.op_type}" for n in proto.graph.node if n.op_type in family.fp32_op_types}
+    for name in family.fp32_nodes(proto):
+        why.setdefault(name, ISLAND)
+    for name in activation_products(proto):
+        why.setdefault(name, PRODUCT)
+    return why
+
+
+def kept_summary(proto: onnx.ModelProto, family: Family, kept: Dict[str, str]) -> Dict[str, Any]:
+    """What the manifest records about the kept nodes: the op types, the island's nodes, counts, and why."""
+    return {
+        "op_types": list(family.fp32_op_types),
+        "island": sorted(n for n, w in kept.items() if w == ISLAND),
+        "activation_products": sum(w == PRODUCT for w in kept.values()),
+        "nodes": len(kept),
+        "node_op_types": sorted({n.op_type for n in proto.graph.node if n.name in kept}),
+        "why": WHY,
+    }
+
+
+# ------------------------------------------------------------------------------------------ QDQ graph
+
+
+def fold_weight_chains(proto: onnx.ModelProto) -> int:
+    """Fold nodes of `FOLDABLE` whose inputs are all constant into initializers (in place).
+
+    Returns:
+      int: how many nodes were folded.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    g = proto.graph
+    consts = {i.name: i for i in g.initializer}
+    folded, new = [], []
+    for node in g.node:
+        if node.op_type not in FOLDABLE or not all(i in consts for i in node.input if i):
+            continue
+        inputs = [onnx.helper.make_tensor_value_info(i, consts[i].data_type, None) for i in node.input if i]
+        outputs = [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output]
+        single = onnx.helper.make_model(onnx.helper.make_graph([node], "fold", inputs, outputs),
+                                        opset_imports=proto.opset_import)
+        values = ReferenceEvaluator(single).run(None, {i: onnx.numpy_helper.to_array(consts[i]) for i in node.input if i})
+        for name, value in zip(node.output, values):
+            consts[name] = onnx.numpy_helper.from_array(np.asarray(value), name)
+            new.append(consts[name])
+        folded.append(node)
+    for node in folded:
+        g.node.remove(node)
+    g.initializer.extend(new)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    return len(folded)
+
+
+class _Batches:
+    """ONNX Runtime's CalibrationDataReader over an image array, in batches, with the range interface of
+    its strided calibration (each range is calibrated and merged alone, so memory holds one batch's
+    intermediate tensors, not the whole set's)."""
+
+    def __init__(self, name: str, images: np.ndarray, batch: int) -> None:
+        self.batches = [{name: np.ascontiguousarray(images[i:i + batch], dtype=np.float32)}
+                        for i in range(0, len(images), batch)]
+        self.set_range(0, len(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.items = iter(self.batches[start_index:end_index])
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        return next(self.items, None)
+
+
+def reroute_float_consumers(proto: onnx.ModelProto, kept: Sequence[str]) -> int:
+    """Give every consumer of a quantized activation that is not a quantized matrix op the original tensor back.
+
+    ONNX Runtime's quantizer replaces a quantized tensor by its DequantizeLinear output for all of its
+    consumers, so a LayerNorm or a residual Add reading the same tensor as a Conv would compute on
+    rounded values. Only the quantized ops (`QUANTIZED_OPS` outside `kept`) should; Q/DQ pairs left
+    without a consumer are removed.
+
+    Returns:
+      int: how many node inputs were rerouted.
+    """
+    g = proto.graph
+    keep = set(kept)
+    producer = {o: n for n in g.node for o in n.output}
+    original = {}  # DequantizeLinear output -> the float tensor its QuantizeLinear read
+    for dq in (n for n in g.node if n.op_type == "DequantizeLinear"):
+        q = producer.get(dq.input[0])
+        if q is not None and q.op_type == "QuantizeLinear":
+            original[dq.output[0]] = q.input[0]
+    moved = 0
+    for node in g.node:
+        if node.op_type in QUANTIZED_OPS and node.name not in keep:
+            continue
+        for i, name in enumerate(node.input):
+            if name in original and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                node.input[i] = original[name]
+                moved += 1
+    _drop_unused_qdq(g)
+    return moved
+
+
+def _drop_unused_qdq(g: Any) -> None:
+    """Remove Q/DQ nodes whose outputs nobody reads (repeated: a DQ's removal frees its Q)."""
+    outputs = {o.name for o in g.output}
+    while True:
+        used = {i for n in g.node for i in n.input} | outputs
+        dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            g.node.remove(n)
+
+
+def quantize_qdq(src: PathLike, dst: PathLike, *, kept: Sequence[str], images: np.ndarray, batch: int) -> Dict[str, Any]:
+    """Write the QDQ INT8 graph of the FP32 graph `src` to `dst` (atomically) with ONNX Runtime's `quantize_static`.
+
+    Arguments:
+      src: the FP32 ONNX graph.
+      dst: the QDQ graph to write.
+      kept: node names left in floating point.
+      images: calibration images, float32 (n, 3, S, S).
+      batch: calibration batch (within the graph's batch range).
+
+    Returns:
+      dict: what the manifest records (tool, format, folded weight chains, Q/DQ counts).
+
+    Raises:
+      QuantizeError: the quantizer failed, or the graph's I/O types changed.
+    """
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    proto = onnx.load(str(src))
+    folded = fold_weight_chains(proto)
+    name = proto.graph.input[0].name
+    with tempfile.TemporaryDirectory(prefix="icmoe-int8-") as tmp:
+        prepared = Path(tmp) / "folded.onnx"
+        onnx.save_model(proto, str(prepared))
+        out = Path(tmp) / "qdq.onnx"
+        try:
+            with _root_log_level(logging.ERROR):  # its advice to pre-process goes to the root logger
+                quantize_static(
+                    str(prepared), str(out), _Batches(name, images, batch), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8, nodes_to_exclude=list(kept), calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                                   "CalibStridedMinMax": 1},
+                )
+        except Exception as e:  # the quantizer raises whatever its steps raise
+            raise QuantizeError(f"ONNX Runtime quantize_static failed: {type(e).__name__}: {_one_line(e)}") from e
+        qdq = onnx.load(str(out))
+    rerouted = reroute_float_consumers(qdq, kept)
+    onnx.checker.check_model(qdq)
+    with atomic_path(dst) as tmp_dst:
+        onnx.save_model(qdq, str(tmp_dst))
+    ops = [n.op_type for n in qdq.graph.node]
+    return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+            "weights": "int8 symmetric per output channel", "activations": "int8 symmetric per tensor (MinMax)",
+            "biases": "fp32", "quantized_ops": list(QUANTIZED_OPS), "folded_weight_chains": folded,
+            "float_inputs_restored": rerouted,
+            "quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear")}
+
+
+# ------------------------------------------------------------------------------------------ OpenVINO IR
+
+
+def openvino_names(ov_model: Any, proto: onnx.ModelProto, kept: Sequence[str]) -> List[str]:
+    """The OpenVINO ops that make up the kept ONNX nodes (NNCF's ignored scope).
+
+    OpenVINO's ONNX reader may turn one node into several ops (LayerNormalization: MVN, Multiply, Add)
+    and names only the last; the tensor names survive. So each kept node's ops are found by walking
+    back from the op that produces its output until the ops that produce its inputs.
+    """
+    producer = {}
+    for op in ov_model.get_ordered_ops():
+        for port in op.outputs():
+            for name in port.get_names():
+                producer[name] = op
+    keep = set(kept)
+    names = set()
+    for node in (n for n in proto.graph.node if n.name in keep):
+        stop = set(node.input)
+        stack = [producer[o] for o in node.output if o in producer]
+        while stack:
+            op = stack.pop()
+            name = op.get_friendly_name()
+            if name in names or op.get_type_name() in ("Constant", "Parameter"):
+                continue
+            if any(t in stop for port in op.outputs() for t in port.get_names()):
+                continue
+            names.add(name)
+            stack.extend(i.get_source_output().get_node() for i in op.inputs())
+    return sorted(names)
+
+
+@contextlib.contextmanager
+def _root_log_level(level: int) -> Iterator[None]:
+    root = logging.getLogger()
+    saved = root.level
+    root.setLevel(max(level, saved))
+    try:
+        yield
+    finally:
+        root.setLevel(saved)
+
+
+@contextlib.contextmanager
+def _quiet(progress: bool) -> Iterator[None]:
+    """NNCF's log at warnings only; its progress bars hidden unless `progress`."""
+    import nncf
+
+    nncf.set_log_level(logging.WARNING)
+    if progress:
+        yield
+        return
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        yield
+
+
+def quantize_openvino(src: PathLike, dst: PathLike, *, proto: onnx.ModelProto, kept: Sequence[str],
+                      images: np.ndarray, progress: bool = False) -> Dict[str, Any]:
+    """Write NNCF's INT8 OpenVINO IR of the FP32 graph `src` to `dst` (.xml, with its .bin beside it).
+
+    Arguments:
+      src: the FP32 ONNX graph.
+      dst: the IR's .xml path.
+      proto: `src` loaded (without weights), for the kept nodes' tensors.
+      kept: ONNX node names left in floating point.
+      images: calibration images, float32 (n, 3, S, S).
+      progress: show NNCF's progress bars.
+
+    Returns:
+      dict: what the manifest records (tool, preset, model type, ignored OpenVINO ops).
+
+    Raises:
+      QuantizeError: OpenVINO could not read the graph or NNCF failed.
+    """
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    dst = Path(dst)
+    try:
+        model = ov.Core().read_model(str(src))
+    except Exception as e:
+        raise QuantizeError(f"{src}: OpenVINO cannot read it ({_one_line(e)})") from None
+    ignored = openvino_names(model, proto, kept)
+    data = nncf.Dataset([images[i:i + 1].astype(np.float32) for i in range(len(images))])
+    advanced = AdvancedQuantizationParameters(
+        activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))  # -1: off
+    try:
+        with _quiet(progress):
+            quantized = nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER,
+                                      preset=nncf.QuantizationPreset.MIXED, subset_size=len(images),
+                                      ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+                                      advanced_parameters=advanced)
+    except Exception as e:  # NNCF raises from its many steps
+        raise QuantizeError(f"NNCF quantization failed: {type(e).__name__}: {_one_line(e)}") from e
+    tmp = dst.with_name(f".{dst.stem}.tmp-{os.getpid()}.xml")
+    ov.save_model(quantized, str(tmp), compress_to_fp16=False)
+    os.replace(tmp.with_suffix(".bin"), dst.with_suffix(".bin"))
+    os.replace(tmp, dst)
+    fq = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ordered_ops())
+    return {"tool": "nncf.quantize", "nncf": nncf.__version__, "openvino": ov.get_version(), "preset": "mixed",
+            "model_type": "transformer", "activation_ranges": "calibration min/max", "smooth_quant": False,
+            "ignored_openvino_ops": len(ignored), "fake_quantize": fq}
+
+
+# ------------------------------------------------------------------------------------------ the build step
+
+
+def quantize_build(build_dir: PathLike, *, family: Family, specs: Sequence[Any], batch: int, images: np.ndarray,
+                   calibration: Dict[str, Any], progress: bool = False) -> Dict[str, Any]:
+    """Make and register a build's INT8 artifacts from its `model.onnx` (see the module docstring).
+
+    Arguments:
+      build_dir: a build (staging) directory with model.onnx registered.
+      family: the model family (what stays in floating point).
+      specs: the graph's input and output tensor specs (their element types must survive).
+      batch: the build's largest batch (ONNX Runtime calibrates in batches of up to 4 within it).
+      images: calibration images, float32 (n, 3, S, S), RGB 0..255.
+      calibration: where they came from (source, images, seed), for the manifest.
+      progress: show NNCF's progress bars.
+
+    Returns:
+      dict: the manifest's `quantization` entry.
+
+    Raises:
+      QuantizeError: NNCF, OpenVINO or ONNX Runtime missing or failing, or a graph breaking the I/O contract.
+    """
+    why = int8_unavailable()
+    if why:
+        raise QuantizeError(why)
+    build_dir = Path(build_dir)
+    src = build_dir / ONNX_GRAPHS["fp32"]
+    proto = onnx.load(str(src), load_external_data=False)
+    try:
+        kept = kept_fp32(proto, family)
+    except IcmoeError as e:
+        raise QuantizeError(f"{src}: {e}") from None
+    qdq_info = quantize_qdq(src, build_dir / ONNX_GRAPHS["int8"], kept=list(kept), images=images,
+                            batch=max(1, min(CALIBRATION_BATCH, int(batch))))
+    try:
+        check_io_types(onnx.load(str(build_dir / ONNX_GRAPHS["int8"]), load_external_data=False), list(specs))
+    except IcmoeError as e:
+        raise QuantizeError(f"{ONNX_GRAPHS['int8']}: {e}") from None
+    add_artifact(build_dir, ONNX_GRAPHS["int8"], kind="onnx", precision="int8", **qdq_info)
+    xml = build_dir / OPENVINO_GRAPHS["int8"]
+    ov_info = quantize_openvino(src, xml, proto=proto, kept=list(kept), images=images, progress=progress)
+    add_artifact(build_dir, xml.with_suffix(".bin").name, kind="openvino_ir_weights", precision="int8")
+    add_artifact(build_dir, xml.name, kind="openvino_ir", precision="int8", files=[xml.with_suffix(".bin").name],
+                 **ov_info)
+    entry = {"calibration": calibration, "kept_fp32": kept_summary(proto, family, kept)}
+    manifest = read_manifest(build_dir)
+    manifest["quantization"] = entry
+    write_manifest(build_dir, manifest)
+    log.info(f"int8: {ONNX_GRAPHS['int8']} ({qdq_info['quantize_linear']} QuantizeLinear) and {xml.name} "
+             f"({ov_info['fake_quantize']} FakeQuantize); {len(kept)} nodes kept in floating point")
+    return entry
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Exception from")]
+    return lines[-1][:300] if lines else type(e).__name__
