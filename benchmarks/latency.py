@@ -11,9 +11,10 @@ made (or reused) with `export.build`.
 
 Fairness: every CPU engine uses the same intra-op thread count (the usable cores);
 eager runs under `torch.inference_mode`; ONNX Runtime has all graph optimizations on.
-Each engine runs in its own subprocess, so its peak memory is that process's RSS
-high-water mark (`ru_maxrss`, which includes the Python/torch runtime: `base_mib` is
-the RSS before the engine was loaded). Latency: `--warmup` untimed runs, then `--iters`
+Each engine runs in its own subprocess (`benchmarks/worker.py`), which imports only what
+that engine needs, as a deployment would (the graph runtimes run without torch), so its peak
+memory is that process's resident high-water mark (`VmHWM`, including the Python runtime:
+`base_mib` is the peak before the engine was loaded). Latency: `--warmup` untimed runs, then `--iters`
 timed runs per batch size; p50/p95 over the runs; images/s = batch / mean latency.
 Parity columns compare each engine with the family's default eager structure (FP32) on
 `--parity-images` images (half the family's synthetic images, half random), by the
@@ -28,7 +29,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,11 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.op_profile import markdown as profile_markdown  # noqa: E402
 from benchmarks.op_profile import profile_engine  # noqa: E402
 from benchmarks.roofline import CpuPeak, build_rewrites, cpu_peak, gflops_per_image  # noqa: E402
+from benchmarks.worker import COMPILED, load  # noqa: E402
 from engines import load_engine  # noqa: E402
-from engines.eager import default_threads  # noqa: E402
+from engines.base import default_threads  # noqa: E402
 from engines.tensorrt import unavailable_reason  # noqa: E402
 from export.rewrite import REWRITES  # noqa: E402
-from export.verify import parity_inputs, run_batched  # noqa: E402
+from export.verify import parity_inputs  # noqa: E402
 from icmoe.checkpoint import read_meta  # noqa: E402
 from icmoe.core import cli  # noqa: E402
 from icmoe.core.extras import require  # noqa: E402
@@ -58,7 +59,6 @@ from icmoe.families import Family, add_model_args, get_family  # noqa: E402
 log = logging.getLogger("benchmarks.latency")
 GRAPH_ENGINES = ("onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8", "openvino-fp32", "openvino-int8",
                  "tensorrt")
-COMPILED = "-compiled"
 
 
 def engine_names(family: Family) -> List[str]:
@@ -75,65 +75,6 @@ def precision_of(name: str) -> str:
 
 def reference_name(family: Family) -> str:
     return family.eager_label()
-
-
-def _rss_mib() -> float:
-    """This process's peak RSS in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def load(build_dir: Path, engine: str, threads: Optional[int]):
-    """Load one engine of the build by its benchmark name."""
-    if engine == "eager" or engine.startswith("eager-"):
-        family = get_family(family_of(read_manifest(build_dir)))
-        compiled = engine.endswith(COMPILED)
-        base = engine[: -len(COMPILED)] if compiled else engine
-        variant = next((v for v in family.variants if family.eager_label(v) == base), None)
-        return load_engine(build_dir, "eager", variant=variant, threads=threads, compile=compiled)
-    if engine.startswith(("onnxruntime-", "openvino-")):
-        backend, precision = engine.split("-")
-        return load_engine(build_dir, backend, precision, threads=threads)
-    if engine == "tensorrt":
-        return load_engine(build_dir, "tensorrt")
-    raise ValueError(f"unknown engine {engine!r}")
-
-
-def worker(args) -> int:
-    """Child process: measure one engine, write {latency, memory} JSON and parity outputs (npz)."""
-    base = _rss_mib()
-    engine = load(args.build, args.worker, args.threads).activate()
-    s = engine.image_size
-    loaded = _rss_mib()
-    rng = np.random.default_rng(0)
-    result: Dict = {"engine": args.worker, "base_mib": base, "loaded_mib": loaded, "batches": {}}
-    for b in args.batch_sizes:
-        x = (rng.random(engine.inputs[0].concrete(b)) * 255).astype(np.float32)
-        for _ in range(args.warmup):
-            engine.infer(x)
-        times = []
-        for _ in range(args.iters):
-            t = time.perf_counter()
-            engine.infer(x)
-            times.append(time.perf_counter() - t)
-        ms = np.array(times) * 1e3
-        result["batches"][str(b)] = {
-            "p50_ms": float(np.percentile(ms, 50)),
-            "p95_ms": float(np.percentile(ms, 95)),
-            "mean_ms": float(ms.mean()),
-            "images_per_s": float(b / (ms.mean() / 1e3)),
-            "iters": args.iters,
-        }
-        print(f"  {args.worker} batch {b}: p50 {result['batches'][str(b)]['p50_ms']:.1f} ms", file=sys.stderr, flush=True)
-    if args.parity_images:
-        family = get_family(family_of(read_manifest(args.build)))
-        images = parity_inputs(family, args.parity_images, s, seed=0)
-        out = run_batched(engine, images, max(1, min(max(args.batch_sizes), 8)))
-        np.savez(args.result.with_suffix(".npz"), **out)
-    engine.deactivate()
-    result["peak_mib"] = _rss_mib()
-    result["threads"] = getattr(engine, "threads", None)
-    args.result.write_text(json.dumps(result))
-    return 0
 
 
 def tensorrt_available(build_dir: Path) -> Optional[str]:
@@ -194,9 +135,11 @@ def _measure(args, build_dir: Path, name: str, threads: int, tmp: Path) -> Tuple
         if why:
             return None, why
     res = tmp / f"{name}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--build", str(build_dir),
+    cmd = [sys.executable, str(Path(__file__).resolve().with_name("worker.py")), name, "--build", str(build_dir),
            "--result", str(res), "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--iters", str(args.iters),
-           "--warmup", str(args.warmup), "--threads", str(threads), "--parity-images", str(args.parity_images)]
+           "--warmup", str(args.warmup), "--threads", str(threads)]
+    if args.parity_images:
+        cmd += ["--parity", str(tmp / "parity.npy")]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0 or not res.is_file():
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -237,6 +180,8 @@ def run(args) -> Dict:
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     outputs = {}
     with tempfile.TemporaryDirectory(prefix="icmoe-bench-") as tmp:
+        if args.parity_images:
+            np.save(Path(tmp) / "parity.npy", parity_inputs(family, args.parity_images, int(manifest["image_size"]), seed=0))
         for name in tqdm(names, desc="benchmark", unit="engine", disable=args.no_progress):
             result, why = _measure(args, int8_dir if precision_of(name) == "int8" else build_dir, name, threads,
                                    Path(tmp))
@@ -414,15 +359,11 @@ def _parser():
     cli.add_json(p)
     cli.add_progress(p)
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    if args.worker:
-        return worker(args)
     cli.setup_logging(args.verbosity)
     if args.engines is not None:
         args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]

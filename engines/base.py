@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,6 +32,23 @@ from icmoe.core.manifest import (
 from icmoe.core.manifest import class_names as build_class_names
 from icmoe.core.specs import BATCH, TensorSpec
 from icmoe.families import check_expected
+
+
+def default_threads() -> int:
+    """Threads for every CPU engine: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def run_batched(engine: "Engine", images: np.ndarray, batch: int) -> Dict[str, np.ndarray]:
+    """Run `engine` over `images` in chunks of `batch`; concatenates the outputs."""
+    outs: Dict[str, List[np.ndarray]] = {}
+    for i in range(0, len(images), batch):
+        for k, v in engine.infer(images[i: i + batch]).items():
+            outs.setdefault(k, []).append(v)
+    return {k: np.concatenate(v, axis=0) for k, v in outs.items()}
 
 
 def to_numpy(images) -> np.ndarray:

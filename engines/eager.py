@@ -8,25 +8,16 @@ structure of the same weights (IC-MoE: "naive", the paper's three full experts).
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional
 
 import numpy as np
 import torch
 
-from engines.base import BuildInfo, Engine, EngineError
+from engines.base import BuildInfo, Engine, EngineError, default_threads
 from icmoe.checkpoint import load, read_meta
 from icmoe.core.manifest import checkpoint_path
 from icmoe.families import FamilyError, get_family
 from icmoe.sam import CheckpointError
-
-
-def default_threads() -> int:
-    """Threads for every CPU engine: the cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class EagerEngine(Engine):

@@ -39,7 +39,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 
 from engines.base import BuildInfo, Engine, EngineError
-from engines.eager import default_threads
+from engines.base import default_threads
 from icmoe.core import cli
 from icmoe.core.extras import missing
 from icmoe.core.io import atomic_write_bytes

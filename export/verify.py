@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from engines import EngineError, load_engine
+from engines.base import run_batched
 from engines.eager import EagerEngine
 from engines.openvino import unavailable_reason as openvino_unavailable
 from icmoe.core import cli
@@ -53,15 +54,6 @@ def parity_inputs(family: Family, n: int, image_size: int, seed: int = 0) -> np.
     rng = np.random.default_rng(seed + 1)
     rnd = (rng.random((n - n_syn, *syn.shape[1:])) * 255).astype(np.float32)
     return np.concatenate([syn.astype(np.float32), rnd], axis=0)
-
-
-def run_batched(engine, images: np.ndarray, batch: int) -> Dict[str, np.ndarray]:
-    """Run `engine` over `images` in chunks of `batch`; concatenates the outputs."""
-    outs: Dict[str, List[np.ndarray]] = {}
-    for i in range(0, len(images), batch):
-        for k, v in engine.infer(images[i: i + batch]).items():
-            outs.setdefault(k, []).append(v)
-    return {k: np.concatenate(v, axis=0) for k, v in outs.items()}
 
 
 def engine_candidates(manifest: Dict[str, Any]) -> List[Tuple[str, str, str]]:

@@ -10,24 +10,36 @@ slice; `load_volumes` gives the volumes themselves. See `icmoe.data.volumes`
 and docs/datasets-3d.md.
 """
 
-from icmoe.data.dataset import SegmentationDataset, build_dataset, load_image, load_mask
-from icmoe.data.readers import DATASETS, DataError, Item, list_split
-from icmoe.data.synthetic import make_synthetic_dataset, synthetic_images
-from icmoe.data.synthetic_volumes import has_synthetic_volumes, make_synthetic_volumes
-from icmoe.data.volumes import (
-    VOLUME_DATASETS,
-    Case,
-    SliceDataset,
-    Volume,
-    VolumeDatasetSpec,
-    build_slice_dataset,
-    list_cases,
-    load_volumes,
-    read_volume,
-    resize_image,
-    resize_label,
-    to_nifti_order,
-)
+from icmoe.core.lazy import lazy_exports
+
+# Imported on first use: `icmoe.data.images` (prediction) must not import torch through the datasets.
+_EXPORTS = {
+    "SegmentationDataset": "icmoe.data.dataset",
+    "build_dataset": "icmoe.data.dataset",
+    "load_image": "icmoe.data.dataset",
+    "load_mask": "icmoe.data.dataset",
+    "DATASETS": "icmoe.data.readers",
+    "DataError": "icmoe.data.readers",
+    "Item": "icmoe.data.readers",
+    "list_split": "icmoe.data.readers",
+    "make_synthetic_dataset": "icmoe.data.synthetic",
+    "synthetic_images": "icmoe.data.synthetic",
+    "has_synthetic_volumes": "icmoe.data.synthetic_volumes",
+    "make_synthetic_volumes": "icmoe.data.synthetic_volumes",
+    "VOLUME_DATASETS": "icmoe.data.volumes",
+    "Case": "icmoe.data.volumes",
+    "SliceDataset": "icmoe.data.volumes",
+    "Volume": "icmoe.data.volumes",
+    "VolumeDatasetSpec": "icmoe.data.volumes",
+    "build_slice_dataset": "icmoe.data.volumes",
+    "list_cases": "icmoe.data.volumes",
+    "load_volumes": "icmoe.data.volumes",
+    "read_volume": "icmoe.data.volumes",
+    "resize_image": "icmoe.data.volumes",
+    "resize_label": "icmoe.data.volumes",
+    "to_nifti_order": "icmoe.data.volumes",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "DATASETS",

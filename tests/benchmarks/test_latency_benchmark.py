@@ -58,6 +58,9 @@ def test_report_figures(bench):
     assert r["engines"]["eager-naive"]["parity"]["max_abs_logit"] <= 1e-3
     assert r["engines"]["onnxruntime-fp16"]["parity"]["min_dice"] >= 0.99
     assert r["threads"] >= 1
+    # Each engine in a process of its own that imports what it needs: the graph runtimes without torch.
+    assert r["engines"]["eager-shared"]["torch_imported"] and not r["engines"]["onnxruntime-fp32"]["torch_imported"]
+    assert r["engines"]["onnxruntime-fp32"]["peak_mib"] < r["engines"]["eager-shared"]["peak_mib"]
 
 
 def test_roofline_columns(bench):

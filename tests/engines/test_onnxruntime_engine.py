@@ -163,3 +163,21 @@ def test_not_a_build_directory(tmp_path):
     _expect_error(tmp_path, "damaged JSON")
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
     _expect_error(tmp_path, "not an icmoe build manifest")
+
+
+def test_graph_runtimes_do_not_import_torch(tiny_build):
+    """A process that runs a build's graph (ONNX Runtime, OpenVINO, predict's path) does not load torch:
+    it is a deployment's memory and start-up time (about 700 MiB of resident memory here)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from engines import load_engine\n"
+            "import engines.predict, engines.openvino\n"
+            f"with load_engine({str(tiny_build)!r}, 'onnxruntime', 'fp32') as e:\n"
+            "    e.infer(np.zeros((1, 3, 128, 128), np.float32))\n"
+            "    e.predict(np.zeros((50, 70), np.uint8))\n"
+            "print('torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
