@@ -65,7 +65,7 @@ from engines.prediction import (
 )
 from icmoe.core import cli
 from icmoe.core.errors import first_line
-from icmoe.core.manifest import MANIFEST_NAME
+from icmoe.core.manifest import MANIFEST_NAME, PRECISIONS
 from icmoe.data.images import (
     IMAGE_SUFFIXES,
     NIFTI_SUFFIXES,
@@ -422,7 +422,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                    help="engine of the build (auto: TensorRT where the build has a plan this host runs, else "
                         "ONNX Runtime; a checkpoint: eager)")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default=None, help="graph precision (default: the build's)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default=None, help="graph precision (default: the build's)")
     p.add_argument("--batch-size", type=int, default=None, help="pictures per batch (default 8 within the build's range)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of eager/ONNX Runtime (default: all usable)")
     p.add_argument("--overlay", action="store_true", help="also write overlay PNGs (to <out>/overlays)")

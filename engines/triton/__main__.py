@@ -21,8 +21,8 @@ def _main(argv=None) -> int:
     p.add_argument("--instances", type=int, default=1, help="instances per model (default: %(default)s)")
     p.add_argument("--max-queue-delay-us", type=int, default=2000,
                    help="dynamic batching: longest wait for more requests, microseconds (default: %(default)s)")
-    p.add_argument("--precision", choices=("fp32", "fp16"),
-                   help="ONNX graph the onnxruntime/python models serve (default: the build's precision)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
+                   help="graph the onnxruntime/python/openvino models serve (default: the build's precision)")
     p.add_argument("--input-dtype", choices=INPUT_DTYPES, default=None,
                    help="type clients send the image as instead of the build's (FP32 RGB 0..255): uint8 is 4x "
                    "smaller, cast by the onnxruntime graph and the python model; not for TensorRT plans")

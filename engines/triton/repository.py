@@ -54,6 +54,7 @@ from icmoe.core.manifest import (
     CLASS_NAME_SEPARATOR,
     LEGACY_FAMILY,
     ONNX_GRAPHS,
+    OPENVINO_GRAPHS,
     PLAN_NAME,
     artifact_path,
     class_names,
@@ -64,7 +65,7 @@ from icmoe.core.manifest import (
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.pbtxt"
 VERSION = "1"
-KINDS = ("tensorrt", "onnxruntime", "python")
+KINDS = ("tensorrt", "onnxruntime", "python", "openvino")
 PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("python_model.py")
 # Triton data types of the numpy dtypes the manifest names.
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8", "int32": "TYPE_INT32",
@@ -168,6 +169,14 @@ def model_config(manifest: Dict[str, Any], kind: str, options: RepositoryOptions
     elif kind == "onnxruntime":
         cfg.backend, cfg.platform, cfg.default_model_filename = "onnxruntime", "onnxruntime_onnx", "model.onnx"
         group = pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
+    elif kind == "openvino":
+        # Triton's OpenVINO backend reads an IR (model.xml + model.bin) or an ONNX graph; the CPU plugin's
+        # properties travel as string parameters, as the engine sets them (engines/openvino.py).
+        cfg.backend = "openvino"
+        cfg.default_model_filename = openvino_model_file(options.precision or str(manifest["precision"]))
+        group = pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
+        cfg.parameters["PERFORMANCE_HINT"].string_value = "LATENCY"
+        cfg.parameters["INFERENCE_PRECISION_HINT"].string_value = "f32"
     else:
         cfg.backend = "python"
         group = pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
@@ -182,6 +191,12 @@ def model_config(manifest: Dict[str, Any], kind: str, options: RepositoryOptions
     cfg.dynamic_batching.max_queue_delay_microseconds = int(options.max_queue_delay_us)
     cfg.instance_group.add(kind=group, count=int(options.instances))
     return cfg
+
+
+def openvino_model_file(precision: str) -> str:
+    """The file Triton's OpenVINO backend loads for a precision: the INT8 IR, or the FP32 ONNX graph
+    (OpenVINO runs an FP16 build's FP32 graph: its FP16 graph is for TensorRT)."""
+    return "model.xml" if precision == "int8" else "model.onnx"
 
 
 def _client_inputs(manifest: Dict[str, Any], kind: str, options: RepositoryOptions) -> List[Dict[str, Any]]:
@@ -274,6 +289,18 @@ def _write_model(out_dir: Path, cfg, files: Dict[str, Path], template: Optional[
     return model_dir
 
 
+def _openvino_files(build_dir: Path, manifest: Dict[str, Any], model_file: str) -> Dict[str, Path]:
+    """The OpenVINO model's files: the INT8 IR as model.xml + model.bin (the .xml names its weights by its
+    own stem), or the FP32 ONNX graph as model.onnx."""
+    if model_file == "model.onnx":
+        return {"model.onnx": artifact_path(build_dir, ONNX_GRAPHS["fp32"])}
+    xml = OPENVINO_GRAPHS["int8"]
+    if xml not in manifest.get("artifacts", {}):
+        raise RepositoryError(f"{build_dir}: no {xml} in this build (build it with --precision int8)")
+    return {"model.xml": artifact_path(build_dir, xml),
+            "model.bin": artifact_path(build_dir, str(Path(xml).with_suffix(".bin")))}
+
+
 def make_repository(
     build_dir: PathLike,
     out_dir: PathLike,
@@ -305,7 +332,7 @@ def make_repository(
     precision = options.precision or manifest["precision"]
     graph = ONNX_GRAPHS.get(precision)
     if graph is None:
-        raise RepositoryError(f"unknown precision {precision!r} (choose fp32 or fp16)")
+        raise RepositoryError(f"unknown precision {precision!r} (choose {', '.join(ONNX_GRAPHS)})")
     if kinds is None:
         kinds = ["tensorrt"] if PLAN_NAME in artifacts else ["onnxruntime", "python"]
     written = []
@@ -326,6 +353,8 @@ def make_repository(
             finally:
                 if src.parent == out_dir:
                     src.unlink(missing_ok=True)
+        elif kind == "openvino":
+            written.append(_write_model(out_dir, cfg, _openvino_files(build_dir, manifest, cfg.default_model_filename)))
         else:
             files = {f"build/{graph}": artifact_path(build_dir, graph)}
             files["build/manifest.json"] = build_dir / "manifest.json"

@@ -138,6 +138,32 @@ def test_int8_engines_run_both_graphs(int8_build):
         assert engine.precision == "int8" and engine.from_cache
 
 
+def test_triton_openvino_model_serves_the_int8_ir(int8_build, tmp_path):
+    """The repository's OpenVINO-backend model: a config Triton's own parser reads, naming model.xml, and
+    an IR that OpenVINO loads from the version folder (model.xml finds model.bin) and that computes
+    what the OpenVINO INT8 engine computes. (Triton's OpenVINO backend itself is not in the pytriton
+    wheel the server tests use.)"""
+    import openvino as ov
+
+    from engines.triton.repository import RepositoryOptions, make_repository, parse_config
+
+    (model_dir,) = make_repository(int8_build, tmp_path / "repo", kinds=["openvino"],
+                                   options=RepositoryOptions(precision="int8"))
+    cfg = parse_config(model_dir / "config.pbtxt")
+    assert cfg.backend == "openvino" and cfg.default_model_filename == "model.xml"
+    assert cfg.parameters["INFERENCE_PRECISION_HINT"].string_value == "f32"
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.bin", "model.xml"]
+    x = get_family("icmoe").synthetic_inputs(2, 128, seed=6).astype(np.float32)
+    compiled = ov.Core().compile_model(str(model_dir / "1" / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    served = compiled(x)
+    with load_engine(int8_build, "openvino", "int8") as engine:
+        ref = engine.infer(x)
+    logits = served[compiled.output("logits")]
+    np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=1e-5)
+    make_repository(int8_build, tmp_path / "repo32", kinds=["openvino"], options=RepositoryOptions(precision="fp32"))
+    assert parse_config(tmp_path / "repo32" / model_dir.name / "config.pbtxt").default_model_filename == "model.onnx"
+
+
 def test_damaged_ir_weights_are_refused(int8_build, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(int8_build, copy)
