@@ -167,15 +167,16 @@ def run(args) -> Dict:
     from tqdm import tqdm
 
     build_dir = get_build(args)
-    names = args.engines or [n for n in engine_names(family_of_args(args)) if args.compiled or not n.endswith(COMPILED)]
-    int8_dir = get_build(args, "int8") if any(precision_of(n) == "int8" for n in names) else build_dir
-    threads = args.threads or default_threads()
     manifest = read_manifest(build_dir)
     family = get_family(family_of(manifest))
+    names = args.engines or [n for n in engine_names(family) if args.compiled or not n.endswith(COMPILED)]
+    int8_dir = get_build(args, "int8") if any(precision_of(n) == "int8" for n in names) else build_dir
+    threads = args.threads or default_threads()
+    peak = cpu_peak(threads, clock_ghz=args.clock_ghz, fma_units=args.fma_units)  # before the workers run
     report: Dict = {"build": str(build_dir), "family": family.name, "model": manifest["model"]["name"],
                     "image_size": manifest["image_size"], "checkpoint": manifest["checkpoint"], "threads": threads,
                     "batches": args.batch_sizes, "warmup": args.warmup, "iters": args.iters,
-                    "parity_images": args.parity_images, "cpu": _cpu_name(), "cores": os.cpu_count(),
+                    "parity_images": args.parity_images, "cpu": peak.model, "cores": os.cpu_count(),
                     "load_avg_before": os.getloadavg()[0], "engines": {}, "skipped": {},
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     outputs = {}
@@ -194,19 +195,11 @@ def run(args) -> Dict:
                 outputs[name] = dict(np.load(npz))
     _ratios(report, outputs, family)
     report["load_avg_after"] = os.getloadavg()[0]
-    peak = cpu_peak(threads, clock_ghz=args.clock_ghz, fma_units=args.fma_units)
     report["cpu_peak"] = peak.to_dict()
     _roofline(report, build_dir, family, peak)
     if args.profile and report["engines"]:
         _profile_best(report, lambda name: int8_dir if precision_of(name) == "int8" else build_dir, threads)
     return report
-
-
-def family_of_args(args) -> Family:
-    """The family the benchmark measures: the build's, the checkpoint's, or --model."""
-    if args.build:
-        return get_family(family_of(read_manifest(args.build)))
-    return get_family(read_meta(args.checkpoint)["family"] if args.checkpoint else args.model)
 
 
 def _engine_gflops(build_dir: Path, family: Family, names: List[str]) -> Dict[str, float]:
@@ -252,18 +245,6 @@ def _profile_best(report: Dict, build_of, threads: int) -> None:
         report["profile"] = {"engine": name, "skipped": str(e)}
         return
     report["profile"] = {"engine": name, "batch": 1, "ops": [{"op": op, "ms": ms, "share": sh} for op, ms, sh in rows]}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def markdown(report: Dict) -> str:

@@ -60,6 +60,19 @@ def moesam_build(tmp_path_factory):
                  batch=(1, 2, 8), backend="onnxruntime", verify=True, verify_images=16, progress=False)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    for tiny models on a shared 2-core machine a second thread mostly waits for a core (every parallel
+    region waits for it)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _restore_cli_logging():
     """`cli.setup_logging` (run by every in-process `main([...])`) binds a handler to the test's captured

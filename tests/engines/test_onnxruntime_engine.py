@@ -10,7 +10,7 @@ import pytest
 
 from engines import BACKENDS, EngineError, InputError, engine_class, load_engine
 from engines.onnxruntime import OnnxRuntimeEngine
-from tests.helpers import tree_digest
+from tests.helpers import flip_middle_byte, tree_digest
 
 
 @pytest.fixture()
@@ -103,10 +103,7 @@ def test_truncated_graph(build_copy):
 
 
 def test_same_size_corruption_is_caught_by_sha256(build_copy):
-    p = build_copy / "model.fp16.onnx"
-    data = bytearray(p.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    p.write_bytes(bytes(data))
+    flip_middle_byte(build_copy / "model.fp16.onnx")
     _expect_error(build_copy, "model.fp16.onnx: damaged \\(sha256", precision="fp16")
 
 

@@ -17,7 +17,7 @@ from engines.openvino import OpenVINOEngine, openvino_version, unavailable_reaso
 from export import verify as verify_mod
 from icmoe.core.manifest import read_manifest
 from icmoe.families import get_family
-from tests.helpers import tree_digest
+from tests.helpers import flip_middle_byte, tree_digest
 
 REASON = unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -112,10 +112,7 @@ def _edit_manifest(build_dir, fn):
 
 def test_damaged_cache_is_refused(build_copy):
     # OpenVINO itself imports a blob with a flipped byte and computes other numbers: the sha256 must stop it.
-    p = build_copy / "openvino-fp32.blob"
-    data = bytearray(p.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    p.write_bytes(bytes(data))
+    flip_middle_byte(build_copy / "openvino-fp32.blob")
     _expect_error(build_copy, "openvino-fp32.blob: damaged \\(sha256")
 
 
@@ -158,10 +155,7 @@ def test_cache_for_another_openvino_or_cpu_is_ignored(build_copy, caplog):
 
 
 def test_damaged_graph_is_refused_even_with_a_good_cache(build_copy):
-    p = build_copy / "model.onnx"
-    data = bytearray(p.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    p.write_bytes(bytes(data))
+    flip_middle_byte(build_copy / "model.onnx")
     _expect_error(build_copy, "model.onnx: damaged \\(sha256")
 
 

@@ -27,6 +27,7 @@ import pytest
 from onnx import numpy_helper
 
 from engines import EngineError, load_engine
+from engines.triton.repository import RepositoryOptions, make_repository, parse_config
 from export import build as build_mod
 from export.build import BuildError, build
 from export.precision import tensor_types
@@ -34,7 +35,7 @@ from export.quantize import QUANTIZED_OPS, int8_unavailable, kept_fp32
 from icmoe.core.manifest import read_manifest
 from icmoe.data.readers import DataError
 from icmoe.families import get_family
-from tests.helpers import tree_digest
+from tests.helpers import flip_middle_byte, tree_digest
 from tests.skips import tensorrt_gpu_missing
 
 REASON = int8_unavailable()
@@ -145,8 +146,6 @@ def test_triton_openvino_model_serves_the_int8_ir(int8_build, tmp_path):
     wheel the server tests use.)"""
     import openvino as ov
 
-    from engines.triton.repository import RepositoryOptions, make_repository, parse_config
-
     (model_dir,) = make_repository(int8_build, tmp_path / "repo", kinds=["openvino"],
                                    options=RepositoryOptions(precision="int8"))
     cfg = parse_config(model_dir / "config.pbtxt")
@@ -167,10 +166,7 @@ def test_triton_openvino_model_serves_the_int8_ir(int8_build, tmp_path):
 def test_damaged_ir_weights_are_refused(int8_build, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(int8_build, copy)
-    p = copy / "model.int8.bin"
-    data = bytearray(p.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    p.write_bytes(bytes(data))
+    flip_middle_byte(copy / "model.int8.bin")
     before = tree_digest(copy)
     with pytest.raises(EngineError, match="model.int8.bin: damaged \\(sha256") as e:
         load_engine(copy, "openvino", "int8")

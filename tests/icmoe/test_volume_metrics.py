@@ -28,14 +28,8 @@ NAMES = ("a", "b", "c", "d")
 SPACING = (5.0, 1.5, 1.0)  # mm along (Z, H, W): three different sizes, so a swapped axis shows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the models are tiny, and on a shared 2-core machine a second thread mostly waits
-    for a core (every parallel region waits for it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread (tests/conftest.py): the models are tiny.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def offset_cubes() -> tuple:
