@@ -1,26 +1,6 @@
 """Latency, throughput, peak memory and parity of every engine, measured in one run.
 
-    python benchmarks/latency.py                         # IC-MoE vit_b at 256, random init, batch 1,4,8
-    python benchmarks/latency.py --checkpoint runs/x/best --json out.json
-    python benchmarks/latency.py --config tiny --batch-sizes 1 --iters 3   # quick
-
-Engines: the family's eager structures (IC-MoE: eager-naive, three full experts as the
-paper stores them, and eager-shared, the frozen ViT once), onnxruntime-fp32,
-onnxruntime-fp16, and tensorrt when TensorRT, a GPU and a plan are present. The build is
-made (or reused) with `export.build`.
-
-Fairness: every CPU engine uses the same intra-op thread count (the usable cores);
-eager runs under `torch.inference_mode`; ONNX Runtime has all graph optimizations on.
-Each engine runs in its own subprocess (`benchmarks/worker.py`), which imports only what
-that engine needs, as a deployment would (the graph runtimes run without torch), so its peak
-memory is that process's resident high-water mark (`VmHWM`, including the Python runtime:
-`base_mib` is the peak before the engine was loaded). Latency: `--warmup` untimed runs, then `--iters`
-timed runs per batch size; p50/p95 over the runs; images/s = batch / mean latency.
-Parity columns compare each engine with the family's default eager structure (FP32) on
-`--parity-images` images (half the family's synthetic images, half random), by the
-family's gates.
-
-Writes JSON, a Markdown table and a PNG plot to `benchmarks/results/` (or `--out`).
+Details: docs/measurements.md.
 """
 
 from __future__ import annotations
@@ -157,8 +137,8 @@ def _ratios(report: Dict, outputs: Dict[str, Dict[str, np.ndarray]], family: Fam
                 base = report["engines"][ref]["batches"].get(b)
                 row[f"speedup_vs_{ref}"] = row["images_per_s"] / base["images_per_s"] if base else None
         if reference in outputs and name in outputs:
-            c = family.compare(outputs[reference], outputs[name], family.tolerances("fp16" if "fp16" in name else "fp32"))
-            keys = ("max_abs_logit", "flipped", "passed", *(key for _, key, _ in family.parity_columns()))
+            c = family.parity.compare(outputs[reference], outputs[name], family.parity.tolerances("fp16" if "fp16" in name else "fp32"))
+            keys = ("max_abs_logit", "flipped", "passed", *(key for _, key, _ in family.parity.columns()))
             r["parity"] = {k: c.get(k) for k in keys}
 
 
@@ -215,9 +195,9 @@ def _engine_gflops(build_dir: Path, family: Family, names: List[str]) -> Dict[st
             continue
         with load_engine(build_dir, "eager", variant=v) as engine:
             model = engine.model
-            out[label] = gflops_per_image(model, size, patches=family.export_patches(model))
+            out[label] = gflops_per_image(model, size, patches=family.graph.export_patches(model))
             if v is None:
-                graph = gflops_per_image(model, size, rewrites=rewrites, patches=family.export_patches(model))
+                graph = gflops_per_image(model, size, rewrites=rewrites, patches=family.graph.export_patches(model))
     return {n: out.get(base[n], graph) for n in names}
 
 
@@ -257,7 +237,7 @@ def markdown(report: Dict) -> str:
             f"{report['warmup']} warm-up, load average {report['load_avg_before']:.1f} -> {report['load_avg_after']:.1f}\n"
             f"CPU: {peak.describe()}\n\n")
     eager = [n for n in report["engines"] if n.split("-")[0] == "eager"]
-    columns = [("max abs dlogit", "max_abs_logit", ".2e"), ("flipped px", "flipped", ".3%"), *family.parity_columns()]
+    columns = [("max abs dlogit", "max_abs_logit", ".2e"), ("flipped px", "flipped", ".3%"), *family.parity.columns()]
     rows = ["| engine | batch | p50 ms | p95 ms | img/s | peak MiB | " + " | ".join(f"x {e}" for e in eager)
             + " | GFLOP/img | GFLOP/s | of peak | " + " | ".join(head for head, _, _ in columns) + " |",
             "|---" * (9 + len(eager) + len(columns)) + "|"]

@@ -1,19 +1,6 @@
 """The quick start: train `tiny` on the synthetic set, export it (FP32 + FP16), verify parity, benchmark.
 
-    pip install -e '.[fp16,bench]' && python benchmarks/quickstart.py
-
-Each step is the project's own CLI/API, so this is also the shortest tour of the toolkit:
-
-1. `icmoe.train.train(dataset="synthetic", config="tiny")` (generates the synthetic set in
-   data/synthetic on first use; the `demo` recipe, a few minutes on a CPU) -> runs/quickstart/best
-2. `export.build.build(..., precision="fp16")` -> build/icmoe-tiny-fp16 (model.onnx, model.fp16.onnx,
-   checkpoint/, manifest.json, build.log), which ends with the parity check of `export.verify`
-3. `benchmarks/latency.py --build build/icmoe-tiny-fp16` -> the table (tiny at 128x128)
-4. a new synthetic image written as a 300x240 PNG (quickstart/images/lesion.png), segmented with
-   `python -m engines.predict build/icmoe-tiny-fp16 quickstart/images --out quickstart/masks --overlay`
-   -> quickstart/masks/lesion.png (0/255, 300x240) and quickstart/masks/overlays/lesion.png
-
-`--epochs` shortens or lengthens the training; `--skip-train` reuses runs/quickstart.
+README.md has the commands.
 """
 
 from __future__ import annotations
@@ -33,7 +20,7 @@ from icmoe.core import cli
 from icmoe.core.extras import require
 from icmoe.core.io import atomic_path
 from icmoe.data.synthetic import synthetic_images
-from icmoe.train import train
+from icmoe.training import train
 
 
 def _main(argv=None) -> int:

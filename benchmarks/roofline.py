@@ -1,22 +1,6 @@
 """The CPU's peak arithmetic rate and the FLOPs an engine runs, for the benchmark's roofline columns.
 
-Peak (per second) = cores x clock x lanes x 2 (a fused multiply-add is 2 operations) x FMA units:
-
-- FP32: lanes = vector width / 32 (AVX-512: 16, AVX2: 8, SSE: 4).
-- INT8 with VNNI (`avx512_vnni` / `avx_vnni`): one `vpdpbusd` does 4 int8 multiply-adds per 32-bit
-  lane, so lanes = vector width / 8; without VNNI, int8 dot products take `vpmaddubsw` + `vpmaddwd`
-  (2 instructions for 2 int8 multiply-adds per 16-bit lane), the same rate as with vector width / 16.
-- FMA units per core is not visible to software: 2 for every server core of the last years (Intel
-  Skylake-SP Gold/Platinum and later, AMD Zen 2-5); `--fma-units` overrides it.
-- The clock is measured: a C loop of dependent integer adds (one per cycle on every x86 core since the
-  Pentium Pro) timed for about half a second, compiled with the system's C compiler. A VM's
-  /proc/cpuinfo reports the nominal clock, while the cores boost well above it (here 2.60 GHz reported,
-  about 4.0 GHz measured), which would put engines above 100% of a "peak". Without a C compiler the
-  /proc/cpuinfo clock is used, and the header says which; `--clock-ghz` overrides both.
-
-FLOPs of one image (FLOP = 2 multiply-adds, `torch.utils.flop_counter`) of the function an engine
-runs: eager counts the model as written; the ONNX graphs count it with the export-time rewrites the
-build applied and the family's export patches (the same function with the FLOPs of the graph).
+Details: docs/measurements.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,6 @@
 """The MoE-SAM learning demonstration: tiny MoE-SAM on synthetic3d on a CPU, scored per held-out volume.
 
-    python benchmarks/train_moesam_synthetic.py              # the demo recipe of `python -m icmoe.train`
-    python benchmarks/train_moesam_synthetic.py --json       # the result as JSON on stdout
-
-Steps, all timed together as one wall-clock figure:
-  1. `icmoe.train.train(model="moesam", dataset="synthetic3d", config="tiny")` with its default
-     (demo) recipe; the synthetic volumes (40 training volumes: 32 train / 8 val, and 8 test,
-     128x128x12 at 1.5 x 1.5 x 5 mm) are generated in --data-root when absent;
-  2. evaluation of the best checkpoint on the held-out test volumes (never trained on or
-     validated with): every slice predicted, resized back to 128x128, Dice and HD95 (mm)
-     per class and volume.
-The run passes when the test mean foreground Dice reaches --target (0.80) within --time-limit
-seconds (600); the exit status says so. The result is written to
-`benchmarks/results/train_moesam_synthetic.json`. Timings depend on what else runs on the
-machine: the JSON records the CPU count, the load average at the start and at the end, and
-the process's CPU time and torch's thread count. On a 2-core machine shared with other jobs a
-second torch thread mostly waits for a core, and every parallel region waits for it (--threads 1).
+Details: docs/moesam.md.
 """
 
 from __future__ import annotations
@@ -34,8 +19,8 @@ import torch  # noqa: E402
 
 from icmoe.core import cli  # noqa: E402
 from icmoe.core.io import atomic_write_json  # noqa: E402
-from icmoe.evaluate import run_evaluation  # noqa: E402
-from icmoe.train import train  # noqa: E402
+from icmoe.evaluation import run_evaluation  # noqa: E402
+from icmoe.training import train  # noqa: E402
 
 
 def _load() -> Optional[tuple]:

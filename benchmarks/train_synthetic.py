@@ -1,18 +1,6 @@
 """The learning demonstration: train `tiny` on the synthetic set on a CPU, check DSC on held-out images.
 
-    python benchmarks/train_synthetic.py                 # default recipe of `python -m icmoe.train`
-    python benchmarks/train_synthetic.py --json          # the result as JSON on stdout
-
-Steps, all timed together as one wall-clock figure:
-  1. `icmoe.train.train(dataset="synthetic", config="tiny")` with its default
-     (demo) recipe; the synthetic set (96 train / 32 val, seed 0) is generated
-     in --data-root when absent;
-  2. evaluation of the best checkpoint on the validation split (never trained on)
-     and on a fresh test set drawn with another seed (--test-seed, default 1).
-The run passes when the test-set DSC (pooled) reaches --target (0.85) within
---time-limit seconds (600); the exit status says so. The result is written to
-`benchmarks/results/train_synthetic.json`. Timings depend on what else runs on
-the machine; the JSON records the CPU count and load average at the start.
+Details: docs/icmoe.md.
 """
 
 from __future__ import annotations
@@ -32,9 +20,9 @@ from icmoe.core import cli  # noqa: E402
 from icmoe.core.io import atomic_write_json  # noqa: E402
 from icmoe.data import make_synthetic_dataset  # noqa: E402
 from icmoe.data.synthetic import has_synthetic_dataset  # noqa: E402
-from icmoe.evaluate import evaluate  # noqa: E402
-from icmoe.metrics import format_metrics  # noqa: E402
-from icmoe.train import train  # noqa: E402
+from icmoe.evaluation import evaluate  # noqa: E402
+from icmoe.evaluation.metrics import format_metrics  # noqa: E402
+from icmoe.training import train  # noqa: E402
 
 
 def run(

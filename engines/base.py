@@ -1,5 +1,7 @@
 """One interface for every backend (after Polygraphy's runners): activate, infer, deactivate.
 
+An engine knows nothing of files: `engines.predict` turns pictures into batches for `infer`.
+
 An engine runs one build's graph. What it takes and returns is the build's contract, read
 from the manifest's tensor specs, never assumed here: the input is an image batch (for the
 families so far float32 RGB in 0..255, shape (B, 3, S, S)) and `infer` returns a dict of
@@ -20,15 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from engines.errors import EngineError, InputError
-from engines.prediction import Prediction
-from engines.prediction import predict as predict_pictures
-from icmoe.core.manifest import (
-    ManifestError,
-    artifact_path,
-    io_specs,
-    mask_kind_of,
-    read_manifest,
-)
+from icmoe.core.manifest import ManifestError, artifact_path, io_specs, mask_kind_of, read_manifest
 from icmoe.core.manifest import class_names as build_class_names
 from icmoe.core.specs import BATCH, TensorSpec
 from icmoe.families import check_expected
@@ -154,23 +148,6 @@ class Engine(abc.ABC):
             self.activate()
         x = check_input(images, self.inputs[0], self.batch_range)
         return self._infer(x)
-
-    def predict(self, images, *, batch_size: Optional[int] = None, window=None) -> List[Prediction]:
-        """Masks of images of any size, at their own sizes (`engines.prediction`, the predict command's path).
-
-        Arguments:
-          images: one image or a list: file paths (PNG, JPEG, BMP, TIFF, DICOM, NIfTI), PIL images, or
-            uint8/uint16 arrays (H, W), (H, W, 3), (H, W, 4); each is resized to the model's input as
-            training resizes it.
-          batch_size: pictures per batch (default 8 within the engine's batch range).
-          window: (low, high) intensity window for NIfTI volumes (default: each slice's min..max).
-
-        Returns:
-          list of `engines.prediction.Prediction`, one per picture (a multi-frame file or a volume gives one
-          per frame or slice): `.mask` uint8 (H, W) at the picture's size (0/1, or label values),
-          `.fractions`, `.choice` (the per-image outputs), `.seconds`, `.source`, `.frame`.
-        """
-        return predict_pictures(self, images, batch_size=batch_size, window=window)
 
     @abc.abstractmethod
     def _activate(self) -> None: ...

@@ -15,9 +15,9 @@ import torch
 
 from engines.base import BuildInfo, Engine, EngineError, default_threads
 from icmoe.checkpoint import load, read_meta
+from icmoe.core.errors import CheckpointError
 from icmoe.core.manifest import checkpoint_path
 from icmoe.families import FamilyError, get_family
-from icmoe.sam import CheckpointError
 
 
 class EagerEngine(Engine):
@@ -39,10 +39,10 @@ class EagerEngine(Engine):
                  compile: bool = False) -> None:
         self.family = get_family(type(model.config).family)
         cfg = model.config
-        super().__init__(inputs=self.family.inputs(cfg), outputs=self.family.outputs(cfg), batch_range=batch_range,
-                         class_names=self.family.class_names(cfg))
+        super().__init__(inputs=self.family.graph.inputs(cfg), outputs=self.family.graph.outputs(cfg), batch_range=batch_range,
+                         class_names=self.family.graph.class_names(cfg))
         self.model = model.eval()
-        self.module = self.family.export_module(self.model)
+        self.module = self.family.graph.export_module(self.model)
         self.device = torch.device(device)
         self.threads = threads or default_threads()
         self.name = name or self.family.eager_label(variant) + ("-compiled" if compile else "")
@@ -95,9 +95,9 @@ class EagerEngine(Engine):
     def _activate(self) -> None:
         torch.set_num_threads(self.threads)
         self.model.to(self.device)
-        self.family.prepare_eager(self.model, self.device)
+        self.family.precision.prepare_eager(self.model, self.device)
         if self.compile:
-            self.module = torch.compile(self.family.export_module(self.model), dynamic=False)
+            self.module = torch.compile(self.family.graph.export_module(self.model), dynamic=False)
 
     def _infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         with torch.inference_mode():

@@ -12,8 +12,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from engines.base import BuildInfo, Engine, EngineError
-from engines.base import default_threads
+from engines.base import BuildInfo, Engine, EngineError, default_threads
 from icmoe.core.manifest import ONNX_GRAPHS
 
 

@@ -1,29 +1,6 @@
 """OpenVINO engine for a build's FP32 ONNX graph and its NNCF INT8 IR (any model family), on the CPU.
 
-    with load_engine("build/icmoe-tiny-int8", backend="openvino", precision="int8", threads=2) as engine:
-        out = engine.infer(images)
-
-OpenVINO reads `model.onnx` itself (fp32) or `model.int8.xml` + `model.int8.bin` (int8, written by
-`python -m export.build --precision int8`), sets the batch axis to the build's range and compiles for
-the CPU with
-- INFERENCE_NUM_THREADS = `threads` (default: the usable cores, as ONNX Runtime and eager);
-- PERFORMANCE_HINT = `hint`: "latency" (default; one stream) or "throughput" (several streams);
-- INFERENCE_PRECISION_HINT = f32: on CPUs with AVX-512 BF16 or AMX, OpenVINO would otherwise run the
-  float parts in bfloat16; the FP32 graph stays FP32, and so do the INT8 IR's float parts (LayerNorm,
-  softmax, the family's FP32 islands).
-
-Compiled-model cache: `openvino-<precision>.blob` in the build folder (OpenVINO's export_model /
-import_model), registered in the manifest (kind "openvino_cache") with the OpenVINO version and the CPU
-(name and vector extensions) it was compiled for, the sha256 of its source graph and the batch range.
-The build writes it (`--backend openvino`), as does `python -m engines.openvino BUILD_DIR` on the host
-that will run it; loading never writes. On load:
-- the cache's size and sha256 must match the manifest, else the engine is refused: OpenVINO imports a
-  damaged blob without complaint and computes wrong numbers, so one is never used;
-- a cache made from another graph than the one the manifest lists is refused (the manifest contradicts
-  itself);
-- a cache for another OpenVINO version, CPU or batch range is ignored, with a log line: the engine
-  compiles from the graph (checked as always), so a build copied to another host keeps working and
-  only loads slower.
+Details: docs/int8-openvino.md.
 """
 
 from __future__ import annotations
@@ -38,8 +15,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from engines.base import BuildInfo, Engine, EngineError
-from engines.base import default_threads
+from engines.base import BuildInfo, Engine, EngineError, default_threads
 from icmoe.core import cli
 from icmoe.core.extras import missing
 from icmoe.core.io import atomic_write_bytes

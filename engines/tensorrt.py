@@ -1,20 +1,6 @@
 """TensorRT engine: `model.plan` of a build directory, run with TensorRT's Python runtime.
 
-Device buffers are PyTorch CUDA tensors (no extra CUDA binding needed), sized from the
-engine's own tensor shapes and types once the input shape is set; inference is
-`execute_async_v3` on a PyTorch stream. With `cuda_graphs=True` the enqueue is captured
-once per batch size into a CUDA graph and replayed (static buffers).
-
-The plan is checked before it is loaded: listed in manifest.json with a matching
-size and sha256, kind "tensorrt", the requested precision, the expected model,
-the same TensorRT version (unless version-compatible) and GPU compute capability
-(unless hardware-compatible); and after loading, its I/O names and dtypes must
-be the manifest's tensor specs. Each mismatch is refused with one line.
-
-`unavailable_reason()` says why TensorRT engines cannot run (or be built) on this host.
-
-Needs TensorRT and a CUDA GPU; not run in this project's CI (no GPU there):
-tests/engines/test_tensorrt_engine.py runs on a GPU host.
+Details: docs/gpu.md.
 """
 
 from __future__ import annotations

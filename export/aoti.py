@@ -1,18 +1,6 @@
 """AOTInductor package of a model (any family) for the C++ program `icmoe_aoti` (CPU, libtorch).
 
-    python -m export.aoti CHECKPOINT_OR_BUILD_DIR --out model.pt2
-    python -m export.aoti --random-init --config tiny --out tiny.pt2     # untrained, for trying it out
-
-`torch.export` of the family's export module for one image, (1, 3, S, S) float32 RGB 0..255 ->
-the family's outputs, compiled ahead of time by Inductor into a `.pt2` package (C++ kernels +
-weights in one zip). The package's metadata carries what the C++ program needs to check its input
-and name its outputs: `icmoe.family`, `icmoe.image_size`, `icmoe.config`, `icmoe.inputs` and
-`icmoe.outputs` (JSON tensor specs) and `icmoe.output_names` (comma-separated, in order). One image
-per call (static batch 1): the program segments one image, and a static graph compiles much faster.
-
-Compiling takes minutes on a small CPU (Inductor's code generation, then g++); `fast_compile` builds
-the wrapper at -O0 and skips Inductor's pattern matcher (same results, somewhat slower code), which is
-what the tests use.
+Details: docs/cpp.md.
 """
 
 from __future__ import annotations
@@ -75,8 +63,8 @@ def package_metadata(model: nn.Module) -> Dict[str, str]:
     """
     family = get_family(type(model.config).family)
     cfg = model.config
-    outputs = family.outputs(cfg)
-    classes = family.class_names(cfg)
+    outputs = family.graph.outputs(cfg)
+    classes = family.graph.class_names(cfg)
     try:
         if classes is not None:
             classes = check_class_names(classes, f"model family {family.name!r}")
@@ -87,7 +75,7 @@ def package_metadata(model: nn.Module) -> Dict[str, str]:
         "icmoe.family": family.name,
         "icmoe.image_size": str(cfg.image_size),
         "icmoe.config": json.dumps(cfg.to_dict()),
-        "icmoe.inputs": json.dumps(specs_to_dicts(family.inputs(cfg))),
+        "icmoe.inputs": json.dumps(specs_to_dicts(family.graph.inputs(cfg))),
         "icmoe.outputs": json.dumps(specs_to_dicts(outputs)),
         "icmoe.output_names": ",".join(o.name for o in outputs),
         "icmoe.mask_kind": mask_kind_of(classes),
@@ -108,9 +96,9 @@ def package_aoti(source, out: PathLike, *, fast_compile: bool = False) -> Path:
     """
     model = load_model(source).eval()
     family = get_family(type(model.config).family)
-    example = family.example_inputs(model.config, 1)
+    example = family.graph.example_inputs(model.config, 1)
     log.info(f"exporting {family.title} {model.config.name} (batch 1) with torch.export ...")
-    module = family.export_module(model).eval()
+    module = family.graph.export_module(model).eval()
     with torch.no_grad(), padding_free_windows(module):  # the same function, less work (export/rewrite.py)
         program = torch.export.export(module, example)
     configs: Dict[str, Any] = {"aot_inductor.metadata": package_metadata(model)}

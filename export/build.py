@@ -1,22 +1,6 @@
 """Turn model weights into verified deployment artifacts: `python -m export.build`.
 
-    python -m export.build                                  # newest run under runs/, FP32
-    python -m export.build --precision fp16                 # + strongly typed FP16 graph
-    python -m export.build --random-init --config vit_b --out build/latency
-    python -m export.build --precision int8 --calibration data/busi   # + NNCF OpenVINO IR and QDQ graph
-
-The build is a list of named stages (`STAGES`), each shown in the progress bar and in
-build.log: read the calibration images (--precision int8), load the weights, export the
-FP32 ONNX graph, convert to FP16 (--precision fp16) or quantize to INT8 (--precision
-int8: NNCF's OpenVINO IR and the QDQ graph, `export.quantize`), any stages the model family
-adds, build the GPU engine (TensorRT or torch-tensorrt, GPU hosts) or compile OpenVINO's
-caches (--backend openvino), verify parity with eager FP32, and (--triton) write a Triton
-model repository.
-
-Every stage runs in a staging folder next to `--out`; only when all of them passed,
-verification included, is it swapped in. A failed build leaves the previous one
-untouched and is kept as `<out>.failed/` for inspection. An existing build of another
-model is replaced only with `--force`.
+Details: docs/export.md.
 """
 
 from __future__ import annotations
@@ -63,13 +47,7 @@ from icmoe.core.manifest import (
     read_manifest,
     write_manifest,
 )
-from icmoe.families import (
-    DEFAULT_CONFIG,
-    DEFAULT_FAMILY,
-    Family,
-    add_model_args,
-    get_family,
-)
+from icmoe.families import DEFAULT_CONFIG, DEFAULT_FAMILY, Family, add_model_args, get_family
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "torch-tensorrt")
@@ -292,9 +270,9 @@ def stage_load(state: BuildState) -> None:
         ck = {"random_init": True, "seed": o.seed}
     ck.update(path=CHECKPOINT_DIR, sha256=read_meta(ck_dir)["weights_sha256"])
     manifest = new_manifest(family=state.family.name, config=state.config.to_dict(), precision=o.precision,
-                            inputs=state.family.inputs(state.config), outputs=state.family.outputs(state.config),
+                            inputs=state.family.graph.inputs(state.config), outputs=state.family.graph.outputs(state.config),
                             opset=o.opset, batch=o.batch, checkpoint=ck,
-                            class_names=state.family.class_names(state.config))
+                            class_names=state.family.graph.class_names(state.config))
     manifest.update(backend=state.backend, rewrites=list(REWRITES) if o.rewrite else [], variant=o.variant)
     write_manifest(state.staging, manifest)
     log.info(f"load: {state.family.title} {state.config.name} "
@@ -314,9 +292,9 @@ def stage_calibration(state: BuildState) -> None:
     """The INT8 calibration images: real ones from --calibration (the family's readers), else its synthetic set."""
     o, size = state.options, int(state.config.image_size)
     if o.calibration is None:
-        state.calibration = state.family.synthetic_inputs(o.calibration_size, size, CALIBRATION_SEED)
+        state.calibration = state.family.parity.synthetic_inputs(o.calibration_size, size, CALIBRATION_SEED)
     else:
-        state.calibration = state.family.calibration_images(o.calibration, o.calibration_size, size, CALIBRATION_SEED)
+        state.calibration = state.family.precision.calibration_images(o.calibration, o.calibration_size, size, CALIBRATION_SEED)
     log.info(f"calibration: {len(state.calibration)} images from {o.calibration or 'the synthetic set'}")
 
 
@@ -325,7 +303,7 @@ def stage_int8(state: BuildState) -> None:
     source = "synthetic" if o.calibration is None else str(Path(o.calibration).resolve() if Path(o.calibration).is_dir()
                                                                  else o.calibration)
     quantize_build(state.staging, family=state.family,
-                   specs=state.family.inputs(state.config) + state.family.outputs(state.config), batch=o.batch[2],
+                   specs=state.family.graph.inputs(state.config) + state.family.graph.outputs(state.config), batch=o.batch[2],
                    images=state.calibration, progress=o.progress,
                    calibration={"source": source, "images": int(len(state.calibration)), "seed": CALIBRATION_SEED})
 
@@ -339,14 +317,14 @@ def stage_openvino(state: BuildState) -> None:
 def stage_fp16(state: BuildState) -> None:
     dst = state.staging / ONNX_GRAPHS["fp16"]
     convert_fp16(state.staging / ONNX_GRAPHS["fp32"], dst, family=state.family,
-                 inputs=state.family.inputs(state.config), outputs=state.family.outputs(state.config))
+                 inputs=state.family.graph.inputs(state.config), outputs=state.family.graph.outputs(state.config))
     add_artifact(state.staging, dst.name, kind="onnx", precision="fp16", tool="modelopt.onnx.autocast")
     log.info(f"fp16: {dst.name}")
 
 
 def stage_family_steps(state: BuildState) -> None:
     """Steps the family adds (e.g. extra artifacts), in its order."""
-    for name, step in state.family.build_steps:
+    for name, step in state.family.precision.build_steps:
         step(state.staging, state.model, read_manifest(state.staging))
         log.info(f"{name}: done")
 
@@ -385,7 +363,7 @@ STAGES: List[Stage] = [
     Stage("onnx", stage_onnx),
     Stage("fp16", stage_fp16, lambda s: s.options.precision == "fp16"),
     Stage("int8", stage_int8, lambda s: s.options.precision == "int8"),
-    Stage("family", stage_family_steps, lambda s: bool(s.family.build_steps)),
+    Stage("family", stage_family_steps, lambda s: bool(s.family.precision.build_steps)),
     Stage("openvino", stage_openvino, lambda s: s.backend == "openvino"),
     Stage("tensorrt", stage_tensorrt, lambda s: s.backend == "tensorrt"),
     Stage("torch-tensorrt", stage_torch_tensorrt, lambda s: s.backend == "torch-tensorrt"),

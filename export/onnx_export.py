@@ -71,7 +71,7 @@ def export_onnx(
     """
     model = model.eval()
     family = family or get_family(type(model.config).family)
-    inputs, outputs = family.inputs(model.config), family.outputs(model.config)
+    inputs, outputs = family.graph.inputs(model.config), family.graph.outputs(model.config)
     proto = _trace(model, family, batch=batch, opset=opset, rewrite=rewrite)
     if clean:
         proto = clean_graph(proto)
@@ -88,19 +88,19 @@ def export_onnx(
 def _trace(model: nn.Module, family: Family, *, batch: Tuple[int, int, int], opset: int,
            rewrite: bool) -> onnx.ModelProto:
     """torch.onnx.export (dynamo) of the family's export module, optimized without folding weights."""
-    inputs, outputs = family.inputs(model.config), family.outputs(model.config)
+    inputs, outputs = family.graph.inputs(model.config), family.graph.outputs(model.config)
     bmin, bopt, bmax = batch
-    example = family.example_inputs(model.config, max(bopt, 2))  # batch >= 2: the axis stays dynamic
+    example = family.graph.example_inputs(model.config, max(bopt, 2))  # batch >= 2: the axis stays dynamic
     dim = torch.export.Dim("batch", min=max(1, bmin), max=max(bmax, 2))
     buf = io.StringIO()
     try:
         # The exporter prints its own progress; keep it in the log instead of the terminal.
         with warnings.catch_warnings(), contextlib.redirect_stdout(buf), _quiet_loggers(), \
-                family.export_patches(model), \
+                family.graph.export_patches(model), \
                 (padding_free_windows(model) if rewrite else contextlib.nullcontext(0)) as swapped:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                family.export_module(model),
+                family.graph.export_module(model),
                 example,
                 dynamo=True,
                 opset_version=opset,

@@ -1,18 +1,6 @@
 """FP16: a strongly typed mixed-precision graph made with NVIDIA ModelOpt AutoCast.
 
-TensorRT takes precision from a strongly typed graph itself (newer TensorRT releases
-have no FP16 builder flag), so the FP16 graph carries its types: the bulk of the
-network runs in FP16, while the family names what stays FP32, by op type
-(`Family.fp32_op_types`: LayerNormalization, Softmax, ...) and by node
-(`Family.fp32_nodes`, e.g. IC-MoE's upsampling, voting and fusion). Inputs and
-outputs keep the FP32 graph's types (checked against the manifest's specs).
-
-Why AutoCast without its `[onnx]` extra: `nvidia-modelopt[onnx]` pins
-onnxruntime-gpu and onnx~=1.21, which would put a second ONNX Runtime next to the
-CPU one. `modelopt.onnx.autocast` itself needs only nvidia-modelopt plus onnxslim,
-ml_dtypes, lief, onnxconverter-common and polygraphy (the `[fp16]` extra in pyproject.toml); it runs
-its reference inference with the installed CPU ONNX Runtime. Without that extra `fp16_unavailable()` says so
-in one line, and the build refuses `--precision fp16` before exporting anything.
+Details: docs/export.md.
 """
 
 from __future__ import annotations
@@ -70,7 +58,7 @@ def convert_fp16(src: PathLike, dst: PathLike, *, family: Family, outputs: Seque
         raise PrecisionError(missing("the FP16 graph (ModelOpt AutoCast)", "fp16", e)) from None
     src, dst = Path(src), Path(dst)
     try:
-        island = family.fp32_nodes(onnx.load(str(src), load_external_data=False))
+        island = family.precision.fp32_nodes(onnx.load(str(src), load_external_data=False))
     except IcmoeError as e:
         raise PrecisionError(f"{src}: {e}") from None
     configure_logging(logging.WARNING)  # AutoCast logs every node at INFO
@@ -81,7 +69,7 @@ def convert_fp16(src: PathLike, dst: PathLike, *, family: Family, outputs: Seque
                 onnx_path=str(src),
                 low_precision_type="fp16",
                 nodes_to_exclude=island,
-                op_types_to_exclude=list(family.fp32_op_types),
+                op_types_to_exclude=list(family.precision.fp32_op_types),
                 keep_io_types=True,
                 providers=["cpu"],
             )

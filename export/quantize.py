@@ -1,37 +1,6 @@
 """INT8: post-training quantization of a build's FP32 graph, calibrated on real or synthetic images.
 
-Two artifacts, from the same calibration images and the same list of what stays in floating point:
-
-- `model.int8.xml` + `model.int8.bin`: OpenVINO IR made by NNCF (`nncf.quantize` on the OpenVINO
-  model read from model.onnx; model_type TRANSFORMER, preset MIXED: symmetric INT8 weights per output
-  channel, asymmetric activations per tensor; NNCF's fast bias correction). Two settings differ from
-  NNCF's defaults, both for inputs unlike the calibration set (the parity set's uniform-noise half):
-  activation ranges are the calibration set's minimum and maximum (NNCF averages per-image extremes
-  by default, which clips what lies beyond them), and SmoothQuant is off. On the quick start's tiny
-  model the defaults flipped 1.9% of the parity set's mask pixels (3.9% of the noise images'), these
-  settings 0.7% (and 0.03% of the structured images' either way). The OpenVINO engine runs it.
-- `model.int8.onnx`: the explicitly quantized QDQ graph, made by ONNX Runtime's `quantize_static`
-  (QuantizeLinear/DequantizeLinear, the build's opset): INT8 weights, symmetric, per output channel
-  (every weight's DequantizeLinear carries its axis); INT8 activations, symmetric per tensor (zero
-  point 0, MinMax calibration); biases left in FP32; only MatMul, Gemm, Conv and ConvTranspose are
-  quantized. Why this quantizer for the QDQ graph: TensorRT's strongly typed INT8 build takes only
-  symmetric INT8 Q/DQ (zero point 0) and FP32 biases, and NNCF's ONNX backend with the mixed preset
-  writes asymmetric UINT8 activations, which TensorRT refuses; `quantize_static` with
-  ActivationSymmetric and QuantizeBias off is the recipe ONNX Runtime documents for its TensorRT
-  execution provider, and ONNX Runtime runs the same graph on the CPU.
-
-What stays in floating point (both artifacts; the manifest's `quantization.kept_fp32` says what and
-why): every node of the family's `fp32_op_types` (LayerNorm and SAM's LayerNorm2d reductions,
-softmax, ...: wide dynamic ranges and normalisations that 8 bits flatten), its `fp32_nodes` island
-(its discrete decisions and what feeds them: one flipped choice changes a whole output, not one
-pixel), and every MatMul of two activations (attention scores and their softmax-weighted sums:
-per-tensor INT8 of probabilities in 0..1 and of query/key ranges; on a trained tiny MoE-SAM they
-alone doubled the flipped labels, 1.0% against 0.45%, for about a tenth of the FLOPs). No Q/DQ pair
-feeds a kept node, and a softmax's output is never quantized.
-
-Weights behind a constant chain (`Transpose(W)`, `Squeeze(Slice(W))`: the export stores a shared
-frozen weight once and transposes it in the graph) are folded into initializers first, in a
-temporary copy, so that the quantizers see them as weights (per channel), not as activations.
+Details: docs/int8-openvino.md.
 """
 
 from __future__ import annotations
@@ -50,13 +19,7 @@ from export.precision import check_io_types
 from icmoe.core.errors import IcmoeError
 from icmoe.core.extras import missing
 from icmoe.core.io import PathLike, atomic_path
-from icmoe.core.manifest import (
-    ONNX_GRAPHS,
-    OPENVINO_GRAPHS,
-    add_artifact,
-    read_manifest,
-    write_manifest,
-)
+from icmoe.core.manifest import ONNX_GRAPHS, OPENVINO_GRAPHS, add_artifact, read_manifest, write_manifest
 from icmoe.families import Family
 
 log = logging.getLogger(__name__)
@@ -119,8 +82,8 @@ def kept_fp32(proto: onnx.ModelProto, family: Family) -> Dict[str, str]:
     Returns:
       dict: node name -> "op type X", the island (`ISLAND`) or a product of two activations (`PRODUCT`).
     """
-    why = {n.name: f"op type {n.op_type}" for n in proto.graph.node if n.op_type in family.fp32_op_types}
-    for name in family.fp32_nodes(proto):
+    why = {n.name: f"op type {n.op_type}" for n in proto.graph.node if n.op_type in family.precision.fp32_op_types}
+    for name in family.precision.fp32_nodes(proto):
         why.setdefault(name, ISLAND)
     for name in activation_products(proto):
         why.setdefault(name, PRODUCT)
@@ -130,7 +93,7 @@ def kept_fp32(proto: onnx.ModelProto, family: Family) -> Dict[str, str]:
 def kept_summary(proto: onnx.ModelProto, family: Family, kept: Dict[str, str]) -> Dict[str, Any]:
     """What the manifest records about the kept nodes: the op types, the island's nodes, counts, and why."""
     return {
-        "op_types": list(family.fp32_op_types),
+        "op_types": list(family.precision.fp32_op_types),
         "island": sorted(n for n, w in kept.items() if w == ISLAND),
         "activation_products": sum(w == PRODUCT for w in kept.values()),
         "nodes": len(kept),

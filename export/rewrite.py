@@ -1,25 +1,6 @@
 """Export-time rewrites: the same function as the PyTorch model, with less work in the graph.
 
-Windowed attention without padded projections. SAM's windowed blocks pad the token
-grid up to a multiple of the window (at 256x256 the 16x16 grid becomes 28x28 for
-14x14 windows) and then run the qkv and output projections on every padded token:
-784 tokens where 256 are real. The result only depends on the padded tokens through
-their keys and values, and those are known exactly: a padded token is zero after
-`norm1`, so its qkv is the qkv bias. So the rewritten attention
-
-  1. projects the real tokens without bias           (B, h, w, 3D)
-  2. pads and partitions them into windows           (B*nW, ws, ws, 3D)
-  3. adds the bias to every token, padded ones too   (padded: exactly qkv(0))
-  4. runs SAM's attention core (rel-pos included)    (B*nW, ws, ws, D)
-  5. unpartitions and crops before the output projection, which is per token.
-
-That removes about two thirds of the projection work of each windowed block at 256x256
-(a quarter of the ViT's FLOPs) and leaves the outputs equal up to float rounding
-(checked by `export.verify` against eager and by tests/export/test_rewrite.py).
-
-The rewrite swaps modules in place for the duration of a `with` block; the swapped
-blocks reuse the original submodules, so parameters stay shared (the frozen ViT is
-still stored once in the graph) and the model is unchanged afterwards.
+Details: docs/export.md.
 """
 
 from __future__ import annotations

@@ -1,25 +1,6 @@
 """Build `model.plan`, the TensorRT engine of a build directory, through Polygraphy's loaders.
 
-    from export.tensorrt import build_engine
-    build_engine(Path("build/tiny-fp16"), onnx_name="model.fp16.onnx", batch=(1, 1, 8))
-
-What the build does:
-- Strongly typed network (`NetworkFromOnnxPath(..., strongly_typed=True)`): the
-  precision comes from the graph itself (FP16 experts, FP32 LayerNorm/softmax/
-  voting), as TensorRT 11 requires (it removed the --fp16 flag and per-layer precision).
-- The family's graph passes run first (IC-MoE: its voting subgraph becomes the
-  `icmoe::ppav` AOT plugin, `icmoe/voting/plugin.py`), unless `passes=False`.
-- One optimization profile for the input `image` from the build's batch range.
-- Builder optimization level (default 3, TensorRT's default).
-- A timing cache per TensorRT version and GPU compute capability, loaded before
-  and saved after each build (default folder ~/.cache/icmoe/tensorrt/).
-- Optional version-compatible and hardware-compatible (Ampere+) engines.
-- `model.plan` is written atomically and registered in manifest.json with the
-  TensorRT version, compute capability and build settings the engine loader checks.
-
-Needs TensorRT (>= 10.9) and a CUDA GPU; written against TensorRT's and
-Polygraphy's APIs and type-checked with tensorrt-stubs, but not run in this
-project's CI (no GPU there).
+Details: docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -34,14 +15,7 @@ from engines.tensorrt import tensorrt_version
 from icmoe.core.errors import IcmoeError
 from icmoe.core.extras import install_hint, missing
 from icmoe.core.io import PathLike, atomic_path
-from icmoe.core.manifest import (
-    PLAN_NAME,
-    add_artifact,
-    artifact_path,
-    family_of,
-    io_specs,
-    read_manifest,
-)
+from icmoe.core.manifest import PLAN_NAME, add_artifact, artifact_path, family_of, io_specs, read_manifest
 from icmoe.families import get_family
 
 log = logging.getLogger(__name__)
@@ -140,7 +114,7 @@ def apply_passes(build_dir: Path, src: Path, manifest: Dict[str, Any], precision
     """Run the family's graph passes on `src` in order; returns the final graph and the pass names."""
     graph: Path = src
     names: List[str] = []
-    for gp in get_family(family_of(manifest)).tensorrt_passes:
+    for gp in get_family(family_of(manifest)).precision.tensorrt_passes:
         dst = build_dir / gp.output
         gp.apply(graph, dst, manifest)
         add_artifact(build_dir, gp.output, kind="onnx-tensorrt-pass", precision=precision, source=graph.name,

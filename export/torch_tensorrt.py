@@ -24,14 +24,7 @@ from icmoe.checkpoint import load
 from icmoe.core.errors import IcmoeError
 from icmoe.core.extras import missing
 from icmoe.core.io import PathLike, atomic_path
-from icmoe.core.manifest import (
-    TORCH_TENSORRT_NAME,
-    add_artifact,
-    checkpoint_path,
-    io_specs,
-    model_label,
-    read_manifest,
-)
+from icmoe.core.manifest import TORCH_TENSORRT_NAME, add_artifact, checkpoint_path, io_specs, model_label, read_manifest
 from icmoe.families import get_family
 
 log = logging.getLogger(__name__)
@@ -81,7 +74,7 @@ def compile_and_save(
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     family = get_family(manifest["model"]["family"])
-    module = family.export_module(_model_of(build_dir, manifest, model).eval().cuda())
+    module = family.graph.export_module(_model_of(build_dir, manifest, model).eval().cuda())
     spec = io_specs(manifest)["inputs"][0]
     bmin, bopt, bmax = batch
     example = torch.rand(spec.concrete(max(bopt, 2)), device="cuda") * 255
@@ -100,7 +93,7 @@ def compile_and_save(
                 arg_inputs=inputs,
                 enable_autocast=fp16,
                 autocast_low_precision_type=torch.float16 if fp16 else None,
-                autocast_excluded_ops=[_aten(op) for op in family.fp32_aten_ops] if fp16 else [],
+                autocast_excluded_ops=[_aten(op) for op in family.precision.fp32_aten_ops] if fp16 else [],
                 min_block_size=1,
                 optimization_level=optimization_level,
             )

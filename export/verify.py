@@ -1,25 +1,6 @@
 """Parity of a build's engines with eager FP32 PyTorch: `python -m export.verify BUILD_DIR`.
 
-The fixed input set (default 64 images, seed 0) is half the family's structured synthetic
-images (`Family.synthetic_inputs`) and half uniform random images in 0..255. Every engine
-of the build runs it: ONNX Runtime for each ONNX graph, OpenVINO for the FP32 graph and the INT8
-IR, TensorRT for `model.plan` and torch-tensorrt for `model.trt.ts` where this host can run them
-(else they are reported as skipped, with the reason: OpenVINO not installed, no GPU). Each is compared with the eager FP32 model the build was
-exported from by the family's gates (`Family.compare` with `Family.tolerances(precision)`;
-for IC-MoE: logits element-wise within atol + rtol * |reference|, a cap on flipped mask
-pixels, chosen-candidate agreement, with Dice reported beside them).
-
-Held-out Dice (INT8, or any precision whose gates set `max_dice_change`): on ceil(n/2) labelled
-images of the family's synthetic validation set (`Family.synthetic_validation`, seeded apart from
-the training set and the parity set), the engine's Dice against the ground truth, per class
-(pooled over the images; a binary mask has one class), must stay within `max_dice_change` of eager
-FP32's. Where the family has no labelled set it is reported as skipped.
-
-Batch consistency is measured too: the first images are run alone (batch 1) and their
-outputs compared with the same images inside the batched run. It is reported, not gated:
-FP32 graphs give the same masks and discrete outputs, logits equal up to float rounding
-(ONNX Runtime's kernels block their work by batch size); reduced-precision kernels round
-differently per batch size, so a few FP16 pixels with near-zero logits can flip.
+Details: docs/export.md.
 """
 
 from __future__ import annotations
@@ -50,7 +31,7 @@ HELDOUT_SEED = 7919  # offset of the held-out set's seed: apart from the trainin
 def parity_inputs(family: Family, n: int, image_size: int, seed: int = 0) -> np.ndarray:
     """The fixed parity set: ceil(n/2) structured synthetic images, then uniform random ones (float32 0..255)."""
     n_syn = (n + 1) // 2
-    syn = family.synthetic_inputs(n_syn, image_size, seed)
+    syn = family.parity.synthetic_inputs(n_syn, image_size, seed)
     rng = np.random.default_rng(seed + 1)
     rnd = (rng.random((n - n_syn, *syn.shape[1:])) * 255).astype(np.float32)
     return np.concatenate([syn.astype(np.float32), rnd], axis=0)
@@ -142,7 +123,7 @@ def heldout_check(reference: Dict[str, float], dice: Dict[str, float], limit: fl
 
 def _heldout_set(family: Family, manifest: Dict, n: int, seed: int) -> Tuple[Optional[np.ndarray], Any]:
     """The labelled held-out images (or None) and the ground truth (or why there is none)."""
-    data = family.synthetic_validation(n, int(manifest["image_size"]), seed + HELDOUT_SEED)
+    data = family.parity.synthetic_validation(n, int(manifest["image_size"]), seed + HELDOUT_SEED)
     if data is None:
         return None, f"{family.name} has no labelled synthetic validation set"
     return data[0].astype(np.float32), data[1]
@@ -173,7 +154,7 @@ def verify_build(build_dir, *, n: int = 64, seed: int = 0, batch: Optional[int] 
     report: Dict[str, Any] = {"build_dir": str(build_dir), "model": model_label(manifest), "n": n, "seed": seed,
                               "batch": batch, "engines": {}, "skipped": {}}
     engines = _load_candidates(build_dir, manifest, report["skipped"])
-    gates: Dict[str, Tolerances] = {label: family.tolerances(precision).replace(**(overrides or {}))
+    gates: Dict[str, Tolerances] = {label: family.parity.tolerances(precision).replace(**(overrides or {}))
                                     for label, precision, _ in engines}
     held, truth = None, None
     if any(t.max_dice_change is not None for t in gates.values()):
@@ -189,7 +170,7 @@ def verify_build(build_dir, *, n: int = 64, seed: int = 0, batch: Optional[int] 
         tolerances = gates[label]
         with engine:
             out = run_batched(engine, images, batch)
-            r = family.compare(reference, out, tolerances)
+            r = family.parity.compare(reference, out, tolerances)
             r["batch_consistency"] = batch_consistency(engine, images, out)
             if tolerances.max_dice_change is not None:
                 r["heldout"] = ({"skipped": truth} if held is None else heldout_check(

@@ -1,8 +1,8 @@
-"""IC-MoE: a mixture of three SAM experts for medical image segmentation.
+"""icmoe: the toolkit that trains, exports, checks and deploys SAM-based mixture-of-experts segmenters.
 
-Public API: configurations (`get_config`, `CONFIGS`), the model (`build_icmoe`,
-`ICMoE`, `NaiveICMoE`), the voting reference (`ppav`), losses, and checkpoints
-(`save_checkpoint`, `load`).
+The model families live in `icmoe.families` (`get_family("icmoe")`, `get_family("moesam")`); this
+package's top level is only the toolkit: checkpoints of any family, the family registry and the errors
+every command raises; the trainer is `icmoe.training`, the evaluation `icmoe.evaluation`. README.md is the map; docs/ has the topics.
 """
 
 from icmoe.core.lazy import lazy_exports
@@ -10,32 +10,16 @@ from icmoe.core.lazy import lazy_exports
 # Imported on first use: a deployment process that only runs a graph (ONNX Runtime, OpenVINO) imports
 # `icmoe.core` and `icmoe.data.images` and must not pay for torch.
 _EXPORTS = {
-    "CheckpointError": "icmoe.checkpoint",
+    "CheckpointError": "icmoe.core.errors",
+    "DataError": "icmoe.core.errors",
+    "FamilyError": "icmoe.core.errors",
+    "IcmoeError": "icmoe.core.errors",
     "load": "icmoe.checkpoint",
+    "read_meta": "icmoe.checkpoint",
     "save_checkpoint": "icmoe.checkpoint",
-    "CONFIGS": "icmoe.config",
-    "ICMoEConfig": "icmoe.config",
-    "get_config": "icmoe.config",
-    "ICMoE": "icmoe.model",
-    "NaiveICMoE": "icmoe.model",
-    "TrainOutput": "icmoe.model",
-    "build_icmoe": "icmoe.model",
-    "Vote": "icmoe.voting",
-    "ppav": "icmoe.voting",
+    "family_names": "icmoe.families",
+    "get_family": "icmoe.families",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-__all__ = [
-    "CONFIGS",
-    "CheckpointError",
-    "ICMoE",
-    "ICMoEConfig",
-    "NaiveICMoE",
-    "TrainOutput",
-    "Vote",
-    "build_icmoe",
-    "get_config",
-    "load",
-    "ppav",
-    "save_checkpoint",
-]
+__all__ = sorted(_EXPORTS)

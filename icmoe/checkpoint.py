@@ -1,17 +1,6 @@
 """Checkpoints of every model family: safetensors weights plus a JSON description.
 
-A checkpoint is a folder:
-
-    config.json                      format, version 2, the model family, its config
-                                     (input size, normalisation, ...), dataset, epoch,
-                                     metrics, the weights file's name and sha256
-    weights-<sha12>.safetensors      the model's state dict (frozen ViT once)
-
-Version 1 checkpoints (no `family`) are IC-MoE checkpoints and still load.
-
-Writes are atomic and ordered so that a crash at any moment leaves a
-consistent checkpoint: the weights go to a new content-named file first, then
-`config.json` is replaced to point at it, then stale weights are removed.
+Details: docs/training.md.
 """
 
 from __future__ import annotations
@@ -26,16 +15,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from icmoe.core.io import (
-    PathLike,
-    atomic_write_json,
-    give_default_mode,
-    read_versioned_json,
-    sha256_file,
-)
+from icmoe.core.errors import CheckpointError, FamilyError
+from icmoe.core.io import PathLike, atomic_write_json, give_default_mode, read_versioned_json, sha256_file
 from icmoe.core.manifest import LEGACY_FAMILY
-from icmoe.families import FamilyError, check_expected, get_family
-from icmoe.sam import CheckpointError
+from icmoe.families import check_expected, get_family
 
 FORMAT = "icmoe-checkpoint"
 VERSION = 2

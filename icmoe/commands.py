@@ -1,22 +1,6 @@
 """The `icmoe` command: one front over the toolkit's commands, for installs without a checkout.
 
-    icmoe train ...      python -m icmoe.train ...
-    icmoe evaluate ...   python -m icmoe.evaluate ...
-    icmoe build ...      python -m export.build ...
-    icmoe verify ...     python -m export.verify ...
-    icmoe predict ...    python -m engines.predict ...
-    icmoe triton ...     python -m engines.triton ...         (write a Triton model repository)
-    icmoe serve ...      python -m engines.triton.server ...
-    icmoe bench ...      python benchmarks/latency.py ...     (needs a source checkout, see below)
-
-Each command is the same `main(argv)` as its module's: the same flags, help (`icmoe build --help`),
-errors and exit codes. Modules are imported by name only when their command runs, so this module
-imports nothing above `icmoe.core` (the layers stay one-way) and a command whose optional packages
-are missing fails alone, in one line.
-
-`bench` runs `benchmarks/latency.py`, which is a script of the source tree, not a module of the wheel
-(benchmarks write results next to themselves and are a development tool): it is found next to the
-installed packages, i.e. in an editable install of a checkout, and refused with one line elsewhere.
+README.md has the commands.
 """
 
 from __future__ import annotations

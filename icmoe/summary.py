@@ -1,19 +1,6 @@
 """Model summary: parameters and forward FLOPs of one image, for any registered family.
 
-    python -m icmoe.summary --config vit_b [--image-size 512] [--json]
-    python -m icmoe.summary --model moesam --config vit_b --classes 7 [--json]
-
-What is counted is the family's (`Family.summarize`); for IC-MoE:
-
-- params_total: parameters the three experts use, each expert counted in full
-  (what the paper's three SAM copies hold, i.e. the naive structure).
-- params_stored: unique parameters the shared model stores (frozen ViT once).
-- params_trainable: parameters that receive gradients in training (semantic tail blocks,
-  adapters, the three mask decoders; not the IoU heads, which prompt-free single-mask
-  decoding never uses).
-- gflops_*: forward FLOPs counted by `torch.utils.flop_counter.FlopCounterMode`, a
-  multiply-add counted as 2 FLOPs; gmacs_*: the same in multiply-adds, the unit of the
-  paper's "GFLOPs".
+Details: docs/families.md.
 """
 
 from __future__ import annotations
@@ -27,7 +14,7 @@ from icmoe.families import add_model_args, get_family
 
 def summarize(config: str = "vit_b", *, model: str = "icmoe", **overrides: Any) -> Dict[str, Any]:
     """Parameter and FLOP counts of a registered configuration (random weights)."""
-    return get_family(model).summarize(config, **overrides)
+    return get_family(model).summary(config, **overrides)
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from icmoe.core import cli
+from icmoe.families.icmoe import build_icmoe
 
 
 def pytest_addoption(parser):
@@ -35,7 +36,7 @@ def tiny_checkpoint(tmp_path_factory):
     import icmoe
 
     torch.manual_seed(0)
-    model = icmoe.build_icmoe("tiny")
+    model = build_icmoe("tiny")
     return icmoe.save_checkpoint(model, tmp_path_factory.mktemp("tiny_checkpoint") / "ckpt", dataset="none", epoch=0)
 
 

@@ -7,6 +7,9 @@ from typing import Dict
 
 from icmoe.core.io import sha256_file
 
+# The repository's root (the folder holding icmoe/, export/, engines/, benchmarks/, tests/).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 def tree_digest(root: Path) -> Dict[str, str]:
     """sha256 of every file under root (relative name -> digest), to prove a directory was left intact."""

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT
+
+ROOT = REPO_ROOT
 # command -> the common flags it must offer
 COMMANDS = {
     "icmoe.train": ("--model", "--config", "--no-progress"),

@@ -11,8 +11,9 @@ import pytest
 
 from icmoe import commands
 from icmoe.core import cli
+from tests.helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 def test_help_lists_every_command(capsys):

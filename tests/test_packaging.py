@@ -8,7 +8,6 @@ import ast
 import importlib.metadata as md
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +19,9 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from icmoe.core.extras import MissingExtra, require
+from tests.helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 BASE = {Requirement(r).name.lower().replace("_", "-"): Requirement(r) for r in PROJECT["dependencies"]}
 EXTRAS = {name: [Requirement(r) for r in reqs] for name, reqs in PROJECT["optional-dependencies"].items()}

@@ -1,20 +1,6 @@
 """C++ embedding: CMake projects in this folder and the Python helpers that feed and build them.
 
-    aoti/icmoe_aoti.cpp        CPU: an AOTInductor package (.pt2, `python -m export.aoti`) through libtorch
-    tensorrt/icmoe_trt.cpp     GPU: a TensorRT engine (model.plan) through the TensorRT 10 C++ runtime
-    common/args.h              the command line both programs share (validated numbers, --help, errors exit 2)
-    common/image_io.h          PNG/JPEG/BMP/PPM/PGM of any size -> 8-bit RGB as icmoe.data.images reads it (stb_image);
-                               PNG/PGM mask writing (stb_image_write), atomic
-    common/resize.h            Pillow's bilinear resize (to the model's size) and nearest (the mask back)
-    common/outputs.h           what both programs do with a model's outputs: mask -> PNG/PGM at the image's size
-                               (binary 0/255, or the raw label values of a multi-class model), logits -> raw float32,
-                               other small outputs printed (names from the package / the engine)
-    third_party/stb/           stb_image.h and stb_image_write.h, vendored (see its README.md)
-
-The sources ship with the package (package data), so `build_programs()` works from an installed copy too: it
-configures and builds them with CMake against the torch wheel's headers and libraries. A multi-class build's
-label names reach icmoe_aoti through the package's metadata and icmoe_trt through its `--classes` flag:
-`class_arguments(build_dir)` gives that flag for a build.
+Details: docs/cpp.md.
 """
 
 from __future__ import annotations

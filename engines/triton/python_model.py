@@ -1,23 +1,6 @@
 """Triton python-backend model: a build's ONNX graph through the project's ONNX Runtime engine.
 
-`python -m engines.triton` copies this file to `<repository>/<name>_python/1/model.py`, next to a copy of
-the build (`1/build/`). Triton's python backend runs it in its stub process, which embeds the system's
-libpython rather than the environment that generated the repository. The config names no path of any
-machine: `initialize` puts the folders listed in the environment variable ICMOE_TRITON_PYTHONPATH
-(`os.pathsep`-separated; `engines.triton.server` sets it to its own environment's site-packages and
-project root) on sys.path as site dirs (so editable installs work). Where the stub's Python already
-imports the project (a container with icmoe installed, or Triton's EXECUTION_ENV_PATH with a packed
-environment) the variable is not needed.
-
-An image input declared UINT8 in the config (`--input-dtype uint8`) is cast to the build's input type
-here, before the engine sees it.
-
-Dynamic batching hands `execute` several requests at once: their images are stacked, run as one batch
-(in chunks of at most `max_batch_size`), and the outputs split back per request.
-
-Tensors cross the stub boundary through DLPack (`np.from_dlpack`, `Tensor.from_dlpack`): the stub's
-`as_numpy()` and `Tensor(name, ndarray)` were compiled against NumPy 1's C ABI and read NumPy 2
-arrays wrongly (zeros, empty outputs), while DLPack is ABI-stable.
+Details: docs/triton.md.
 """
 
 import json

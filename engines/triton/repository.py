@@ -1,41 +1,6 @@
 """Triton Inference Server model repository from a build directory (any model family).
 
-Model names are `<name>_<kind>`, `<name>` defaulting to the build's family (here `icmoe`):
-
-    model_repository/
-      icmoe_tensorrt/      backend tensorrt, platform tensorrt_plan   (build has model.plan)
-        config.pbtxt
-        1/model.plan
-      icmoe_onnxruntime/   backend onnxruntime, platform onnxruntime_onnx (full Triton installations)
-        config.pbtxt
-        1/model.onnx
-      icmoe_python/        backend python: the project's ONNX Runtime engine (any Triton, including
-        config.pbtxt       the server that ships in the nvidia-pytriton wheel, which has only this backend)
-        1/model.py
-        1/build/{manifest.json, model.onnx[, model.fp16.onnx]}
-
-Every config is built as Triton's own `ModelConfig` protobuf message (from `tritonclient.grpc`) and
-written in its text format, then parsed back, so what lands on disk is a valid model config.
-Inputs and outputs come from the manifest's tensor specs. The batch axis is Triton's:
-`max_batch_size` is the build's largest batch, dims leave it out, and a tensor that is only a
-batch axis (IC-MoE's `expert`, shape (B,)) is exposed as (B, 1) through `reshape`, as Triton
-requires. Every output keeps the manifest's shape, so a multi-class `logits` (B, C+1, S, S) has dims
-[C+1, S, S].
-
-With `RepositoryOptions(input_dtype="uint8")` (`--input-dtype uint8`) clients send the image input as
-UINT8, a quarter of the bytes of FP32 RGB 0..255 with the same values: the onnxruntime model serves a copy
-of the graph that starts with a Cast to the build's type, the python model casts in model.py. A TensorRT
-plan's input type is fixed when it is built, so its model keeps the build's type.
-
-The python model's config names nothing of the machine that wrote it: the backend's stub finds this
-project and its packages through the server's environment (`ICMOE_TRITON_PYTHONPATH`, which
-`engines.triton.server` sets), so a repository can be copied to another host or container.
-
-What the `mask` output holds is recorded in every config's `parameters` (backends ignore keys they
-do not know; clients read them with `get_model_config`):
-
-    mask_kind    "binary" (0/1) or "labels" (label values 0..C)
-    class_names  the label names, comma-separated, index = value, 0 = background ("" for binary)
+Details: docs/triton.md.
 """
 
 from __future__ import annotations

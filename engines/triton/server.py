@@ -1,22 +1,6 @@
 """Run the `tritonserver` that ships in the nvidia-pytriton wheel on a model repository.
 
-PyTriton's own Python API (`Triton.bind`) fails on Python 3.11 here, and its package pins NumPy < 2,
-so this module does not import or install it: it drives the wheel's server binary directly.
-
-    server root (the wheel's files):  pytriton/tritonserver/{bin/tritonserver, backends/python/,
-                                      python_backend_stubs/<X.Y>/triton_python_backend_stub}
-                                      nvidia_pytriton.libs/ (the server's shared libraries)
-
-`find_server()` looks for it at $ICMOE_PYTRITON_ROOT, in an installed `pytriton` package (`pip install
---no-deps nvidia-pytriton`), then in the toolkit's cache; `fetch_server()` fills the cache from the pinned,
-sha256-checked nvidia-pytriton 0.7.0 wheel (`icmoe.core.fetch`: `pip download`, the package index only).
-That server has only the python backend: serve the repository's `<name>_python` model with it.
-
-The python backend runs each model instance in a stub process that embeds libpython; the backend
-folder is a copy of the wheel's with the stub for this interpreter's version, LD_LIBRARY_PATH puts
-this interpreter's libpython first so the stub runs the same Python build, and ICMOE_TRITON_PYTHONPATH
-tells the model (python_model.py) where this environment's packages are: the repository's configs
-name no path, so a repository written elsewhere serves here unchanged.
+Details: docs/triton.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,6 @@
 """One command-line convention for every command of the toolkit.
 
-- Errors: `error: <one line>` on stderr. Exit codes: 0 ok, 1 a check ran and failed
-  (parity, benchmark bounds), 2 bad input or usage (argparse's own errors included).
-- Progress and notes go through stdlib `logging` (loggers `icmoe`, `export`, `engines`,
-  `benchmarks`), to stderr; `-q` shows warnings only, `-v` adds debug lines. Library users
-  silence or redirect them with the usual `logging` calls.
-- The same flag means the same thing everywhere: `--model`/`--config` (added by
-  `icmoe.families.add_model_args`), `--json FILE` (or `-` for stdout), `-q/-v`,
-  `--no-progress`.
-
-    def main(argv=None) -> int:
-        return cli.run(_main, argv)
+README.md has the commands.
 """
 
 from __future__ import annotations

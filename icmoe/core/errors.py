@@ -1,8 +1,9 @@
-"""One root for every error the toolkit raises on purpose.
+"""One root for every error the toolkit raises on purpose, and the error types several layers share.
 
-Each module keeps its own, more specific class (`ManifestError`, `EngineError`, ...) and
-derives it from `IcmoeError`, so a caller (or `icmoe.core.cli.run`) can catch them all
-with one `except`. Messages are one line naming the file or value at fault.
+Every error derives from `IcmoeError`, so a caller (or `icmoe.core.cli.run`) catches them all
+with one `except`; messages are one line naming the file or value at fault. The types raised
+by more than one layer (a damaged checkpoint, an unreadable dataset, an unknown family) are
+defined here, once; a module with errors of its own (`ManifestError`, `EngineError`) keeps them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,25 @@ class IcmoeError(Exception):
 
 class CheckFailed(IcmoeError):
     """A check ran and its result is outside its bounds (parity, benchmark targets); CLIs exit 1."""
+
+
+class CheckpointError(IcmoeError, ValueError):
+    """A checkpoint file (a model's, or SAM's weights) that cannot be used; names file and problem."""
+
+
+class DataError(IcmoeError, ValueError):
+    """A dataset or input file that cannot be read; names the file or folder and the problem."""
+
+
+class FamilyError(IcmoeError, KeyError):
+    """An unknown model family or configuration, or one a family cannot serve."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TrainError(IcmoeError, ValueError):
+    """Training options that cannot be used together (recipe, batch size, input size, resume state)."""
 
 
 def first_line(e: BaseException, limit: int = 400) -> str:

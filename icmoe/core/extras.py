@@ -1,18 +1,6 @@
 """Optional parts of the toolkit and the pip extra that installs each.
 
-The base install (`pip install icmoe`) trains, evaluates, exports FP32 ONNX graphs and runs them with
-eager PyTorch and ONNX Runtime. The rest comes with an extra (pyproject.toml):
-
-    fp16      nvidia-modelopt's AutoCast and what it imports: the FP16 graph
-    triton    tritonclient[http,grpc]: Triton model repositories and clients
-    bench     matplotlib: the benchmark's plot
-    dicom     pydicom: reading DICOM images
-    openvino  openvino and nncf: the OpenVINO engine and the INT8 build
-    tensorrt  tensorrt, torch-tensorrt and polygraphy: the GPU engines (NVIDIA GPU hosts)
-    test      pytest, mypy and every extra above except tensorrt
-
-Code that needs an extra imports it where it is used, through `require`, so a missing package is one
-line naming the command that installs it, never a traceback.
+README.md has the commands.
 """
 
 from __future__ import annotations

@@ -1,23 +1,6 @@
 """Pinned wheels the toolkit downloads on demand: one place, pinned versions, sha256-verified, cached.
 
-Two packages cannot be pip dependencies, yet parts of the toolkit need their files:
-
-    nvidia-pytriton 0.7.0        the `tritonserver` binary that `engines.triton.server` runs (the
-                                 package itself pins NumPy < 2, so it is never installed)
-    tensorrt-stubs 10.13.0.35.1  type stubs for mypy over the TensorRT modules (every release pins
-                                 `tensorrt==<same version>`, which many hosts cannot install)
-
-`fetch_wheel(name)` downloads the pinned wheel with `pip download --no-deps --require-hashes` (the
-package index pip is configured for; nothing else is contacted) into the cache, checks its sha256
-against the pin (one per platform wheel) and returns it; a cached wheel is checked again on every
-use. `unpacked(name, ...)` keeps an unpacked copy next to it, tied to the wheel's sha256.
-Without a network the cache is all there is: a missing wheel raises `FetchError`, one line, which
-the tests turn into a skip with that reason.
-
-The cache is `$ICMOE_CACHE_DIR`, else `$XDG_CACHE_HOME/icmoe`, else `~/.cache/icmoe`.
-
-    python -m icmoe.core.fetch            # fetch every pinned wheel now (CI does, before the tests)
-    python -m icmoe.core.fetch --check    # report what the cache holds; download nothing
+README.md has the commands.
 """
 
 from __future__ import annotations

@@ -1,30 +1,6 @@
 """The build directory's manifest: what was built, from what, and the hashes that prove it.
 
-A build directory (default `build/<family>-<config>-<precision>/`) holds
-
-    model.onnx         FP32 portable graph (always)
-    model.fp16.onnx    strongly typed FP16 graph (--precision fp16)
-    model.int8.onnx    explicitly quantized QDQ graph (--precision int8; TensorRT, ONNX Runtime)
-    model.int8.xml/.bin  NNCF-quantized OpenVINO IR (--precision int8)
-    openvino-<precision>.blob  OpenVINO's compiled model for one OpenVINO version and CPU (--backend openvino)
-    model.plan         TensorRT engine (GPU hosts)
-    model.trt.ts       torch-tensorrt TorchScript module (GPU hosts)
-    checkpoint/        the weights the graphs were exported from (hard-linked where possible)
-    manifest.json      this file's format, written atomically
-    build.log          what the build printed
-
-`manifest.json` keys: format="icmoe-build", version=2, model{family, name, config, classes},
-checkpoint{path (relative to the build), sha256, random_init, source}, precision, opset,
-image_size, batch{min, opt, max}, inputs/outputs [{name, dtype, shape}],
-artifacts{filename: {sha256, bytes, kind, precision, ...}}, versions{...}, built_at.
-Version 1 manifests (no `model.family`) are read as IC-MoE builds.
-
-`model.classes` says what the values of the `mask` output mean: null (or absent, in manifests
-written before it existed) for a binary mask (0/1), else the label names, index = label value,
-index 0 the background (`class_names`, `mask_kind`).
-
-Every reader goes through `read_manifest` and `artifact_path`, so a missing,
-truncated or foreign artifact is refused with one line naming the file.
+Details: docs/export.md.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ _EXPORTS = {
     "load_image": "icmoe.data.dataset",
     "load_mask": "icmoe.data.dataset",
     "DATASETS": "icmoe.data.readers",
-    "DataError": "icmoe.data.readers",
+    "DataError": "icmoe.core.errors",
     "Item": "icmoe.data.readers",
     "list_split": "icmoe.data.readers",
     "make_synthetic_dataset": "icmoe.data.synthetic",

@@ -19,7 +19,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from icmoe.data.readers import DataError
+from icmoe.core.errors import DataError
 
 
 def resolve_source(source: Any, datasets: Sequence[str]) -> Tuple[Path, Optional[str]]:

@@ -1,18 +1,6 @@
 """Loading, resizing and holding segmentation samples in memory.
 
-Images are decoded once by `icmoe.data.images` (EXIF orientation applied; 16-bit
-gray mapped to 0..255 by its own range; grayscale and palette images expanded to
-RGB, alpha dropped), resized bilinearly to the model's square input (the resize
-prediction uses) and kept as uint8; `__getitem__` returns float32 RGB in 0..255,
-the input contract of every IC-MoE model and engine (SAM's normalisation happens
-inside the model). Masks are the union of an item's mask files, binarised at their own
-resolution (above half the file's maximum value, so 1-bit, 0/1 and 0/255
-grayscale or RGB masks all work; GlaS instance labels: > 0), then resized
-bilinearly and thresholded at one half.
-
-A missing or unreadable file raises `DataError` naming it; with
-`skip_bad=True` the item is dropped instead, with a warning on the
-`icmoe.data.dataset` logger, and `dataset.skipped` lists what was dropped.
+Details: docs/training.md.
 """
 
 from __future__ import annotations
@@ -27,9 +15,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from icmoe.core.errors import DataError
 from icmoe.core.io import PathLike
 from icmoe.data.images import exif_oriented, model_input, read_image, resize_rgb
-from icmoe.data.readers import DataError, Item, list_split
+from icmoe.data.readers import Item, list_split
 
 log = logging.getLogger(__name__)
 

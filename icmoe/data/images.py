@@ -1,34 +1,6 @@
 """Reading image files of any common kind into 2-D pictures, and the resizes between a picture and a model.
 
-A file becomes an `ImageFile`: its `pictures` (one per image, frame or slice) hold the pixels
-at the file's own size, the form the training data path and prediction both start from:
-
-- PNG, JPEG, BMP, TIFF (Pillow): EXIF orientation applied (`ImageOps.exif_transpose`), so a
-  picture is the image as a viewer shows it. 8-bit gray (also 1-bit, gray+alpha) stays gray,
-  palette, RGBA and other colour modes become RGB (alpha dropped, as training always did).
-  16-bit and 32-bit gray (PNG "I;16", TIFF "I"/"F") are mapped to 0..255 by **their own
-  range** (min..max -> 0..255, rounded; a constant image is all 0), not by 65535/257: medical
-  images stored in 16 bits rarely use the whole range (12-bit data in a 16-bit PNG would come out
-  almost black), and this is the rule the 3-D readers use for a slice without a window.
-  (Pillow reads 16-bit RGB PNGs as 8-bit RGB, their high bytes.) Every page of a multi-page
-  TIFF is a picture; other formats give their first frame.
-- DICOM (`pydicom`, the optional extra `icmoe[dicom]`; without it a one-line `MissingExtra`): RescaleSlope/RescaleIntercept, then
-  the first WindowCenter/WindowWidth pair (DICOM's linear VOI function) where present, else each
-  frame's own min..max, to 0..255; MONOCHROME1 inverted (255 - value); RGB stays RGB. Every
-  frame of a multi-frame file is a picture. VOI LUT sequences and per-frame functional groups are
-  not applied.
-- NIfTI (`nibabel`, `.nii`/`.nii.gz`): slices along the last axis, in the array order the 3-D
-  training path uses (`icmoe.data.volumes`: a slice is (X, Y)), each mapped to 0..255 by a given
-  window or by its own min..max (the 3-D readers' rule); the nibabel image is kept, so a label
-  volume is written back with the input's affine (`write_nifti_labels`).
-
-Pixels are uint8 (H, W) gray or (H, W, 3) RGB for the 2-D formats, float32 (H, W) in 0..255
-for DICOM and NIfTI (no rounding, as the 3-D training path). `model_input` resizes a picture to
-the model's square input the way training does (`resize_rgb`: Pillow bilinear on uint8 RGB, the
-2-D datasets; `resize_image`: Pillow bilinear on float32, the 3-D datasets), and a mask goes back
-to the picture's size by nearest neighbour (`resize_label`).
-
-Any missing, unreadable, damaged or truncated file raises `DataError` "<file>: <why>".
+Details: docs/predict.md.
 """
 
 from __future__ import annotations
@@ -47,10 +19,9 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from icmoe.core.errors import first_line
+from icmoe.core.errors import DataError, first_line
 from icmoe.core.extras import require
 from icmoe.core.io import PathLike, atomic_write_bytes
-from icmoe.data.readers import DataError
 
 # Files a folder is searched for (a file named on its own is read whatever its name).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz")

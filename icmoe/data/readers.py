@@ -1,26 +1,6 @@
 """Readers for the public layouts of ISIC 2018 Task 1, BUSI and GlaS, and their splits.
 
-A reader lists `Item`s (an image and the mask files whose union is its
-ground truth) and splits them into `train` and `val`:
-
-- ISIC 2018 Task 1: `ISIC2018_Task1-2_Training_Input/ISIC_*.jpg` with
-  `ISIC2018_Task1_Training_GroundTruth/ISIC_*_segmentation.png`.
-  Split: items sorted by name, permuted with `numpy.random.default_rng(0)`;
-  the first floor(3n/10) are validation (2694 images -> 1886 train / 808 val,
-  the counts of the MALUNet 7:3 split; the permutation itself is ours).
-- BUSI: `Dataset_BUSI_with_GT/{benign,malignant}/<class> (N).png` with
-  `<class> (N)_mask.png` and any `_mask_1.png`, `_mask_2.png` ... merged by
-  union; the `normal` class is left out. Split: as ISIC with floor(n/4)
-  validation images (647 -> 486 train / 161 val).
-- GlaS: `train_N.bmp` + `train_N_anno.bmp` are the training set,
-  `testA_N` / `testB_N` the validation (test) set (85 / 80); no randomness.
-
-On any dataset a `split.json` in the data root ({"train": [...], "val": [...]},
-image paths relative to the root) replaces the rule above; the synthetic set
-writes one, and an official split list can be given the same way.
-
-The roots are found leniently: the data root itself or a folder below it
-(two levels at most) with the expected name.
+Details: docs/training.md.
 """
 
 from __future__ import annotations
@@ -33,15 +13,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from icmoe.core.errors import IcmoeError
+from icmoe.core.errors import DataError
 from icmoe.core.io import PathLike
 
 SPLITS = ("train", "val")
 SPLIT_FILE = "split.json"
-
-
-class DataError(IcmoeError, ValueError):
-    """A dataset that cannot be read; the message is one line naming the file or folder and the problem."""
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,6 @@
 """A synthetic lesion dataset: the built-in default that needs no download.
 
-Each image is a textured, noisy RGB "skin/tissue" background with one
-lesion-like blob: an ellipse whose radius is perturbed by a few random
-harmonics (smooth for the `benign` class, spikier for `malignant`), filled with
-its own darker, textured colour, with a soft border and sensor noise on top.
-The mask is the blob. Everything is drawn from a NumPy generator seeded by
-`(seed, index)`, so image `i` is the same whatever `n` is asked for and on
-every machine.
-
-`make_synthetic_dataset` writes the images in the BUSI layout
-(`Dataset_BUSI_with_GT/{benign,malignant}/<class> (N).png` with
-`<class> (N)_mask.png`) plus a `split.json` naming the train and validation
-images, so training on the synthetic set exercises the BUSI reader.
+Details: docs/training.md.
 """
 
 from __future__ import annotations

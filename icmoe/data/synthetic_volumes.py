@@ -1,28 +1,6 @@
 """A synthetic multi-class volume set in the ACDC layout: the 3-D default that needs no download.
 
-Each volume is an MRI-like stack of slices (a body ellipse of textured tissue
-in dark air, a smooth bias field, Rician noise) holding three organs, the
-foreground classes of the `synthetic3d` dataset:
-
-1. `disc`: a bright, softly textured blob with a lobulated border;
-2. `ring`: a dark annulus with fine speckle around tissue-coloured inside;
-3. `bar`: a mid-gray capsule with stripes across its long axis.
-
-The organs sit 120 degrees apart around the centre (a random rotation and
-class order per volume, so positions differ), have their own size, shape and
-texture per volume, and drift, breathe and turn smoothly from slice to slice.
-Every organ is present in every slice. Two small bright spots (vessel-like
-distractors, not labelled) move through each volume too. Everything is drawn
-from `numpy.random.default_rng([seed, index])`, so volume `index` depends only
-on (seed, index, size, depth).
-
-`make_synthetic_volumes` writes the set in ACDC's layout,
-`database/{training,testing}/patientNNN/patientNNN_frame01.nii.gz` with
-`_gt.nii.gz` and `Info.cfg`, images int16 and labels uint8 in (X, Y, Z) with
-an affine of 1.5 x 1.5 x 5 mm, so the ACDC reader (`icmoe.data.volumes`,
-dataset `synthetic3d`) reads it. The set is generated in a hidden temporary
-folder in the data root and renamed into place in one step, with its marker
-file `database/synthetic3d.json` inside: a half-written set is never visible.
+Details: docs/datasets-3d.md.
 """
 
 from __future__ import annotations
@@ -39,8 +17,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from icmoe.core.errors import DataError
 from icmoe.core.io import PathLike, atomic_write_json
-from icmoe.data.readers import DataError
 from icmoe.data.volumes import VOLUME_DATASETS, map_to_0_255
 
 DATABASE = "database"

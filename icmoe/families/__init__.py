@@ -1,11 +1,11 @@
-"""The model-family registry: name -> the `Family` object that declares everything about a model.
+"""The model-family registry: name -> the `Family` that declares everything about a model.
 
     from icmoe.families import get_family
     family = get_family("icmoe")
     model = family.build(family.get_config("tiny"))
 
-Adding a family is one module (a `Family` subclass and an instance of it) and one line in
-`FAMILIES`. Families outside this package register without touching it: with
+Adding a family is one folder (`icmoe/families/<name>/`, whose `family.py` makes a `Family`) and
+one line in `FAMILIES` (docs/families.md). Families outside this package register without touching it: with
 `register_family(name, "package.module:OBJECT")`, with the environment variable
 `ICMOE_FAMILIES="name=package.module:OBJECT[,...]"` (seen by subprocesses too, e.g. the
 benchmark's workers), or with a Python entry point in the group `icmoe.families`.
@@ -20,11 +20,13 @@ import importlib.metadata
 import os
 from typing import Any, Dict, List, Optional, Union
 
-from icmoe.families.base import Family, FamilyError, GraphPass, Tolerances
+from icmoe.core.errors import FamilyError
+from icmoe.families.base import Family
+from icmoe.families.contracts import GraphPass, GraphSpec, ParitySpec, PrecisionSpec, Tolerances, TrainingSpec
 
 FAMILIES: Dict[str, Union[str, Family]] = {
-    "icmoe": "icmoe.families.icmoe:FAMILY",
-    "moesam": "icmoe.families.moesam:FAMILY",
+    "icmoe": "icmoe.families.icmoe.family:FAMILY",
+    "moesam": "icmoe.families.moesam.family:FAMILY",
 }
 DEFAULT_FAMILY = "icmoe"
 DEFAULT_CONFIG = "vit_b"  # every command's --config default
@@ -110,5 +112,6 @@ def config_of(args: argparse.Namespace, **overrides) -> object:
     return get_family(args.model).get_config(args.config, **overrides)
 
 
-__all__ = ["DEFAULT_CONFIG", "DEFAULT_FAMILY", "FAMILIES", "Family", "FamilyError", "GraphPass", "Tolerances",
-           "add_model_args", "check_expected", "config_of", "family_names", "get_family", "register_family"]
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_FAMILY", "FAMILIES", "Family", "FamilyError", "GraphPass", "GraphSpec",
+           "ParitySpec", "PrecisionSpec", "Tolerances", "TrainingSpec", "add_model_args", "check_expected",
+           "config_of", "family_names", "get_family", "register_family"]

@@ -1,139 +1,74 @@
-"""What a model family declares, in one place, so that every stage after the model stays generic.
+"""What a model family is to the toolkit: a name, its size variants, a builder, and its declarations.
 
-A family is one object (a `Family` subclass instance) that the registry in
-`icmoe.families` finds by name. The build, the engines, verification, the Triton
-repository writer and the benchmark only ever talk to a model through it and through
-the tensor specs it writes into the manifest; none of them names a family.
-
-What a family provides (after optimum's per-architecture `OnnxConfig`):
-
-- identity: `name` (registry key, stored in checkpoints and manifests), `title`;
-- configurations: `configs` (size variant -> builder), `config_from_dict`;
-- models: `build` (random init or from SAM weights), `variants` (other eager
-  structures of the same weights, e.g. IC-MoE's three full experts);
-- the graph contract: `inputs` / `outputs` (TensorSpecs), `export_module` (the model
-  as a function of the inputs returning the outputs in order), `example_inputs`;
-- labels: `class_names` (multi-class masks; None for binary ones);
-- export: `export_patches` (a context that makes the model trace to the wanted graph);
-- precision: `fp32_op_types` and `fp32_nodes` (what stays FP32 in the FP16 graph, and in floating
-  point in the INT8 graphs); `calibration_images` (real images for INT8 calibration);
-- GPU: `tensorrt_passes` (graph passes before the TensorRT build), `prepare_eager`
-  (e.g. a fused CUDA op for eager GPU inference);
-- checks: `synthetic_inputs` (structured parity images), `synthetic_validation` (labelled
-  held-out images for the INT8 Dice gate), `tolerances` and `compare` (the family's parity gates);
-- reports: `summarize` / `format_summary`.
+The build, the engines, verification, the Triton writer, the trainer and the benchmark only ever
+talk to a model through a `Family` (found by name in `icmoe.families`) and through the tensor
+specs it writes into the manifest; none of them names a family. A family is one folder under
+`icmoe/families/` whose `family.py` makes one `Family` from its declarations
+(`icmoe.families.contracts`); docs/families.md shows how to add one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional
 
-import numpy as np
-
-from icmoe.core.errors import IcmoeError
-from icmoe.core.specs import TensorSpec
+from icmoe.core.errors import FamilyError
+from icmoe.families.contracts import GraphSpec, ParitySpec, PrecisionSpec, TrainingSpec
 
 
-class FamilyError(IcmoeError, KeyError):
-    """An unknown model family or configuration; one line."""
+def lookup_config(configs: Mapping[str, Callable[[], Any]], family: str, name: str, **overrides: Any) -> Any:
+    """The configuration `name` of a family's `configs`, with fields overridden.
 
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    """Parity gates of one precision against eager FP32 (element-wise, Polygraphy's atol/rtol).
-
-    Attributes:
-      atol, rtol: every logit must satisfy
-        |candidate - reference| <= atol + scaled_atol * max|reference of its image| + rtol * |reference|.
-      scaled_atol: absolute tolerance in units of the image's largest |logit|: where logits cancel to
-        near zero, a lower precision's error is absolute, at the scale of the values that cancelled.
-      max_flipped: largest fraction of mask pixels (over the whole parity set) that may differ.
-      min_agreement: smallest share of images whose discrete choice (e.g. IC-MoE's chosen
-        candidate) must agree; None where the family has none.
-      min_class_dice: multi-class families: smallest Dice of any label against the reference's.
-      gate_logits: False where the logits are reported but the gate is on the labels only (a
-        lower precision that may route a token differently moves logits non-smoothly).
-      max_dice_change: held-out check (export.verify): on the family's labelled synthetic validation
-        images, the candidate's Dice against the ground truth (per class) may differ from eager FP32's
-        by at most this; None: not checked.
+    Raises:
+      FamilyError: an unknown name or field (one line listing the choices).
     """
-
-    atol: float
-    rtol: float
-    max_flipped: float
-    min_agreement: Optional[float] = None
-    scaled_atol: float = 0.0
-    min_class_dice: Optional[float] = None
-    gate_logits: bool = True
-    max_dice_change: Optional[float] = None
-
-    def replace(self, **changes: Any) -> "Tolerances":
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+    if name not in configs:
+        raise FamilyError(f"unknown {family} config {name!r}; choose from {', '.join(sorted(configs))}")
+    cfg = configs[name]()
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cfg)})
+    if unknown:
+        raise FamilyError(f"{family} configurations have no field {', '.join(unknown)}")
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
 @dataclass(frozen=True)
-class GraphPass:
-    """An ONNX graph pass a family applies before the TensorRT build.
+class Family:
+    """A model family.
 
     Attributes:
-      name: short name (recorded in the manifest).
-      output: file name of the rewritten graph in the build directory.
-      apply: (source ONNX path, destination path, manifest) -> None; writes the destination.
-      prepare: run in the building process before TensorRT parses the graph (e.g. register a plugin).
+      name: registry key, stored in checkpoints and manifests.
+      title: how people write it ("IC-MoE").
+      configs: size variant name -> builder of its configuration (a frozen dataclass whose class
+        has `family = name` and `from_dict`).
+      build: (config, *, sam_checkpoint=None) -> the model in eval mode on the CPU.
+      graph, precision, parity, training: the declarations (`icmoe.families.contracts`).
+      eager_name: label of the default eager structure ("shared" -> "eager-shared"; "" -> "eager").
+      variants: other eager structures of the same weights, name -> fn(model) -> model.
+      summarize: config -> parameters and FLOPs of one image; format_summary: that -> text.
     """
 
     name: str
-    output: str
-    apply: Callable[[Any, Any, Dict[str, Any]], None]
-    prepare: Optional[Callable[[], None]] = None
-
-
-class Family:
-    """Base class of a model family; subclasses fill in the attributes and methods below."""
-
-    name: str = ""
-    title: str = ""
-    configs: Mapping[str, Callable[[], Any]] = {}
-    # op types kept in FP32 wherever they occur in the FP16 graph
-    fp32_op_types: Tuple[str, ...] = ("LayerNormalization", "Softmax")
-    # aten ops torch-tensorrt's autocast keeps in FP32
-    fp32_aten_ops: Tuple[str, ...] = ("aten.native_layer_norm.default", "aten._softmax.default")
-    # the engine label of the default eager structure, and the other structures of the same weights
+    title: str
+    configs: Mapping[str, Callable[[], Any]]
+    build: Callable[..., Any]
+    graph: GraphSpec
+    precision: PrecisionSpec
+    parity: ParitySpec
+    training: TrainingSpec = field(default_factory=TrainingSpec)
     eager_name: str = ""
-    variants: Mapping[str, Callable[[Any], Any]] = {}
-    tensorrt_passes: Sequence[GraphPass] = ()
-    # extra build stages: (name, step(staging build dir, model, manifest)), run after the graphs are written
-    build_steps: Sequence[Tuple[str, Callable[[Any, Any, Dict[str, Any]], None]]] = ()
-
-    # ---------------------------------------------------------------- configurations
+    variants: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
+    summarize: Optional[Callable[[Any], Dict[str, Any]]] = None
+    format_summary: Callable[[Dict[str, Any]], str] = lambda s: "\n".join(f"{k}: {v}" for k, v in s.items())
 
     def get_config(self, name: str, **overrides: Any) -> Any:
         """A registered configuration (size variant), with fields overridden."""
-        if name not in self.configs:
-            raise FamilyError(f"unknown {self.name} config {name!r}; choose from {', '.join(sorted(self.configs))}")
-        cfg = self.configs[name]()
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cfg)})
-        if unknown:
-            raise FamilyError(f"{self.name} configurations have no field {', '.join(unknown)}")
-        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+        return lookup_config(self.configs, self.name, name, **overrides)
 
     def config_from_dict(self, d: Dict[str, Any]) -> Any:
-        raise NotImplementedError
-
-    # ---------------------------------------------------------------- models
-
-    def build(self, config: Any, *, sam_checkpoint: Optional[Any] = None) -> Any:
-        """A model of `config` in eval mode on the CPU (random init, or from SAM weights)."""
-        raise NotImplementedError
+        """The configuration a checkpoint or manifest stored (`to_dict`); its class is the variants'."""
+        cls = type(next(iter(self.configs.values()))())
+        return cls.from_dict(d)
 
     def eager_label(self, variant: Optional[str] = None) -> str:
         """Report label of an eager structure: "eager" or "eager-<name>" (IC-MoE: eager-shared, eager-naive)."""
@@ -148,166 +83,8 @@ class Family:
             raise FamilyError(f"{self.name} has no eager variant {name!r} (has: {', '.join(self.variants) or 'none'})")
         return self.variants[name](model)
 
-    def prepare_eager(self, model: Any, device: Any) -> None:
-        """Called when an eager engine moves `model` to `device` (e.g. to install fused CUDA ops)."""
-
-    # ---------------------------------------------------------------- graph contract
-
-    def inputs(self, config: Any) -> List[TensorSpec]:
-        raise NotImplementedError
-
-    def outputs(self, config: Any) -> List[TensorSpec]:
-        raise NotImplementedError
-
-    def export_module(self, model: Any) -> Any:
-        """An nn.Module taking the inputs (in order) and returning a tuple of the outputs (in order)."""
-        raise NotImplementedError
-
-    def example_inputs(self, config: Any, batch: int, seed: int = 0) -> Tuple[Any, ...]:
-        """Torch tensors for tracing, one per input spec (default: uniform 0..255 float32)."""
-        import torch
-
-        g = torch.Generator().manual_seed(seed)
-        return tuple(torch.rand(spec.concrete(batch), generator=g) * 255 for spec in self.inputs(config))
-
-    def class_names(self, config: Any) -> Optional[List[str]]:
-        """Names of the label values of the `mask` output (index = value, 0 = background) for a
-        multi-class family; None where `mask` is binary (0/1)."""
-        return None
-
-    def export_patches(self, model: Any) -> ContextManager[Any]:
-        """A context in which `model` traces to the graph the family wants (optimum's patchers),
-        e.g. attention over long sequences in query chunks; the model is unchanged afterwards."""
-        return contextlib.nullcontext()
-
-    def fp32_nodes(self, proto: Any) -> List[str]:
-        """Names of nodes of the FP32 graph `proto` that must stay FP32 in the FP16 graph."""
-        return []
-
-    # ---------------------------------------------------------------- checks
-
-    def synthetic_inputs(self, n: int, image_size: int, seed: int = 0) -> np.ndarray:
-        """`n` structured images (float32 (n, 3, S, S), RGB 0..255) like the family's real data."""
-        raise NotImplementedError
-
-    def synthetic_validation(self, n: int, image_size: int, seed: int = 0) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-        """`n` labelled images like `synthetic_inputs`, for held-out Dice: (images float32 (n, 3, S, S) RGB
-        0..255, ground truth uint8 (n, 1, S, S) in the `mask` output's values); None where the family has none."""
-        return None
-
-    def calibration_images(self, source: Any, n: int, image_size: int, seed: int = 0) -> np.ndarray:
-        """`n` real images for INT8 calibration, drawn (seeded) from a dataset folder or name the family reads.
-
-        Returns:
-          np.ndarray: float32 (n, 3, S, S), RGB 0..255 (fewer where the source has fewer).
-
-        Raises:
-          DataError: an empty, unknown or damaged source (one line naming it); FamilyError: no reader.
-        """
-        raise FamilyError(f"{self.title or self.name} cannot read calibration images (use the synthetic set)")
-
-    def tolerances(self, precision: str) -> Tolerances:
-        raise NotImplementedError
-
-    def parity_columns(self) -> List[Tuple[str, str, str]]:
-        """Figures of `compare`'s report that tables show beside max |dlogit| and flipped pixels:
-        (column header, report key, format spec; "%" specs print a share as a percentage)."""
-        return []
-
-    def compare(self, reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],
-                tolerances: Tolerances) -> Dict[str, Any]:
-        """Parity figures of `candidate` against eager FP32 `reference`, with "passed"."""
-        raise NotImplementedError
-
-    # ---------------------------------------------------------------- reports
-
-    def summarize(self, config: str, **overrides: Any) -> Dict[str, Any]:
-        raise NotImplementedError
-
-    def format_summary(self, summary: Dict[str, Any]) -> str:
-        return "\n".join(f"{k}: {v}" for k, v in summary.items())
-
-    # ---------------------------------------------------------------- training and evaluation
-    # Read by `icmoe.train` (the generic trainer) and `icmoe.evaluate`; a family that does not
-    # train keeps these defaults. Checkpoints, resume, DDP, logs and run folders stay the trainer's.
-
-    def recipes(self) -> Mapping[str, Any]:
-        """Training recipes: name -> `icmoe.train.Recipe` (optimizer, schedule, loss weights, augmentation).
-
-        Returns:
-          Mapping[str, Recipe]: in the order `--help` lists them; `paper` is the publication's.
-        """
-        raise FamilyError(f"{self.title or self.name} has no training recipes (it cannot be trained here)")
-
-    def pick_recipe(self, dataset: str, config: str) -> str:
-        """The recipe `--recipe auto` means for `dataset` and the size variant `config` (default "paper")."""
-        return "paper"
-
-    def datasets(self) -> Mapping[str, Dict[str, Any]]:
-        """The datasets the family trains and evaluates on: name -> the configuration fields that dataset
-        decides (e.g. a multi-class family's `num_classes` and `class_names`; {} where none).
-
-        Returns:
-          Mapping[str, dict]: the trainer refuses other names and builds the configuration with
-            `get_config(name, **datasets()[dataset])`.
-        """
-        return {}
-
-    def make_synthetic(self, dataset: str, root: Any, *, image_size: int) -> bool:
-        """Write the family's built-in synthetic set into `root` when `dataset` names it and `root` holds
-        none (no download). Called by one process (DDP rank 0) before any split is read.
-
-        Returns:
-          bool: True if it wrote the set.
-        """
-        return False
-
-    def load_split(self, dataset: str, root: Any, split: str, *, image_size: int, skip_bad: bool = False,
-                   progress: bool = True) -> Any:
-        """One split ("train", "val", and "test" where the dataset has one) read into memory.
-
-        Returns:
-          a torch Dataset: `ds[i]` -> (image float32 (3, S, S) RGB 0..255, target (the step's and
-            the evaluation's format, e.g. a (1, S, S) float mask or an (S, S) int64 label map), i);
-            `ds.skipped` lists what `skip_bad` dropped. Raises `DataError` naming the file at fault.
-        """
-        raise FamilyError(f"{self.title or self.name} has no datasets")
-
-    def train_step(self, model: Any, recipe: Any) -> Any:
-        """The training step of `model` (in train mode) under `recipe`.
-
-        Returns:
-          nn.Module containing `model`: forward(images (B, 3, S, S), target (B, ...)) -> dict of 0-dim
-            loss tensors with "loss" (the one minimised; the others are logged). Its parameters with
-            `requires_grad` are what the optimizer and the trainer state cover (training-only heads
-            included); `find_unused_parameters = True` on it where a forward may leave some without
-            gradient (e.g. routing), for DDP.
-        """
-        raise FamilyError(f"{self.title or self.name} has no training step")
-
-    def augmentation(self, recipe: Any, epoch: int, n: int) -> Optional[Callable[[Any, Any, Any], Tuple[Any, Any]]]:
-        """The training augmentation of (0-based) `epoch` over a split of `n` items, or None.
-
-        Returns:
-          fn(images (B, 3, S, S), target (B, ...), index (B,) dataset indices) -> (images, target) for a
-            batch (already on the device), a function of (recipe.seed, epoch, index) only, so a
-            resumed run and any number of DDP processes repeat it.
-        """
-        return None
-
-    def evaluate(self, model: Any, data: Any, *, batch_size: int = 8, device: Any = "cpu", rank: int = 0,
-                 world: int = 1, progress: bool = True, full: bool = True, overlays: Optional[Any] = None,
-                 n_overlays: int = 8) -> Any:
-        """The model (inference mode, as deployed) scored on a split from `load_split`.
-
-        Arguments:
-          rank, world: under DDP each rank evaluates its share and the figures are gathered, each
-            item counted once.
-          full: False for training's validation: only what the score needs (e.g. no HD95).
-          overlays, n_overlays: a folder for PNG pictures of the first `n_overlays` items, or None.
-
-        Returns:
-          `icmoe.evaluate.Evaluation`: `report` (JSON figures), `score` (the one figure training keeps
-            the best of, higher is better), `headline` (one line), `table` (console report), `overlays`.
-        """
-        raise FamilyError(f"{self.title or self.name} has no evaluation")
+    def summary(self, config: str, **overrides: Any) -> Dict[str, Any]:
+        """Parameters and FLOPs of one image of the size variant `config` (random weights)."""
+        if self.summarize is None:
+            raise FamilyError(f"{self.title} has no summary")
+        return self.summarize(self.get_config(config, **overrides))

@@ -31,10 +31,10 @@ def aoti_program(aoti_program_future):
 
 @pytest.fixture(scope="session")
 def labels_family():
-    """The multi-class toy family (tests/families/toy.py), registered for this session's tests."""
+    """The multi-class toy family (tests/icmoe/families/toy/), registered for this session's tests."""
     from icmoe.families import FAMILIES, get_family, register_family
 
-    register_family("toy_labels", "tests.families.toy:LABELS_FAMILY")
+    register_family("toy_labels", "tests.icmoe.families.toy:LABELS_FAMILY")
     yield get_family("toy_labels")
     FAMILIES.pop("toy_labels", None)
 

@@ -22,7 +22,7 @@ from PIL import Image
 from engines.cpp import read_mask, run_program
 from icmoe.data.images import model_input, read_image, resize_label
 from tests.engines.test_cpp_aoti import _expect_error, edit_package_metadata, parse_stdout
-from tests.families.toy import LABELS
+from tests.icmoe.families.toy import LABELS
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None,
                                 reason="needs cmake and a C++ compiler on PATH")
@@ -57,7 +57,7 @@ def reference(labels_package):
 def _content(labels_family, height, width, seed) -> np.ndarray:
     """(height, width, 3) uint8 pictures with the toy's kind of content (a bright disc on noise)."""
     side = max(height, width)
-    x = labels_family.synthetic_inputs(1, side, seed=seed)[0].transpose(1, 2, 0)
+    x = labels_family.parity.synthetic_inputs(1, side, seed=seed)[0].transpose(1, 2, 0)
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)[:height, :width]
 
 

@@ -18,7 +18,7 @@ import torch
 from engines.cpp import read_pgm, run_program, write_ppm
 from tests.engines.label_checks import check_label_mask
 from tests.engines.test_cpp_aoti import _expect_error, edit_package_metadata, parse_stdout, read_package_metadata
-from tests.families.toy import LABELS
+from tests.icmoe.families.toy import LABELS
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None,
                                 reason="needs cmake and a C++ compiler on PATH")
@@ -48,9 +48,9 @@ def program(package, aoti_program):
 def cases(model, labels_family, tmp_path_factory):
     """PPM files and eager (logits (3, S, S), mask (1, S, S)) on their exact (rounded) pixels."""
     folder = tmp_path_factory.mktemp("label_images")
-    x = np.clip(np.rint(labels_family.synthetic_inputs(N_IMAGES, SIZE, seed=3)), 0, 255).astype(np.float32)
+    x = np.clip(np.rint(labels_family.parity.synthetic_inputs(N_IMAGES, SIZE, seed=3)), 0, 255).astype(np.float32)
     with torch.no_grad():
-        logits, mask = labels_family.export_module(model)(torch.from_numpy(x))
+        logits, mask = labels_family.graph.export_module(model)(torch.from_numpy(x))
     return [(write_ppm(folder / f"img{i}.ppm", x[i]), logits[i].numpy(), mask[i].numpy()) for i in range(N_IMAGES)]
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from engines.cpp import SOURCE_DIR, build_programs
+from tests.helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake on PATH")
 

@@ -1,6 +1,6 @@
 """Multi-class masks through the manifest, the engines and the Triton configs.
 
-A build of the multi-class toy family (`toy_labels`, tests/families/toy.py: logits (B, 3, S, S), mask
+A build of the multi-class toy family (`toy_labels`, tests/icmoe/families/toy/: logits (B, 3, S, S), mask
 (B, 1, S, S) labels 0..2) records its label names in `model.classes`; every engine loaded from it
 carries them (`Engine.class_names`), and every Triton config written for it names them in its
 `parameters`, read back with Triton's own ModelConfig protobuf. Manifests without the field read as
@@ -29,7 +29,7 @@ from icmoe.core.manifest import (
 )
 from icmoe.core.specs import BATCH, TensorSpec
 from tests.engines.label_checks import check_label_mask
-from tests.families.toy import LABELS
+from tests.icmoe.families.toy import LABELS
 
 LOGIT_ATOL = 1e-4
 
@@ -94,7 +94,7 @@ def test_label_names_need_a_uint8_mask(tmp_path):
 
 
 def test_engines_carry_class_names(labels_build, labels_family):
-    images = labels_family.synthetic_inputs(3, 64, seed=1)
+    images = labels_family.parity.synthetic_inputs(3, 64, seed=1)
     assert BuildInfo(labels_build).class_names == LABELS
     with load_engine(labels_build, "eager") as eager, load_engine(labels_build, "onnxruntime", "fp32") as ort:
         ref, out = eager.infer(images), ort.infer(images)

@@ -25,7 +25,7 @@ N_IMAGES = 8
 
 
 def images(family, n=N_IMAGES, size=128, seed=3):
-    return family.synthetic_inputs(n, size, seed).astype(np.float32)
+    return family.parity.synthetic_inputs(n, size, seed).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_fp32_equals_eager_within_the_fp32_gates(request, fixture, family_name):
     with load_engine(build, "openvino", "fp32", threads=2) as engine:
         out = _in_batches(engine, x, batch)
         assert not engine.from_cache  # the shared builds have no cache: compiled from model.onnx
-    report = family.compare(ref, out, family.tolerances("fp32"))
+    report = family.parity.compare(ref, out, family.parity.tolerances("fp32"))
     assert report["passed"], report
     assert {k: v.dtype for k, v in out.items()} == {k: v.dtype for k, v in ref.items()}
 

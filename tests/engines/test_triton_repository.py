@@ -20,8 +20,9 @@ from engines.triton import (  # noqa: E402
     make_repository,
     parse_config,
 )
+from tests.helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.UINT8: mc.TYPE_UINT8,
                   onnx.TensorProto.INT32: mc.TYPE_INT32}
 

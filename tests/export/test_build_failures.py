@@ -124,6 +124,6 @@ def test_version_1_build_and_checkpoint_load_as_icmoe(tiny_build, tmp_path):
     assert read_manifest(dst)["model"]["family"] == "icmoe"
     assert icmoe.checkpoint.read_meta(dst / "checkpoint")["family"] == "icmoe"
     with load_engine(dst, "onnxruntime", "fp32") as ort, load_engine(dst, "eager") as eager:
-        x = icmoe.families.get_family("icmoe").synthetic_inputs(2, 128)
+        x = icmoe.families.get_family("icmoe").parity.synthetic_inputs(2, 128)
         assert (ort.infer(x)["expert"] == eager.infer(x)["expert"]).all()
     assert os.path.isabs(read_manifest(dst)["checkpoint"]["path"])

@@ -16,6 +16,9 @@ from export.onnx_export import initializer_stats
 from export.verify import parity_inputs, run_batched
 from icmoe.core.manifest import MANIFEST_NAME, artifact_path, read_manifest
 from icmoe.families import get_family
+from icmoe.families.icmoe import NaiveICMoE
+
+ICMOE = get_family("icmoe")
 
 FAMILY = get_family("icmoe")
 
@@ -39,7 +42,7 @@ def test_build_directory_layout(tiny_build, tiny_checkpoint):
     assert not [n for n in names if n.startswith(".") or n.endswith(".tmp")], names  # no leftovers
     m = read_manifest(tiny_build)
     assert m["version"] == 2 and m["model"]["family"] == "icmoe"
-    assert m["model"]["name"] == "tiny" and m["model"]["config"] == icmoe.get_config("tiny").to_dict()
+    assert m["model"]["name"] == "tiny" and m["model"]["config"] == ICMOE.get_config("tiny").to_dict()
     assert m["precision"] == "fp16" and m["image_size"] == 128 and m["opset"] == 18
     assert m["rewrites"] == ["padding_free_windows"]  # export.rewrite, on by default
     assert m["batch"] == {"min": 1, "opt": 2, "max": 4}
@@ -83,7 +86,7 @@ def test_graph_contract(tiny_build):
 
 def test_fp32_parity_with_eager(parity):
     images, outs = parity
-    r = FAMILY.compare(outs["eager"], outs["fp32"], FAMILY.tolerances("fp32"))
+    r = FAMILY.parity.compare(outs["eager"], outs["fp32"], FAMILY.parity.tolerances("fp32"))
     assert r["images"] == 64
     assert r["max_abs_logit"] <= 1e-3, r
     assert r["agreement"] == 1.0 and r["flipped"] <= 1e-4, r
@@ -95,7 +98,7 @@ def test_fp32_parity_with_eager(parity):
 
 def test_fp16_parity_with_eager(parity):
     _, outs = parity
-    r = FAMILY.compare(outs["eager"], outs["fp16"], FAMILY.tolerances("fp16"))
+    r = FAMILY.parity.compare(outs["eager"], outs["fp16"], FAMILY.parity.tolerances("fp16"))
     assert r["passed"] and r["logits_within_tol"], r
     assert r["flipped"] <= 5e-3 and r["agreement"] >= 0.95, r
     assert r["min_dice"] >= 0.99, r  # reported beside the gates
@@ -156,7 +159,7 @@ def test_frozen_weights_stored_once(tiny_build, tiny_checkpoint):
         checked += 1
     assert checked > 10
     # All stored bytes: about one shared model, far below three full experts.
-    naive_bytes = sum(t.numel() * 4 for t in icmoe.NaiveICMoE.from_shared(model).state_dict().values())
+    naive_bytes = sum(t.numel() * 4 for t in NaiveICMoE.from_shared(model).state_dict().values())
     shared_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
     got = initializer_stats(tiny_build / "model.onnx")["bytes"]
     assert got <= shared_bytes * 1.05, (got, shared_bytes)

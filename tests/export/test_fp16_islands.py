@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 from export.precision import tensor_types
-from icmoe.families.icmoe import FAMILY, voting_island
+from icmoe.families.icmoe.family import FAMILY, voting_island
 
 F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
@@ -69,4 +69,4 @@ def test_voting_and_fusion_are_fp32(graphs):
 
 
 def test_fp32_op_types_list_covers_layernorm_softmax():
-    assert {"LayerNormalization", "Softmax"} <= set(FAMILY.fp32_op_types)
+    assert {"LayerNormalization", "Softmax"} <= set(FAMILY.precision.fp32_op_types)

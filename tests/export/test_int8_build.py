@@ -32,8 +32,8 @@ from export import build as build_mod
 from export.build import BuildError, build
 from export.precision import tensor_types
 from export.quantize import QUANTIZED_OPS, int8_unavailable, kept_fp32
+from icmoe.core.errors import DataError
 from icmoe.core.manifest import read_manifest
-from icmoe.data.readers import DataError
 from icmoe.families import get_family
 from tests.helpers import flip_middle_byte, tree_digest
 from tests.skips import tensorrt_gpu_missing
@@ -97,7 +97,7 @@ def test_qdq_graph_is_explicit_int8_for_tensorrt(int8_build):
         assert zp.data_type == onnx.TensorProto.INT8 and not numpy_helper.to_array(zp).any(), n.name
     # Every matrix op outside the kept set reads a dequantized weight; biases stay FP32.
     kept = set(kept_fp32(fp32, family))
-    assert set(family.fp32_nodes(fp32)) | {n.name for n in fp32.graph.node if n.op_type in family.fp32_op_types} <= kept
+    assert set(family.precision.fp32_nodes(fp32)) | {n.name for n in fp32.graph.node if n.op_type in family.precision.fp32_op_types} <= kept
     matrix = [n for n in g.node if n.op_type in QUANTIZED_OPS and n.name not in kept]
     assert matrix and all(producer.get(n.input[1]) is not None and producer[n.input[1]].op_type == "DequantizeLinear"
                           for n in matrix)
@@ -125,7 +125,7 @@ def test_qdq_graph_is_explicit_int8_for_tensorrt(int8_build):
 
 def test_int8_engines_run_both_graphs(int8_build):
     family = get_family("icmoe")
-    x = family.synthetic_inputs(4, 128, seed=5).astype(np.float32)
+    x = family.parity.synthetic_inputs(4, 128, seed=5).astype(np.float32)
     with load_engine(int8_build, "eager") as eager:
         ref = eager.infer(x)
     for backend in ("onnxruntime", "openvino"):
@@ -152,7 +152,7 @@ def test_triton_openvino_model_serves_the_int8_ir(int8_build, tmp_path):
     assert cfg.backend == "openvino" and cfg.default_model_filename == "model.xml"
     assert cfg.parameters["INFERENCE_PRECISION_HINT"].string_value == "f32"
     assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.bin", "model.xml"]
-    x = get_family("icmoe").synthetic_inputs(2, 128, seed=6).astype(np.float32)
+    x = get_family("icmoe").parity.synthetic_inputs(2, 128, seed=6).astype(np.float32)
     compiled = ov.Core().compile_model(str(model_dir / "1" / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     served = compiled(x)
     with load_engine(int8_build, "openvino", "int8") as engine:
@@ -220,19 +220,19 @@ def test_calibration_images_from_a_2d_dataset_or_folder(tmp_path):
 
     family = get_family("icmoe")
     make_synthetic_dataset(tmp_path / "synthetic", n_train=6, n_val=2, size=32, seed=0)
-    a = family.calibration_images(tmp_path / "synthetic", 4, 64, seed=0)
+    a = family.precision.calibration_images(tmp_path / "synthetic", 4, 64, seed=0)
     assert a.shape == (4, 3, 64, 64) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 255
-    np.testing.assert_array_equal(a, family.calibration_images(str(tmp_path / "synthetic"), 4, 64, seed=0))
-    assert not np.array_equal(a, family.calibration_images(tmp_path / "synthetic", 4, 64, seed=1))
-    assert len(family.calibration_images(tmp_path / "synthetic", 64, 64, seed=0)) == 6  # the training split only
+    np.testing.assert_array_equal(a, family.precision.calibration_images(str(tmp_path / "synthetic"), 4, 64, seed=0))
+    assert not np.array_equal(a, family.precision.calibration_images(tmp_path / "synthetic", 4, 64, seed=1))
+    assert len(family.precision.calibration_images(tmp_path / "synthetic", 64, 64, seed=0)) == 6  # the training split only
     plain = tmp_path / "plain"
     plain.mkdir()
     for p in sorted((tmp_path / "synthetic").rglob("*.png"))[:3]:
         shutil.copy(p, plain / p.name.replace(" ", "_"))
-    assert family.calibration_images(plain, 8, 32, seed=0).shape == (3, 3, 32, 32)
+    assert family.precision.calibration_images(plain, 8, 32, seed=0).shape == (3, 3, 32, 32)
     _write_damaged_png(plain)
     with pytest.raises(DataError, match="case_001.png"):
-        family.calibration_images(plain, 8, 32, seed=0)
+        family.precision.calibration_images(plain, 8, 32, seed=0)
 
 
 def test_calibration_slices_from_a_3d_dataset(tmp_path):
@@ -240,12 +240,12 @@ def test_calibration_slices_from_a_3d_dataset(tmp_path):
 
     family = get_family("moesam")
     root = make_synthetic_volumes(tmp_path / "synthetic3d", n_train=2, n_test=1, size=32, depth=4, seed=0)
-    a = family.calibration_images(root, 3, 32, seed=0)
+    a = family.precision.calibration_images(root, 3, 32, seed=0)
     assert a.shape == (3, 3, 32, 32) and a.dtype == np.float32 and a.max() <= 255
     np.testing.assert_array_equal(a[:, 0], a[:, 2])  # gray slices repeated to RGB
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no volumes of a known 3-D dataset"):
-        family.calibration_images(tmp_path / "empty", 5, 32, seed=0)
+        family.precision.calibration_images(tmp_path / "empty", 5, 32, seed=0)
 
 
 # ------------------------------------------------------------------------------------------ accuracy (slow)
@@ -262,7 +262,7 @@ def _verified(report, labels):
 
 @pytest.mark.slow
 def test_trained_tiny_passes_int8_verify(tmp_path_factory):
-    from icmoe.train import train
+    from icmoe.training import train
 
     root = tmp_path_factory.mktemp("train_int8")
     summary = train(dataset="synthetic", data_root=root / "data", out=root / "run", config="tiny", epochs=3,
@@ -276,7 +276,7 @@ def test_trained_tiny_passes_int8_verify(tmp_path_factory):
 @pytest.mark.slow
 def test_trained_moesam_passes_int8_verify(tmp_path_factory):
     from icmoe.data.synthetic_volumes import make_synthetic_volumes
-    from icmoe.train import train
+    from icmoe.training import train
 
     root = tmp_path_factory.mktemp("moesam_int8")
     data = make_synthetic_volumes(root / "synthetic3d", n_train=4, n_test=1, size=64, depth=8, seed=0)
@@ -302,7 +302,7 @@ def test_tensorrt_builds_the_strongly_typed_int8_engine(int8_build, tmp_path):
     shutil.copytree(int8_build, copy)
     plan = build_engine(copy, onnx_name="model.int8.onnx", batch=(1, 2, 4), settings=EngineSettings(progress=False))
     assert read_manifest(copy)["artifacts"][plan.name]["precision"] == "int8"
-    x = get_family("icmoe").synthetic_inputs(4, 128, seed=5).astype(np.float32)
+    x = get_family("icmoe").parity.synthetic_inputs(4, 128, seed=5).astype(np.float32)
     with load_engine(copy, "onnxruntime", "int8") as ort_engine:
         ref = ort_engine.infer(x)
     with load_engine(copy, "tensorrt", "int8") as trt_engine:

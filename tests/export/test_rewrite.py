@@ -8,30 +8,29 @@ import torch
 from segment_anything.modeling.image_encoder import Block
 from torch.utils.flop_counter import FlopCounterMode
 
-import icmoe
 from export.onnx_export import export_onnx
-from export.rewrite import (
-    PaddingFreeWindowAttention,
-    PaddingFreeWindowBlock,
-    padding_free_windows,
-)
+from export.rewrite import PaddingFreeWindowAttention, PaddingFreeWindowBlock, padding_free_windows
+from icmoe.families import get_family
+from icmoe.families.icmoe import NaiveICMoE, build_icmoe
+
+ICMOE = get_family("icmoe")
 
 # tiny with 6x6 windows: the 16x16 token grid pads to 18x18 (as vit_b's 16x16 pads to 28x28)
-PADDED = icmoe.get_config("tiny", window_size=6)
+PADDED = ICMOE.get_config("tiny", window_size=6)
 
 
 def _distinct_model(config=PADDED, naive: bool = False, seed: int = 0):
     """Random model whose trainable parts differ from the frozen ViT and whose rel-pos tables are non-zero
     (SAM zero-initialises them, which would hide a wrong rel-pos window)."""
     torch.manual_seed(seed)
-    model = icmoe.build_icmoe(config)
+    model = build_icmoe(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "rel_pos" in name:
                 p.normal_(0.0, 0.5)
             elif not name.startswith("encoder.vit."):
                 p.add_(torch.randn_like(p) * 1e-2)
-    model = icmoe.NaiveICMoE.from_shared(model) if naive else model
+    model = NaiveICMoE.from_shared(model) if naive else model
     return model.eval()
 
 
@@ -74,7 +73,7 @@ def test_model_restored_and_weights_shared():
 
 
 def test_only_windowed_blocks():
-    block = icmoe.build_icmoe("tiny").encoder.vit.blocks[icmoe.get_config("tiny").global_attn_indexes[0]]
+    block = build_icmoe("tiny").encoder.vit.blocks[ICMOE.get_config("tiny").global_attn_indexes[0]]
     assert block.window_size == 0
     with pytest.raises(ValueError, match="windowed"):
         PaddingFreeWindowBlock(block=block)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from icmoe.voting import plugin, ppav
+from icmoe.families.icmoe.voting import plugin, ppav
 from tests.skips import tensorrt_gpu_missing
 
 REASON = tensorrt_gpu_missing()
@@ -45,15 +45,9 @@ def test_plugin_only_graph_is_valid():
 @needs_trt
 @pytest.mark.parametrize("balance", [False, True])
 def test_aot_plugin_in_tensorrt_equals_reference(tmp_path, balance):
-    from polygraphy.backend.trt import (
-        CreateConfig,
-        EngineFromNetwork,
-        NetworkFromOnnxPath,
-        Profile,
-        TrtRunner,
-    )
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
 
-    from tests.icmoe.voting.test_kernel import CASES, make_inputs
+    from tests.icmoe.families.icmoe.voting.test_kernel import CASES, make_inputs
 
     size = 64
     path = tmp_path / "plugin_only.onnx"

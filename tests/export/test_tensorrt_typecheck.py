@@ -22,11 +22,12 @@ from pathlib import Path
 import pytest
 
 from icmoe.core.fetch import FetchError, unpacked
+from tests.helpers import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = REPO_ROOT
 STUBS = "tensorrt-stubs"  # pinned in icmoe.core.fetch.PINS
 REPAIR_TAG = "repaired-1"  # names repair_stub's rules: change it when they change, to re-unpack the cache
-TENSORRT_MODULES = ["export/tensorrt.py", "engines/tensorrt.py", "icmoe/voting/plugin.py", "export/torch_tensorrt.py"]
+TENSORRT_MODULES = ["export/tensorrt.py", "engines/tensorrt.py", "icmoe/families/icmoe/voting/plugin.py", "export/torch_tensorrt.py"]
 _KEYWORDS = "|".join(k for k in keyword.kwlist if k.islower())
 
 

@@ -39,7 +39,7 @@ def scaled(tmp_path_factory):
 
 def _run(model, path, images):
     cfg = model.config
-    with OnnxRuntimeEngine(path=path, inputs=FAMILY.inputs(cfg), outputs=FAMILY.outputs(cfg)) as engine:
+    with OnnxRuntimeEngine(path=path, inputs=FAMILY.graph.inputs(cfg), outputs=FAMILY.graph.outputs(cfg)) as engine:
         return run_batched(engine, images, 4)
 
 
@@ -61,20 +61,20 @@ def test_the_exported_graph_passes_every_gate(scaled):
     model, path, reference, images = scaled
     out = _run(model, path, images)
     for precision in ("fp32", "fp16"):
-        report = FAMILY.compare(reference, out, FAMILY.tolerances(precision))
+        report = FAMILY.parity.compare(reference, out, FAMILY.parity.tolerances(precision))
         assert report["passed"], (precision, report)
 
 
 def test_a_cast_to_fp16_in_the_wrong_place_fails_the_fp16_gates(scaled, tmp_path):
     model, path, reference, images = scaled
     out = _run(model, _with_fp16_round_trip(path, tmp_path / "defect.onnx"), images)
-    report = FAMILY.compare(reference, out, FAMILY.tolerances("fp16"))
+    report = FAMILY.parity.compare(reference, out, FAMILY.parity.tolerances("fp16"))
     assert not report["passed"] and not report["logits_within_tol"], report
     assert report["flipped"] > 5e-3  # the masks say so too
 
 
 def test_tolerances_are_what_the_docs_state():
-    fp32, fp16 = FAMILY.tolerances("fp32"), FAMILY.tolerances("fp16")
+    fp32, fp16 = FAMILY.parity.tolerances("fp32"), FAMILY.parity.tolerances("fp16")
     assert (fp32.atol, fp32.rtol, fp32.max_flipped, fp32.min_agreement) == (1e-3, 1e-4, 1e-4, 1.0)
     assert fp16.rtol == fp16.scaled_atol == 16 * 2.0 ** -11 and fp16.max_flipped == 5e-3
     # a logit of 100 off by 5e-3 passes FP32 (rounding at that scale), a logit of 0.1 off by 5e-3 does not
@@ -82,6 +82,6 @@ def test_tolerances_are_what_the_docs_state():
 
     def passes(offset):
         out = {"logits": ref + np.array(offset, np.float32), "mask": ref > 0, "expert": np.zeros(1)}
-        return FAMILY.compare({"logits": ref, "mask": ref > 0, "expert": np.zeros(1)}, out, fp32)["passed"]
+        return FAMILY.parity.compare({"logits": ref, "mask": ref > 0, "expert": np.zeros(1)}, out, fp32)["passed"]
 
     assert passes([[5e-3, 0]]) and not passes([[0, 5e-3]])

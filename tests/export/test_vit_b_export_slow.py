@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from icmoe.families.icmoe import build_icmoe
+
 pytestmark = pytest.mark.slow
 
 
@@ -20,7 +22,7 @@ def vit_b_build(tmp_path_factory):
     from export.build import build
 
     torch.manual_seed(0)
-    model = icmoe.build_icmoe("vit_b")
+    model = build_icmoe("vit_b")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in (list(model.encoder.semantic_tail.parameters()) + list(model.decoders.parameters())

@@ -8,7 +8,11 @@ import pytest
 import torch
 
 import icmoe
-from icmoe import CheckpointError, build_icmoe, get_config, save_checkpoint
+from icmoe import CheckpointError, save_checkpoint
+from icmoe.families import get_family
+from icmoe.families.icmoe import NaiveICMoE, build_icmoe
+
+ICMOE = get_family("icmoe")
 
 
 @pytest.fixture(scope="module")
@@ -92,5 +96,5 @@ def test_mismatching_model_refused(saved, tmp_path):
 def test_naive_load_matches(saved):
     _, path = saved
     naive = icmoe.load(path, variant="naive")
-    assert isinstance(naive, icmoe.NaiveICMoE)
-    assert naive.config == get_config("tiny")
+    assert isinstance(naive, NaiveICMoE)
+    assert naive.config == ICMOE.get_config("tiny")

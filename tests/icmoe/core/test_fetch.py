@@ -6,14 +6,14 @@ import hashlib
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
 from icmoe.core import fetch
 from icmoe.core.fetch import FetchError, Pin
+from tests.helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = REPO_ROOT
 
 
 @pytest.fixture

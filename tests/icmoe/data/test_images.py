@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icmoe.data.dataset import load_image
+from icmoe.core.errors import DataError
 from icmoe.core.extras import MissingExtra
+from icmoe.data.dataset import load_image
 from icmoe.data.images import (
     model_input,
     picture_from_array,
@@ -22,7 +23,6 @@ from icmoe.data.images import (
     resize_rgb,
     write_nifti_labels,
 )
-from icmoe.data.readers import DataError
 from tests.icmoe.data.samples import AFFINE, write_dicom, write_nifti, write_samples
 
 pytest.importorskip("pydicom", reason="needs pydicom (the dicom extra)")

@@ -1,0 +1,83 @@
+"""`python -m engines.predict BUILD_OR_CHECKPOINT INPUTS... --out DIR`: the predict command (docs/predict.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+from engines import BACKENDS
+from engines.predict.files import PredictOptions, predict_files
+from icmoe.core import cli
+from icmoe.core.manifest import PRECISIONS
+
+log = logging.getLogger("engines.predict")
+
+def _window(text: Optional[str]) -> Optional[Tuple[float, float]]:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise cli.UsageError(f"--window must be LOW,HIGH (two numbers), got {text!r}") from None
+    if not lo < hi:
+        raise cli.UsageError(f"--window {text}: LOW must be below HIGH")
+    return lo, hi
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = cli.parser("python -m engines.predict", "Segment image files (PNG, JPEG, BMP, TIFF, DICOM, NIfTI) with a "
+                   "build, a checkpoint or a Triton server; write masks at the images' own sizes.")
+    p.add_argument("source", type=Path, metavar="BUILD_OR_CHECKPOINT",
+                   help="a build directory (python -m export.build) or a checkpoint folder (eager)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--out", type=Path, required=True, help="output folder (masks mirror the inputs' relative paths)")
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                   help="engine of the build (auto: TensorRT where the build has a plan this host runs, else "
+                        "ONNX Runtime; a checkpoint: eager)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default=None, help="graph precision (default: the build's)")
+    p.add_argument("--batch-size", type=int, default=None, help="pictures per batch (default 8 within the build's range)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of eager/ONNX Runtime (default: all usable)")
+    p.add_argument("--overlay", action="store_true", help="also write overlay PNGs (to <out>/overlays)")
+    p.add_argument("--overlay-dir", type=Path, default=None, metavar="DIR", help="write the overlays here (implies --overlay)")
+    p.add_argument("--skip-bad", action="store_true", help="report unreadable files and go on (else stop at the first)")
+    p.add_argument("--window", default=None, metavar="LOW,HIGH",
+                   help="NIfTI intensity window mapped to 0..255 (e.g. CT: --window=-150,500); default each "
+                        "slice's min..max")
+    p.add_argument("--server", default=None, metavar="URL", help="a Triton server (host:port, http://, grpc://)")
+    p.add_argument("--protocol", choices=["http", "grpc"], default=None,
+                   help="with --server (default: from the URL's scheme; port 8001 means grpc)")
+    p.add_argument("--model-name", default=None, help="with --server: the repository model (default <family>_<kind>)")
+    p.add_argument("--concurrency", type=int, default=1, help="with --server: requests in flight (default 1)")
+    cli.add_json(p)
+    cli.add_progress(p)
+    return p
+
+
+def _options(a: argparse.Namespace) -> PredictOptions:
+    if a.concurrency < 1 or (a.threads is not None and a.threads < 1):
+        raise cli.UsageError(f"need --concurrency >= 1 and --threads >= 1, got {a.concurrency} and {a.threads}")
+    if a.server is None and (a.protocol or a.model_name or a.concurrency != 1):
+        raise cli.UsageError("--protocol, --model-name and --concurrency need --server")
+    overlays = a.overlay_dir or (a.out / "overlays" if a.overlay else None)
+    return PredictOptions(out=a.out, backend=a.backend, precision=a.precision, threads=a.threads,
+                          batch_size=a.batch_size, overlays=overlays, skip_bad=a.skip_bad, window=_window(a.window),
+                          server=a.server, protocol=a.protocol, model_name=a.model_name, concurrency=a.concurrency,
+                          progress=not a.no_progress)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    a = _parser().parse_args(argv)
+    cli.setup_logging(a.verbosity)
+    report = predict_files(a.source, a.inputs, _options(a))
+    cli.write_json(report, a.json)
+    t = report["totals"]
+    skipped = f", {t['skipped']} skipped" if t["skipped"] else ""
+    log.info(f"{t['images']} images from {t['files']} files in {t['seconds']:.2f} s "
+             f"({t['images_per_s'] or 0:.1f} images/s, {report['engine']}){skipped}; masks in {report['out']}")
+    return cli.EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli.run(_main, argv)

@@ -1,0 +1,297 @@
+"""Prediction on pictures of any size: the batching path shared by the Python API (`predict`), the predict
+command and its Triton client (`engines.triton.client`).
+
+A picture (`icmoe.data.images.Picture`: an image, a frame of a multi-frame file, a slice of a volume) is
+resized to the model's input as training resizes it, run in batches within the model's batch range
+(a short batch is padded with copies, dropped afterwards), and its mask resized back to the
+picture's size by nearest neighbour. `Contract` is what this needs to know of a model, from an engine
+or a build's manifest; a runner (`LocalRunner`, or `engines.triton.client.TritonRunner`) runs the batches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from engines.base import Engine
+from engines.errors import EngineError
+from icmoe.core import cli
+from icmoe.core.errors import IcmoeError
+from icmoe.core.specs import BATCH
+from icmoe.data.images import Picture, model_input, picture_from_array, picture_from_pil, read_images, resize_label
+
+DEFAULT_BATCH = 8
+MASK_OUTPUT = "mask"
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class Prediction:
+    """The result for one picture (an image, or one frame or slice of a file).
+
+    Attributes:
+      mask: uint8 (H, W) at the picture's own size: 0/1 for a binary model, label values for a multi-class one.
+      source: the file (or "<array i>", "<image i>" for an image given in memory).
+      frame: frame or slice index in a multi-frame file, None for a single image.
+      fractions: share of the picture's pixels per foreground class name (binary: {"foreground": f}).
+      choice: the graph's per-image outputs (shape (batch,) only), by output name, e.g. a chosen candidate.
+      seconds: this picture's share of its batch's inference time (the request's, with a server).
+    """
+
+    mask: np.ndarray
+    source: str
+    frame: Optional[int]
+    fractions: Dict[str, float]
+    choice: Dict[str, int]
+    seconds: float
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        """(H, W)."""
+        return int(self.mask.shape[0]), int(self.mask.shape[1])
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-able figures (the mask left out)."""
+        return {"path": self.source, "frame": self.frame, "size": list(self.size), "fractions": self.fractions,
+                "choice": self.choice, "seconds": round(self.seconds, 6)}
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What prediction needs to know of a model, from its engine or its build's manifest.
+
+    Attributes:
+      image_size: side S of the square input.
+      batch_range: (min, max) batch, max None for any.
+      labels: (value, name) of each foreground label: binary [(1, "foreground")].
+      choice: names of the per-image outputs (shape (batch,)).
+      class_names: the engine's label names (None: binary).
+    """
+
+    image_size: int
+    batch_range: Tuple[int, Optional[int]]
+    labels: Tuple[Tuple[int, str], ...]
+    choice: Tuple[str, ...]
+    class_names: Optional[Tuple[str, ...]]
+
+    @classmethod
+    def of(cls, inputs: Sequence[Any], outputs: Sequence[Any], batch_range: Optional[Tuple[int, int]],
+           class_names: Optional[Sequence[str]]) -> "Contract":
+        """From an engine's or a manifest's tensor specs, batch range (None: any) and label names."""
+        names = [o.name for o in outputs]
+        if MASK_OUTPUT not in names:
+            raise EngineError(f"this model has no {MASK_OUTPUT!r} output (has: {', '.join(names)}); nothing to predict")
+        labels = [(1, "foreground")] if class_names is None else list(enumerate(class_names))[1:]
+        lo, hi = batch_range if batch_range is not None else (1, None)
+        return cls(int(inputs[0].shape[-1]), (int(lo), hi), tuple(labels),
+                   tuple(o.name for o in outputs if tuple(o.shape) == (BATCH,)),
+                   None if class_names is None else tuple(class_names))
+
+    @property
+    def binary(self) -> bool:
+        return self.class_names is None
+
+    def batch_size(self, wanted: Optional[int]) -> int:
+        """`wanted` checked against the batch range, or the default (DEFAULT_BATCH within the range)."""
+        lo, hi = self.batch_range
+        if wanted is None:
+            return max(lo, min(DEFAULT_BATCH, hi or DEFAULT_BATCH))
+        if wanted < 1 or wanted < lo or (hi is not None and wanted > hi):
+            raise cli.UsageError(f"--batch-size {wanted} is outside this model's batch range {lo}..{hi or 'any'}")
+        return int(wanted)
+
+
+def engine_contract(engine: Engine) -> Contract:
+    return Contract.of(engine.inputs, engine.outputs, engine.batch_range, engine.class_names)
+
+
+def label_fractions(mask: np.ndarray, labels: Sequence[Tuple[int, str]]) -> Dict[str, float]:
+    """Share of `mask`'s pixels holding each (value, name) label."""
+    counts = np.bincount(mask.ravel(), minlength=max(v for v, _ in labels) + 1)
+    return {name: float(counts[v]) / mask.size for v, name in labels}
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+class LocalRunner:
+    """Runs batches on an engine in this process, one at a time.
+
+    `submit(images float32 (B, 3, S, S), whole)` -> a done Future of ({output name: array}, seconds).
+    """
+
+    concurrency = 1
+
+    def __init__(self, engine: Engine, *, owned: bool = False) -> None:
+        self.engine = engine
+        self.owned = owned  # deactivate the engine on close (it was opened for this run)
+        self.label = engine.name
+
+    def submit(self, images: np.ndarray, whole: bool) -> "Future[Tuple[Dict[str, np.ndarray], float]]":
+        t0 = time.perf_counter()
+        out = self.engine.infer(images)
+        done: Future = Future()
+        done.set_result((out, time.perf_counter() - t0))
+        return done
+
+    def check_batch(self, batch_size: int) -> None:
+        """The engine checks every batch itself."""
+
+    def close(self) -> None:
+        if self.owned:
+            self.engine.deactivate()
+
+
+# ----------------------------------------------------------------------------- the batching pipeline
+
+
+@dataclass
+class _Job:
+    key: Any
+    pictures: List[Picture]
+    results: List[Optional[Prediction]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.pictures)
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.results)
+
+
+class _Pipeline:
+    """Pictures of many jobs (files) in batches, up to the runner's concurrency in flight, jobs back in order."""
+
+    def __init__(self, runner: Any, contract: Contract, batch_size: int) -> None:
+        self.runner, self.contract, self.batch_size = runner, contract, batch_size
+        self.jobs: Deque[_Job] = deque()
+        self.pending: List[Tuple[_Job, int]] = []
+        self.in_flight: Deque[Tuple[Future, List[Tuple[_Job, int]]]] = deque()
+
+    def add(self, key: Any, pictures: List[Picture]) -> Iterator[Tuple[Any, List[Prediction]]]:
+        """Queue a job's pictures; yields the jobs finished meanwhile."""
+        job = _Job(key, pictures)
+        self.jobs.append(job)
+        for k in range(len(pictures)):
+            self.pending.append((job, k))
+            if len(self.pending) == self.batch_size:
+                self._submit()
+        yield from self._finished()
+
+    def flush(self) -> Iterator[Tuple[Any, List[Prediction]]]:
+        """Run what is queued; yields the remaining jobs."""
+        if self.pending:
+            self._submit()
+        while self.in_flight:
+            self._collect(*self.in_flight.popleft())
+        yield from self._finished()
+
+    def _submit(self) -> None:
+        items, self.pending = self.pending, []
+        pics = [job.pictures[k] for job, k in items]
+        x = np.stack([model_input(p, self.contract.image_size) for p in pics])  # (B, 3, S, S)
+        short = self.contract.batch_range[0] - len(items)
+        if short > 0:  # below the build's smallest batch: pad with copies, dropped afterwards
+            x = np.concatenate([x, np.repeat(x[-1:], short, axis=0)])
+        whole = all(p.pixels.dtype == np.uint8 for p in pics)  # whole numbers: a uint8 request carries them exactly
+        self.in_flight.append((self.runner.submit(x, whole), items))
+        while len(self.in_flight) > max(1, self.runner.concurrency):
+            self._collect(*self.in_flight.popleft())
+
+    def _collect(self, future: Future, items: List[Tuple[_Job, int]]) -> None:
+        out, seconds = future.result()
+        s = self.contract.image_size
+        masks = np.asarray(out[MASK_OUTPUT]).reshape(-1, s, s)  # (B, S, S): the mask's channel axis is 1
+        for i, (job, k) in enumerate(items):
+            pic = job.pictures[k]
+            mask = resize_label(masks[i], pic.size).astype(np.uint8)
+            job.results[k] = Prediction(
+                mask=mask, source=pic.source, frame=pic.frame, seconds=seconds / len(items),
+                fractions=label_fractions(mask, self.contract.labels),
+                choice={n: int(np.asarray(out[n]).reshape(-1)[i]) for n in self.contract.choice})
+
+    def _finished(self) -> Iterator[Tuple[Any, List[Prediction]]]:
+        while self.jobs and self.jobs[0].done:
+            job = self.jobs.popleft()
+            yield job.key, list(job.results)  # type: ignore[arg-type]
+
+
+def predict_jobs(jobs: Iterable[Tuple[Any, List[Picture]]], runner: Any, contract: Contract, *,
+                 batch_size: int) -> Iterator[Tuple[Any, List[Prediction]]]:
+    """Predict the pictures of many jobs (e.g. files) in batches; the shared path of the API and the command.
+
+    Arguments:
+      jobs: (key, pictures) pairs, read lazily; an error raised while reading one (`DataError`,
+        `MissingExtra`) ends the run after the jobs before it are finished and yielded.
+      runner: `LocalRunner` or `TritonRunner`.
+      contract: the model's input size, batch range, labels and per-image outputs.
+      batch_size: pictures per batch (checked against the contract by the caller).
+
+    Returns:
+      iterator of (key, [Prediction per picture]) in the jobs' order.
+    """
+    pipe = _Pipeline(runner, contract, batch_size)
+    it = iter(jobs)
+    while True:
+        try:
+            key, pictures = next(it)
+        except StopIteration:
+            break
+        except IcmoeError:  # a bad file, or a missing extra (DICOM without pydicom)
+            yield from pipe.flush()  # what was read before it is finished and written first
+            raise
+        yield from pipe.add(key, pictures)
+    yield from pipe.flush()
+
+
+# ----------------------------------------------------------------------------- the Python API
+
+
+def pictures_of(image: Any, index: int = 0, *, window: Optional[Tuple[float, float]] = None) -> List[Picture]:
+    """The pictures of one input: a path (every frame or slice of the file), a PIL image, or a uint8/uint16
+    array (H, W), (H, W, 3) or (H, W, 4) (see `icmoe.data.images`)."""
+    if isinstance(image, (str, Path)):
+        return read_images(image, window=window).pictures
+    if isinstance(image, Image.Image):
+        return [picture_from_pil(image, f"<image {index}>")]
+    if hasattr(image, "detach"):  # a torch tensor, without importing torch here
+        image = image.detach().cpu().numpy()
+    return [picture_from_array(image, f"<array {index}>")]
+
+
+def predict(engine: Engine, images: Any, *, batch_size: Optional[int] = None,
+            window: Optional[Tuple[float, float]] = None) -> List[Prediction]:
+    """Masks of images of any size at their own sizes.
+
+    Arguments:
+      engine: any engine (activated here if it is not).
+      images: one image or a list: paths (PNG, JPEG, BMP, TIFF, DICOM, NIfTI), PIL images, or uint8/uint16
+        arrays (H, W), (H, W, 3), (H, W, 4).
+      batch_size: pictures per batch (default: 8 within the engine's batch range).
+      window: (low, high) intensity window for NIfTI volumes; default each slice's min..max.
+
+    Returns:
+      list of Prediction, one per picture: one per image, and one per frame or slice of a multi-frame
+      file or volume (`.source`, `.frame` say which).
+
+    Raises:
+      DataError: an unreadable file or unsupported array (one line naming it); InputError/EngineError from the engine.
+    """
+    single = isinstance(images, (str, Path, Image.Image, np.ndarray)) or hasattr(images, "detach")
+    items = [images] if single else list(images)
+    contract = engine_contract(engine)
+    jobs = ((i, pictures_of(x, i, window=window)) for i, x in enumerate(items))
+    out: List[Prediction] = []
+    for _, preds in predict_jobs(jobs, LocalRunner(engine.activate()), contract,
+                                 batch_size=contract.batch_size(batch_size)):
+        out.extend(preds)
+    return out
