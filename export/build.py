@@ -272,7 +272,8 @@ def stage_load(state: BuildState) -> None:
     manifest = new_manifest(family=state.family.name, config=state.config.to_dict(), precision=o.precision,
                             inputs=state.family.graph.inputs(state.config), outputs=state.family.graph.outputs(state.config),
                             opset=o.opset, batch=o.batch, checkpoint=ck,
-                            class_names=state.family.graph.class_names(state.config))
+                            class_names=state.family.graph.class_names(state.config),
+                            segment_codes=state.family.graph.segment_codes(state.config))
     manifest.update(backend=state.backend, rewrites=list(REWRITES) if o.rewrite else [], variant=o.variant)
     write_manifest(state.staging, manifest)
     log.info(f"load: {state.family.title} {state.config.name} "

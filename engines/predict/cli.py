@@ -9,6 +9,8 @@ from typing import Optional, Sequence, Tuple
 
 from engines import BACKENDS
 from engines.predict.files import PredictOptions, predict_files
+from engines.predict.seg import SEG_TYPES
+from engines.predict.series import FORMATS
 from icmoe.core import cli
 from icmoe.core.manifest import PRECISIONS
 
@@ -43,8 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay-dir", type=Path, default=None, metavar="DIR", help="write the overlays here (implies --overlay)")
     p.add_argument("--skip-bad", action="store_true", help="report unreadable files and go on (else stop at the first)")
     p.add_argument("--window", default=None, metavar="LOW,HIGH",
-                   help="NIfTI intensity window mapped to 0..255 (e.g. CT: --window=-150,500); default each "
-                        "slice's min..max")
+                   help="NIfTI and DICOM series intensity window mapped to 0..255 (e.g. CT: --window=-150,500); "
+                        "default a DICOM slice's own window, else each slice's min..max")
+    p.add_argument("--format", default="auto", choices=FORMATS, dest="fmt",
+                   help="auto: DICOM SEG for DICOM series, NIfTI for NIfTI, PNG for pictures; png: PNG for "
+                        "every picture; seg: DICOM SEG (DICOM series only)")
+    p.add_argument("--seg-type", default="binary", choices=SEG_TYPES,
+                   help="DICOM SEG type: binary masks, or fractional (probabilities of the logits output)")
+    p.add_argument("--seg-codes", type=Path, default=None, metavar="FILE.json",
+                   help="segment codes overriding the build's (JSON keyed by label value or name; docs/clinical.md)")
     p.add_argument("--server", default=None, metavar="URL", help="a Triton server (host:port, http://, grpc://)")
     p.add_argument("--protocol", choices=["http", "grpc"], default=None,
                    help="with --server (default: from the URL's scheme; port 8001 means grpc)")
@@ -64,7 +73,7 @@ def _options(a: argparse.Namespace) -> PredictOptions:
     return PredictOptions(out=a.out, backend=a.backend, precision=a.precision, threads=a.threads,
                           batch_size=a.batch_size, overlays=overlays, skip_bad=a.skip_bad, window=_window(a.window),
                           server=a.server, protocol=a.protocol, model_name=a.model_name, concurrency=a.concurrency,
-                          progress=not a.no_progress)
+                          progress=not a.no_progress, fmt=a.fmt, seg_type=a.seg_type, seg_codes=a.seg_codes)
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:

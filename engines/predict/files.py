@@ -14,12 +14,16 @@ from tqdm import tqdm
 from engines import load_engine
 from engines.base import BuildInfo, Engine, EngineError
 from engines.predict.inputs import check_output_names, expand_inputs
-from engines.predict.pipeline import MASK_OUTPUT, Contract, LocalRunner, engine_contract, predict_jobs
+from engines.predict.pipeline import LOGITS_OUTPUT, MASK_OUTPUT, Contract, LocalRunner, engine_contract, predict_jobs
+from engines.predict.series import InputItem, plan_inputs
 from engines.predict.writers import Writer
 from icmoe.core import cli
+from icmoe.core.codes import read_codes_file
 from icmoe.core.errors import DataError, first_line
-from icmoe.core.manifest import MANIFEST_NAME
-from icmoe.data.images import ImageFile, Picture, read_images
+from icmoe.core.io import sha256_file
+from icmoe.core.manifest import MANIFEST_NAME, read_manifest, segment_codes
+from icmoe.data.dicom_series import load_series
+from icmoe.data.images import Picture, read_images
 
 log = logging.getLogger("engines.predict")  # not __name__: that is "__main__" under python -m
 
@@ -66,9 +70,13 @@ class PredictOptions:
       batch_size: pictures per batch (default 8 within the batch range).
       overlays: folder for overlay PNGs, or None.
       skip_bad: report an unreadable file and go on, instead of stopping.
-      window: (low, high) intensity window for NIfTI volumes, or None (each slice's min..max).
+      window: (low, high) intensity window for NIfTI volumes and DICOM series, or None (DICOM: each
+        slice's window, else its min..max; NIfTI: each slice's min..max).
       server, protocol, model_name, concurrency: a Triton server instead of a local engine.
       progress: show a progress bar.
+      fmt: "auto" (SEG for DICOM series, NIfTI for NIfTI, PNG for pictures), "png" or "seg".
+      seg_type: "binary" or "fractional" (probabilities from the `logits` output).
+      seg_codes: a JSON file overriding the build's segment codes (`icmoe.core.codes.read_codes_file`).
     """
 
     out: Path
@@ -84,6 +92,13 @@ class PredictOptions:
     model_name: Optional[str] = None
     concurrency: int = 1
     progress: bool = True
+    fmt: str = "auto"
+    seg_type: str = "binary"
+    seg_codes: Optional[Path] = None
+
+    @property
+    def probabilities(self) -> bool:
+        return self.seg_type == "fractional"
 
 
 def open_runner(source: Path, opts: PredictOptions) -> Tuple[Any, Contract, Dict[str, Any]]:
@@ -98,26 +113,68 @@ def open_runner(source: Path, opts: PredictOptions) -> Tuple[Any, Contract, Dict
 
     info = BuildInfo(source)
     contract = Contract.of(info.inputs, info.outputs, info.batch_range, info.class_names)
+    logits = (LOGITS_OUTPUT,) if opts.probabilities and contract.has_logits else ()
     runner = TritonRunner(opts.server, info, protocol=opts.protocol, model_name=opts.model_name,
-                          concurrency=opts.concurrency, outputs=(MASK_OUTPUT,) + contract.choice)
+                          concurrency=opts.concurrency, outputs=(MASK_OUTPUT,) + contract.choice + logits)
     return runner, contract, {"engine": runner.label, "server": opts.server, "protocol": runner.protocol,
                               "concurrency": runner.concurrency}
 
 
-def _read_jobs(files: Sequence[Tuple[Path, Path]], opts: PredictOptions, skipped: List[Dict[str, str]],
-               bar: Any) -> Iterator[Tuple[Tuple[ImageFile, Path], List[Picture]]]:
-    """(key, pictures) of each readable file; unreadable ones raise, or with skip_bad are reported and skipped."""
-    for path, rel in files:
+def _read_jobs(items: Sequence[InputItem], opts: PredictOptions, skipped: List[Dict[str, str]],
+               bar: Any) -> Iterator[Tuple[Tuple[InputItem, Any], List[Picture]]]:
+    """((item, file or series), pictures) of each readable job; an unreadable file or inconsistent series
+    raises, or with skip_bad is reported and skipped."""
+    for item in items:
         try:
-            file = read_images(path, window=opts.window)
+            data = read_images(item.path, window=opts.window) if item.group is None else \
+                load_series(item.group, window=opts.window)
         except DataError as e:
             if not opts.skip_bad:
                 raise
             log.error(f"error: {first_line(e)}")
-            skipped.append({"path": str(path), "error": first_line(e)})
+            skipped.append({"path": item.label, "error": first_line(e)})
             bar.update(1)
             continue
-        yield (file, rel), file.pictures
+        yield (item, data), data.pictures
+
+
+def model_identity(source: Path, engine_label: str, precision: Optional[str]) -> Dict[str, str]:
+    """What a SEG names as its algorithm: family, config, precision, engine and the build's sha256 (of its
+    manifest, which holds every artifact's) or a checkpoint's (of its weights)."""
+    from icmoe.checkpoint import read_meta
+
+    if (source / MANIFEST_NAME).is_file():
+        m = read_manifest(source)
+        return {"family": m["model"]["family"], "config": m["model"]["name"],
+                "precision": precision or ("fp32" if engine_label.startswith("eager") else m["precision"]),
+                "engine": engine_label, "build_sha256": sha256_file(source / MANIFEST_NAME)}
+    meta = read_meta(source)
+    return {"family": meta["family"], "config": meta["config"].name, "precision": "fp32", "engine": engine_label,
+            "checkpoint_sha256": str(meta.get("weights_sha256", ""))}
+
+
+def build_codes(source: Path) -> List[Dict[str, Any]]:
+    """The segment codes of a build (its manifest) or a checkpoint folder (its family's declaration)."""
+    if (source / MANIFEST_NAME).is_file():
+        return segment_codes(read_manifest(source))
+    from icmoe.checkpoint import read_meta
+    from icmoe.families import get_family
+
+    meta = read_meta(source)
+    return get_family(meta["family"]).graph.segment_codes(meta["config"])
+
+
+def seg_spec(source: Path, contract: Contract, engine_label: str, opts: PredictOptions) -> Any:
+    """What the run's SEGs say of the model (`engines.predict.seg.SegSpec`)."""
+    from engines.predict.seg import SegSpec
+
+    if opts.probabilities and not contract.has_logits:
+        raise cli.UsageError(f"--seg-type fractional needs a {LOGITS_OUTPUT!r} output; this model has none")
+    codes = build_codes(source)
+    if opts.seg_codes is not None:
+        codes = read_codes_file(opts.seg_codes, contract.labels, codes)
+    return SegSpec(opts.seg_type, contract.labels, contract.binary, tuple(codes),
+                   model_identity(source, engine_label, opts.precision))
 
 
 def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions) -> Dict[str, Any]:
@@ -138,35 +195,37 @@ def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions) -> 
     out = Path(opts.out)
     files = expand_inputs(inputs, skip=out)
     check_output_names(files)
+    items, skipped = plan_inputs(files, opts.fmt, skip_bad=opts.skip_bad)
     runner, contract, header = open_runner(Path(source), opts)
     try:
         batch_size = contract.batch_size(opts.batch_size)
         runner.check_batch(batch_size)
-        entries, skipped, totals = _run(files, runner, contract, batch_size, Writer(out, opts.overlays, contract),
-                                        opts)
+        seg = seg_spec(Path(source), contract, header["engine"], opts) if any(it.group for it in items) \
+            and opts.fmt != "png" else None
+        writer = Writer(out, opts.overlays, contract, fmt=opts.fmt, seg=seg)
+        entries, totals = _run(items, runner, contract, batch_size, writer, opts, skipped)
     finally:
         runner.close()
     return {**header, "source": str(source), "image_size": contract.image_size, "batch_size": batch_size,
             "mask_kind": "binary" if contract.binary else "labels", "classes": [n for _, n in contract.labels],
             "out": str(out), "overlays": None if opts.overlays is None else str(opts.overlays),
-            "images": entries, "skipped": skipped, "totals": totals}
+            "images": entries, "series": writer.series, "skipped": skipped, "totals": totals}
 
 
-def _run(files: Sequence[Tuple[Path, Path]], runner: Any, contract: Contract, batch_size: int, writer: Writer,
-         opts: PredictOptions) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]], Dict[str, Any]]:
-    """Read, predict and write every file; returns (image entries, skipped files, totals)."""
+def _run(items: Sequence[InputItem], runner: Any, contract: Contract, batch_size: int, writer: Writer,
+         opts: PredictOptions, skipped: List[Dict[str, str]]) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """Read, predict and write every job (file or series); returns (image entries, totals)."""
     entries: List[Dict[str, Any]] = []
-    skipped: List[Dict[str, str]] = []
     n_files = 0
     t0 = time.perf_counter()
-    with tqdm(total=len(files), unit="file", desc="predict", disable=not opts.progress, leave=False) as bar:
-        for (file, rel), preds in predict_jobs(_read_jobs(files, opts, skipped, bar), runner, contract,
-                                               batch_size=batch_size):
-            entries += writer.write(file, rel, preds)
+    with tqdm(total=len(items), unit="input", desc="predict", disable=not opts.progress, leave=False) as bar:
+        for (item, data), preds in predict_jobs(_read_jobs(items, opts, skipped, bar), runner, contract,
+                                                batch_size=batch_size, probabilities=opts.probabilities):
+            entries += writer.write_item(item, data, preds)
             n_files += 1
             bar.update(1)
     wall = time.perf_counter() - t0
     totals = {"files": n_files, "images": len(entries), "skipped": len(skipped), "seconds": round(wall, 3),
               "inference_seconds": round(sum(e["seconds"] for e in entries), 3),
-              "images_per_s": round(len(entries) / wall, 3) if wall > 0 else None}
-    return entries, skipped, totals
+              "images_per_s": round(len(entries) / wall, 3) if wall > 0 else None, "segs": len(writer.series)}
+    return entries, totals

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from icmoe.core import cli
-from icmoe.data.images import IMAGE_SUFFIXES, NIFTI_SUFFIXES
+from icmoe.core.errors import DataError
+from icmoe.data.images import IMAGE_SUFFIXES, NIFTI_SUFFIXES, is_dicom
 
 log = logging.getLogger("engines.predict")
 
@@ -31,10 +32,21 @@ def _inside(path: Path, folder: Optional[Path]) -> bool:
         return False
 
 
+def _is_image(path: Path) -> bool:
+    """An image suffix, or a DICOM file by its tag (PACS exports often name files IM0001 or by UID)."""
+    if path.name.lower().endswith(IMAGE_SUFFIXES):
+        return True
+    try:
+        return is_dicom(path)
+    except DataError:  # unreadable: not taken from a folder
+        return False
+
+
 def _image_files(folder: Path, skip: Optional[Path]) -> List[Path]:
-    """Image files under `folder` (by suffix), hidden entries and the `skip` folder left out, sorted."""
-    found = [p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
-             and _visible(p.relative_to(folder)) and not _inside(p, skip)]
+    """Image files under `folder` (by suffix, or DICOM by content), hidden entries and the `skip` folder
+    left out, sorted."""
+    found = [p for p in folder.rglob("*") if p.is_file() and _visible(p.relative_to(folder))
+             and not _inside(p, skip) and _is_image(p)]
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 

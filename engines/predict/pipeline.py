@@ -29,6 +29,7 @@ from icmoe.data.images import Picture, model_input, picture_from_array, picture_
 
 DEFAULT_BATCH = 8
 MASK_OUTPUT = "mask"
+LOGITS_OUTPUT = "logits"  # (B, 1, S, S) of a binary model (mask = logits > 0), (B, C+1, S, S) of a label model
 
 
 # ----------------------------------------------------------------------------- results
@@ -45,6 +46,8 @@ class Prediction:
       fractions: share of the picture's pixels per foreground class name (binary: {"foreground": f}).
       choice: the graph's per-image outputs (shape (batch,) only), by output name, e.g. a chosen candidate.
       seconds: this picture's share of its batch's inference time (the request's, with a server).
+      probabilities: float32 (K, H, W) per foreground label at the picture's size, where asked for
+        (`predict_jobs(probabilities=True)`), else None.
     """
 
     mask: np.ndarray
@@ -53,6 +56,7 @@ class Prediction:
     fractions: Dict[str, float]
     choice: Dict[str, int]
     seconds: float
+    probabilities: Optional[np.ndarray] = None
 
     @property
     def size(self) -> Tuple[int, int]:
@@ -75,6 +79,7 @@ class Contract:
       labels: (value, name) of each foreground label: binary [(1, "foreground")].
       choice: names of the per-image outputs (shape (batch,)).
       class_names: the engine's label names (None: binary).
+      has_logits: the model has a `logits` output (probabilities can be made of it).
     """
 
     image_size: int
@@ -82,6 +87,7 @@ class Contract:
     labels: Tuple[Tuple[int, str], ...]
     choice: Tuple[str, ...]
     class_names: Optional[Tuple[str, ...]]
+    has_logits: bool = False
 
     @classmethod
     def of(cls, inputs: Sequence[Any], outputs: Sequence[Any], batch_range: Optional[Tuple[int, int]],
@@ -94,7 +100,7 @@ class Contract:
         lo, hi = batch_range if batch_range is not None else (1, None)
         return cls(int(inputs[0].shape[-1]), (int(lo), hi), tuple(labels),
                    tuple(o.name for o in outputs if tuple(o.shape) == (BATCH,)),
-                   None if class_names is None else tuple(class_names))
+                   None if class_names is None else tuple(class_names), LOGITS_OUTPUT in names)
 
     @property
     def binary(self) -> bool:
@@ -112,6 +118,17 @@ class Contract:
 
 def engine_contract(engine: Engine) -> Contract:
     return Contract.of(engine.inputs, engine.outputs, engine.batch_range, engine.class_names)
+
+
+def probabilities_of(logits: np.ndarray, binary: bool) -> np.ndarray:
+    """Per-foreground-label probabilities (K, S, S) of one image's logits (C, S, S): the sigmoid of a binary
+    model's channel (> 0.5 exactly where its mask is 1), the softmax over a label model's channels
+    without the background's."""
+    z = np.asarray(logits, dtype=np.float64)
+    if binary:
+        return (1.0 / (1.0 + np.exp(-z[:1]))).astype(np.float32)
+    e = np.exp(z - z.max(axis=0, keepdims=True))
+    return (e / e.sum(axis=0, keepdims=True))[1:].astype(np.float32)
 
 
 def label_fractions(mask: np.ndarray, labels: Sequence[Tuple[int, str]]) -> Dict[str, float]:
@@ -171,8 +188,9 @@ class _Job:
 class _Pipeline:
     """Pictures of many jobs (files) in batches, up to the runner's concurrency in flight, jobs back in order."""
 
-    def __init__(self, runner: Any, contract: Contract, batch_size: int) -> None:
+    def __init__(self, runner: Any, contract: Contract, batch_size: int, probabilities: bool = False) -> None:
         self.runner, self.contract, self.batch_size = runner, contract, batch_size
+        self.probabilities = probabilities
         self.jobs: Deque[_Job] = deque()
         self.pending: List[Tuple[_Job, int]] = []
         self.in_flight: Deque[Tuple[Future, List[Tuple[_Job, int]]]] = deque()
@@ -217,7 +235,15 @@ class _Pipeline:
             job.results[k] = Prediction(
                 mask=mask, source=pic.source, frame=pic.frame, seconds=seconds / len(items),
                 fractions=label_fractions(mask, self.contract.labels),
-                choice={n: int(np.asarray(out[n]).reshape(-1)[i]) for n in self.contract.choice})
+                choice={n: int(np.asarray(out[n]).reshape(-1)[i]) for n in self.contract.choice},
+                probabilities=self._probabilities(out, i, pic.size))
+
+    def _probabilities(self, out: Dict[str, np.ndarray], i: int, size: Tuple[int, int]) -> Optional[np.ndarray]:
+        """Image i's probabilities at the picture's size (nearest, as the mask: > 0.5 where a binary mask is 1)."""
+        if not self.probabilities:
+            return None
+        p = probabilities_of(np.asarray(out[LOGITS_OUTPUT])[i], self.contract.binary)
+        return np.stack([resize_label(c, size) for c in p])
 
     def _finished(self) -> Iterator[Tuple[Any, List[Prediction]]]:
         while self.jobs and self.jobs[0].done:
@@ -226,7 +252,7 @@ class _Pipeline:
 
 
 def predict_jobs(jobs: Iterable[Tuple[Any, List[Picture]]], runner: Any, contract: Contract, *,
-                 batch_size: int) -> Iterator[Tuple[Any, List[Prediction]]]:
+                 batch_size: int, probabilities: bool = False) -> Iterator[Tuple[Any, List[Prediction]]]:
     """Predict the pictures of many jobs (e.g. files) in batches; the shared path of the API and the command.
 
     Arguments:
@@ -235,11 +261,12 @@ def predict_jobs(jobs: Iterable[Tuple[Any, List[Picture]]], runner: Any, contrac
       runner: `LocalRunner` or `TritonRunner`.
       contract: the model's input size, batch range, labels and per-image outputs.
       batch_size: pictures per batch (checked against the contract by the caller).
+      probabilities: also keep each picture's probabilities (the runner must return the logits).
 
     Returns:
       iterator of (key, [Prediction per picture]) in the jobs' order.
     """
-    pipe = _Pipeline(runner, contract, batch_size)
+    pipe = _Pipeline(runner, contract, batch_size, probabilities)
     it = iter(jobs)
     while True:
         try:

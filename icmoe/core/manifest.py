@@ -9,7 +9,8 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from icmoe.core.errors import IcmoeError
+from icmoe.core.codes import check_codes, generic_codes
+from icmoe.core.errors import DataError, IcmoeError
 from icmoe.core.io import PathLike, atomic_write_json, read_versioned_json, sha256_file
 from icmoe.core.specs import TensorSpec, specs_from_dicts, specs_to_dicts
 
@@ -66,6 +67,7 @@ def new_manifest(
     batch: Sequence[int],
     checkpoint: Optional[Dict[str, Any]] = None,
     class_names: Optional[Sequence[str]] = None,
+    segment_codes: Optional[Sequence[Dict[str, Any]]] = None,
 ) -> Dict[str, Any]:
     """A fresh manifest dict (no artifacts yet).
 
@@ -79,19 +81,26 @@ def new_manifest(
       checkpoint: {path (relative to the build), sha256, random_init, ...}.
       class_names: the family's `class_names(config)`: label names of the `mask` output (index =
         value, 0 = background), or None for a binary mask.
+      segment_codes: the family's `segment_codes(config)`: a coded concept per foreground label
+        (`icmoe.core.codes`); None: the generic one for each.
 
     Raises:
-      ManifestError: an unknown precision, or label names that `check_class_names` refuses.
+      ManifestError: an unknown precision, label names that `check_class_names` refuses, or segment
+        codes that do not fit the labels.
     """
     if precision not in PRECISIONS:
         raise ManifestError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     bmin, bopt, bmax = (int(b) for b in batch)
     classes = None if class_names is None else check_class_names(class_names, f"model family {family!r}")
     check_label_outputs(classes, specs_to_dicts(outputs), f"model family {family!r}")
+    n = foreground_labels(classes)
+    where = f"model family {family!r}"
+    codes = generic_codes(n) if segment_codes is None else _checked_codes(list(segment_codes), n, where)
     return {
         "format": FORMAT,
         "version": VERSION,
-        "model": {"family": family, "name": config["name"], "config": config, "classes": classes},
+        "model": {"family": family, "name": config["name"], "config": config, "classes": classes,
+                  "segment_codes": codes},
         "checkpoint": checkpoint or {"path": None, "sha256": None, "random_init": True},
         "precision": precision,
         "opset": opset,
@@ -137,7 +146,29 @@ def read_manifest(build_dir: PathLike) -> Dict[str, Any]:
     check_precision(manifest, path)
     check_sizes(manifest, path)
     check_classes(manifest, path)
+    model = manifest["model"]
+    n = foreground_labels(model["classes"])
+    if model.get("segment_codes") is None:  # written before segment codes existed: the generic code
+        model["segment_codes"] = generic_codes(n)
+    model["segment_codes"] = _checked_codes(model["segment_codes"], n, path)
     return manifest
+
+
+def foreground_labels(classes: Optional[Sequence[str]]) -> int:
+    """How many foreground label values a mask holds: 1 (binary) or len(classes) - 1."""
+    return 1 if classes is None else len(classes) - 1
+
+
+def _checked_codes(codes: Any, n: int, where: Any) -> List[Dict[str, Any]]:
+    try:
+        return check_codes(codes, n, where)
+    except DataError as e:
+        raise ManifestError(str(e)) from None
+
+
+def segment_codes(manifest: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The coded concept of each foreground label (1..K) of a build's mask (`icmoe.core.codes`)."""
+    return [dict(c) for c in manifest["model"]["segment_codes"]]
 
 
 def check_sizes(manifest: Dict[str, Any], where: PathLike) -> None:

@@ -179,7 +179,7 @@ def _read_pil(path: Path, first_only: bool) -> ImageFile:
 # ----------------------------------------------------------------------------- DICOM
 
 
-def _pydicom(path: Path) -> Any:
+def pydicom_module(path: Any) -> Any:
     """pydicom, or a `MissingExtra` naming the file and the extra (an install problem: never skipped as a bad file)."""
     return require("pydicom", "dicom", f"{path}: reading DICOM")
 
@@ -191,18 +191,42 @@ def _first(value: Any) -> float:
     return float(value)
 
 
-def _dicom_window(ds: Any) -> Optional[Tuple[float, float]]:
-    """(low, high) of the first WindowCenter/WindowWidth pair (DICOM's linear function), or None."""
-    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+def dicom_window(item: Any) -> Optional[Tuple[float, float]]:
+    """(low, high) of the first WindowCenter/WindowWidth pair of a dataset (or a functional group item,
+    DICOM's linear VOI function), or None where there is none or it is unusable (width <= 1)."""
+    if "WindowCenter" not in item or "WindowWidth" not in item:
         return None
     try:
-        c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        c, w = _first(item.WindowCenter), _first(item.WindowWidth)
     except (TypeError, ValueError, IndexError):
         return None
     if not (np.isfinite(c) and np.isfinite(w)) or w <= 1:
         return None
     # PS3.3 C.11.2.1.2: x <= c - 0.5 - (w - 1) / 2 -> 0, x > c - 0.5 + (w - 1) / 2 -> 255, linear between
     return c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
+
+
+def dicom_rescale(item: Any) -> Tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of a dataset or functional group item; (1, 0) where absent."""
+    return float(item.get("RescaleSlope", 1) or 1), float(item.get("RescaleIntercept", 0) or 0)
+
+
+def dicom_gray(frames: np.ndarray, rescale: Tuple[float, float], window: Optional[Tuple[float, float]],
+               photometric: str, where: Any) -> np.ndarray:
+    """Stored gray values (N, H, W) -> float32 0..255: rescale slope/intercept, then `window` (low, high)
+    linearly (else each frame's own min..max), then MONOCHROME1 inverted (PS3.3: after the VOI function).
+
+    Raises:
+      DataError: values that are not finite after rescaling (naming `where`).
+    """
+    slope, intercept = rescale
+    values = frames.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if not np.isfinite(values).all():
+        raise DataError(f"{where}: DICOM pixel values are not finite after rescaling")
+    scale_to_0_255(values, window)
+    if photometric == "MONOCHROME1":  # low values are white
+        values = np.float32(255) - values
+    return values
 
 
 def _dicom_pixels(ds: Any, path: Path) -> Tuple[np.ndarray, bool]:
@@ -217,7 +241,7 @@ def _dicom_pixels(ds: Any, path: Path) -> Tuple[np.ndarray, bool]:
 
 
 def _read_dicom(path: Path, first_only: bool) -> ImageFile:
-    pydicom = _pydicom(path)
+    pydicom = pydicom_module(path)
     try:
         ds = pydicom.dcmread(str(path), force=path.suffix.lower() in DICOM_SUFFIXES)
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -244,15 +268,9 @@ def _read_dicom(path: Path, first_only: bool) -> ImageFile:
 
 def _dicom_gray(ds: Any, arr: np.ndarray, photometric: str, path: Path) -> Tuple[List[np.ndarray], Dict[str, Any]]:
     """Gray frames (N, H, W) -> float32 0..255 each: rescale, window (or min..max), MONOCHROME1 inverted."""
-    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    values = arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    if not np.isfinite(values).all():
-        raise DataError(f"{path}: DICOM pixel values are not finite after rescaling")
-    window = _dicom_window(ds)
-    scale_to_0_255(values, window)
-    if photometric == "MONOCHROME1":  # low values are white: invert after the VOI function, as PS3.3 says
-        values = np.float32(255) - values
-    info = {"format": "dicom", "photometric": photometric, "rescale": [slope, intercept],
+    rescale, window = dicom_rescale(ds), dicom_window(ds)
+    values = dicom_gray(arr, rescale, window, photometric, path)
+    info = {"format": "dicom", "photometric": photometric, "rescale": list(rescale),
             "intensity": "window {:g}..{:g} -> 0..255".format(*window) if window else "min-max per frame"}
     return list(values), info
 
@@ -318,7 +336,7 @@ def _has_suffix(path: Path, suffixes: Sequence[str]) -> bool:
     return path.name.lower().endswith(tuple(suffixes))
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom(path: Path) -> bool:
     """A DICOM suffix, or the "DICM" tag after the 128-byte preamble."""
     if _has_suffix(path, DICOM_SUFFIXES):
         return True
@@ -351,7 +369,7 @@ def read_images(path: PathLike, *, window: Optional[Tuple[float, float]] = None,
         raise DataError(f"{path}: image file is missing" if not path.exists() else f"{path}: not a file")
     if _has_suffix(path, NIFTI_SUFFIXES):
         return _read_nifti(path, first_only, window)
-    if _is_dicom(path):
+    if is_dicom(path):
         return _read_dicom(path, first_only)
     return _read_pil(path, first_only)
 

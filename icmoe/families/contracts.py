@@ -21,6 +21,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional,
 
 import numpy as np
 
+from icmoe.core.codes import generic_codes
 from icmoe.core.errors import FamilyError
 from icmoe.core.specs import TensorSpec
 
@@ -50,6 +51,12 @@ class GraphSpec:
         """Names of the `mask` output's label values (index = value, 0 = background) for a multi-class
         family; None where `mask` is binary (0/1)."""
         return None
+
+    def segment_codes(self, config: Any) -> List[Dict[str, Any]]:
+        """What each foreground label (1..K) is, as coded concepts for DICOM SEG (`icmoe.core.codes`:
+        category, type, optional modifier; SNOMED CT). Default: the generic "Tissue" for every label."""
+        names = self.class_names(config)
+        return generic_codes(1 if names is None else len(names) - 1)
 
     def export_patches(self, model: Any) -> ContextManager[Any]:
         """A context in which `model` traces to the graph the family wants (optimum's patchers), e.g.

@@ -17,6 +17,7 @@ import onnx
 import torch
 from torch import nn
 
+from icmoe.core.codes import concept
 from icmoe.core.errors import FamilyError
 from icmoe.core.parity import dice_per_image, flipped_report, logits_report
 from icmoe.core.specs import BATCH, TensorSpec
@@ -104,6 +105,12 @@ class ICMoEGraph(GraphSpec):
 
     def export_module(self, model: nn.Module) -> nn.Module:
         return VoteGraph(model)
+
+    def segment_codes(self, config: ICMoEConfig) -> List[Dict[str, Any]]:
+        """The binary mask is a lesion (skin lesions, breast tumours, glands): SNOMED CT's morphologically
+        abnormal structure / lesion, as DICOM's CID 7150 / 7159 name them."""
+        return [{"category": concept("49755003", "SCT", "Morphologically Abnormal Structure"),
+                 "type": concept("52988006", "SCT", "Lesion")}]
 
 
 class ICMoEPrecision(PrecisionSpec):

@@ -26,6 +26,7 @@ from icmoe.data.calibration import slices_3d
 from icmoe.data.synthetic_volumes import synthetic_slices
 from icmoe.families.base import Family
 from icmoe.families.contracts import GraphSpec, ParitySpec, PrecisionSpec, Tolerances
+from icmoe.families.moesam.codes import organ_codes
 from icmoe.families.moesam.config import CONFIGS, MoESAMConfig
 from icmoe.families.moesam.model import MoESAM, build_moesam
 from icmoe.families.moesam.recipe import MoESAMTraining
@@ -108,6 +109,10 @@ class MoESAMGraph(GraphSpec):
 
     def class_names(self, config: MoESAMConfig) -> List[str]:
         return list(config.labels)
+
+    def segment_codes(self, config: MoESAMConfig) -> List[Dict[str, Any]]:
+        """The datasets' organs by class name (`codes.py`); other names get the generic code."""
+        return organ_codes(config.labels)
 
     @contextlib.contextmanager
     def export_patches(self, model: nn.Module) -> Iterator[None]:
