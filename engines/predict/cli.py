@@ -33,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                    "build, a checkpoint or a Triton server; write masks at the images' own sizes.")
     p.add_argument("source", type=Path, metavar="BUILD_OR_CHECKPOINT",
                    help="a build directory (python -m export.build) or a checkpoint folder (eager)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
-    p.add_argument("--out", type=Path, required=True, help="output folder (masks mirror the inputs' relative paths)")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (masks mirror the inputs' relative paths); with --dicomweb optional")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
                    help="engine of the build (auto: TensorRT where the build has a plan this host runs, else "
                         "ONNX Runtime; a checkpoint: eager)")
@@ -59,6 +60,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --server (default: from the URL's scheme; port 8001 means grpc)")
     p.add_argument("--model-name", default=None, help="with --server: the repository model (default <family>_<kind>)")
     p.add_argument("--concurrency", type=int, default=1, help="with --server: requests in flight (default 1)")
+    web = p.add_argument_group("PACS over DICOMweb (credentials: $ICMOE_DICOMWEB_USER and $ICMOE_DICOMWEB_PASSWORD, "
+                               "or $ICMOE_DICOMWEB_TOKEN, else netrc; docs/clinical.md)")
+    web.add_argument("--dicomweb", default=None, metavar="URL",
+                     help="segment a study of this DICOMweb service (WADO-RS) and store the SEGs back (STOW-RS)")
+    web.add_argument("--study", default=None, metavar="UID", help="with --dicomweb: the StudyInstanceUID")
+    web.add_argument("--series", default=None, metavar="UID",
+                     help="with --dicomweb: one SeriesInstanceUID (default: every image series of the study)")
+    web.add_argument("--dicomweb-out", default=None, metavar="URL", help="store the SEGs at this service instead")
+    web.add_argument("--insecure", action="store_true", help="with --dicomweb: do not verify HTTPS certificates")
     cli.add_json(p)
     cli.add_progress(p)
     return p
@@ -69,6 +79,8 @@ def _options(a: argparse.Namespace) -> PredictOptions:
         raise cli.UsageError(f"need --concurrency >= 1 and --threads >= 1, got {a.concurrency} and {a.threads}")
     if a.server is None and (a.protocol or a.model_name or a.concurrency != 1):
         raise cli.UsageError("--protocol, --model-name and --concurrency need --server")
+    if (a.overlay or a.overlay_dir) and a.out is None:
+        raise cli.UsageError("--overlay needs --out")
     overlays = a.overlay_dir or (a.out / "overlays" if a.overlay else None)
     return PredictOptions(out=a.out, backend=a.backend, precision=a.precision, threads=a.threads,
                           batch_size=a.batch_size, overlays=overlays, skip_bad=a.skip_bad, window=_window(a.window),
@@ -76,14 +88,44 @@ def _options(a: argparse.Namespace) -> PredictOptions:
                           progress=not a.no_progress, fmt=a.fmt, seg_type=a.seg_type, seg_codes=a.seg_codes)
 
 
+def _check_sources(a: argparse.Namespace) -> None:
+    if a.dicomweb is None:
+        if a.study or a.series or a.dicomweb_out or a.insecure:
+            raise cli.UsageError("--study, --series, --dicomweb-out and --insecure need --dicomweb")
+        if not a.inputs or a.out is None:
+            raise cli.UsageError("need INPUT files or folders and --out DIR (or --dicomweb URL --study UID)")
+        return
+    if a.inputs:
+        raise cli.UsageError("--dicomweb reads its series from the server: give no INPUT files")
+    if not a.study:
+        raise cli.UsageError("--dicomweb needs --study UID")
+    if a.fmt == "png":
+        raise cli.UsageError("--dicomweb stores DICOM SEG; --format png does not apply")
+
+
+def _dicomweb(a: argparse.Namespace) -> int:
+    from engines.predict.dicomweb import DicomwebOptions, predict_dicomweb
+
+    web = DicomwebOptions(a.dicomweb, a.study, a.series, a.dicomweb_out, a.insecure)
+    report = predict_dicomweb(a.source, web, _options(a))
+    cli.write_json(report, a.json)
+    for e in report["series"] if a.json != "-" else []:  # the new SEGs' UIDs on stdout (unless JSON goes there)
+        print(f"{e['source_series']} -> SEG study {e['study_instance_uid']} series {e['series_instance_uid']} "
+              f"instance {e['sop_instance_uid']}")
+    return cli.EXIT_OK
+
+
 def _main(argv: Optional[Sequence[str]]) -> int:
     a = _parser().parse_args(argv)
     cli.setup_logging(a.verbosity)
+    _check_sources(a)
+    if a.dicomweb is not None:
+        return _dicomweb(a)
     report = predict_files(a.source, a.inputs, _options(a))
     cli.write_json(report, a.json)
     t = report["totals"]
     skipped = f", {t['skipped']} skipped" if t["skipped"] else ""
-    log.info(f"{t['images']} images from {t['files']} files in {t['seconds']:.2f} s "
+    log.info(f"{t['images']} images from {t['files']} inputs in {t['seconds']:.2f} s "
              f"({t['images_per_s'] or 0:.1f} images/s, {report['engine']}){skipped}; masks in {report['out']}")
     return cli.EXIT_OK
 

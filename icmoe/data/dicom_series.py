@@ -257,7 +257,8 @@ def _placed_slices(items: Sequence[Tuple[str, Any]], where: str) -> Tuple[Placed
                                 f"in {source})")
             refs.append((SliceRef(i, k if multi else None, g.position, 0.0), g))
     if len(sizes) > 1:
-        listed = " and ".join(f"{r}x{c} ({n} instance{'s' * (n > 1)})" for (r, c), n in sizes.items())
+        common_first = sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))
+        listed = " and ".join(f"{r}x{c} ({n} instance{'s' * (n > 1)})" for (r, c), n in common_first)
         raise DataError(f"{where}: mixed image sizes: {listed}")
     assert orientation is not None
     return refs, orientation
