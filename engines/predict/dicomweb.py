@@ -84,10 +84,49 @@ def session(insecure: bool = False) -> Any:
     return s
 
 
-def connect(url: str, insecure: bool = False) -> Any:
-    """A `dicomweb_client.DICOMwebClient` for a service root (credentials from `session`)."""
+def connect(url: str, insecure: bool = False, http: Optional[Any] = None) -> Any:
+    """A `dicomweb_client.DICOMwebClient` for a service root (over `http`, else a new `session`)."""
     api = require("dicomweb_client.api", "dicom", "DICOMweb")
-    return api.DICOMwebClient(_check_url(url), session=session(insecure), timeout=TIMEOUT_S)
+    return api.DICOMwebClient(_check_url(url), session=http or session(insecure), timeout=TIMEOUT_S)
+
+
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def retrieve_series(http: Any, url: str, study: str, series: str) -> List[Any]:
+    """The instances of a series over WADO-RS, as pydicom datasets.
+
+    The parts are read leniently: some servers (Orthanc's DICOMweb plugin 1.7) send each instance without
+    the 128-byte preamble, which dicomweb-client's own retrieval refuses.
+    """
+    pydicom = require("pydicom", "dicom", "DICOMweb")
+    response = http.get(f"{url.rstrip('/')}/studies/{study}/series/{series}", headers={"Accept": WADO_ACCEPT},
+                        timeout=TIMEOUT_S)
+    response.raise_for_status()
+    out = []
+    for part in multipart_parts(response.headers.get("Content-Type", ""), response.content):
+        try:
+            out.append(pydicom.dcmread(io.BytesIO(part), force=True))
+        except Exception as e:  # pydicom raises many kinds on a damaged part
+            raise DataError(f"{url}: WADO-RS part of series {series} is no DICOM instance "
+                            f"({type(e).__name__}: {first_line(e)})") from None
+    return out
+
+
+def multipart_parts(content_type: str, body: bytes) -> List[bytes]:
+    """The bodies of a multipart/related message (RFC 2046), headers of each part left out."""
+    params = dict(p.strip().split("=", 1) for p in content_type.split(";")[1:] if "=" in p)
+    boundary = params.get("boundary", "").strip('"')
+    if not content_type.startswith("multipart/related") or not boundary:
+        raise DataError(f"WADO-RS answer is not multipart/related with a boundary ({content_type or 'no type'})")
+    parts = []
+    for chunk in body.split(b"--" + boundary.encode())[1:]:
+        if chunk.startswith(b"--"):  # the closing delimiter
+            break
+        head, sep, content = chunk.partition(b"\r\n\r\n")
+        if sep:
+            parts.append(content[:-2] if content.endswith(b"\r\n") else content)
+    return parts
 
 
 def _call(what: str, url: str, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -124,12 +163,12 @@ def image_series(client: Any, web: DicomwebOptions) -> List[Tuple[str, str]]:
     return images
 
 
-def _retrieve(client: Any, web: DicomwebOptions, wanted: List[Tuple[str, str]], opts: PredictOptions,
+def _retrieve(http: Any, web: DicomwebOptions, wanted: List[Tuple[str, str]], opts: PredictOptions,
               skipped: List[Dict[str, str]]) -> Iterator[Tuple[DicomSeries, List[Any]]]:
     """(series, pictures) of each series, retrieved (WADO-RS) one at a time as the pipeline asks."""
     for uid, description in wanted:
         label = series_label(uid, description)
-        datasets = _call(f"WADO-RS retrieval of {label}", web.url, client.retrieve_series, web.study, uid)
+        datasets = _call(f"WADO-RS retrieval of {label}", web.url, retrieve_series, http, web.url, web.study, uid)
         try:
             if not datasets:
                 raise DataError(f"{label}: the server returned no instances")
@@ -143,7 +182,7 @@ def _retrieve(client: Any, web: DicomwebOptions, wanted: List[Tuple[str, str]], 
         yield series, series.pictures
 
 
-def _segment(source: Path, client: Any, web: DicomwebOptions, wanted: List[Tuple[str, str]], opts: PredictOptions,
+def _segment(source: Path, http: Any, web: DicomwebOptions, wanted: List[Tuple[str, str]], opts: PredictOptions,
              skipped: List[Dict[str, str]]) -> Tuple[List[Tuple[DicomSeries, Any]], Dict[str, Any], Contract]:
     """The SEG of every retrieved series, made in memory: [(series, seg)], the runner's header, the contract."""
     from engines.predict.seg import make_seg  # highdicom
@@ -153,8 +192,8 @@ def _segment(source: Path, client: Any, web: DicomwebOptions, wanted: List[Tuple
     try:
         batch_size = contract.batch_size(opts.batch_size)
         runner.check_batch(batch_size)
-        spec = seg_spec(source, contract, header["engine"], opts)
-        for series, preds in predict_jobs(_retrieve(client, web, wanted, opts, skipped), runner, contract,
+        spec = seg_spec(source, contract, header, opts)
+        for series, preds in predict_jobs(_retrieve(http, web, wanted, opts, skipped), runner, contract,
                                           batch_size=batch_size, probabilities=opts.probabilities):
             masks, probabilities = stack_masks(preds)
             segs.append((series, make_seg(series, masks, spec, probabilities)))
@@ -200,12 +239,13 @@ def predict_dicomweb(source: Path, web: DicomwebOptions, opts: PredictOptions) -
     from engines.predict.seg import write_seg
 
     t0 = time.perf_counter()
-    client = connect(web.url, web.insecure)
+    http = session(web.insecure)
+    client = connect(web.url, http=http)
     target_url = web.out_url or web.url
     target = connect(target_url, web.insecure) if web.out_url else client
     wanted = image_series(client, web)
     skipped: List[Dict[str, str]] = []
-    segs, header, contract = _segment(Path(source), client, web, wanted, opts, skipped)
+    segs, header, contract = _segment(Path(source), http, web, wanted, opts, skipped)
     if not segs:
         raise DataError(f"study {web.study}: no series could be segmented ({len(skipped)} skipped)")
     entries = []

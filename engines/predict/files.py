@@ -106,7 +106,8 @@ def open_runner(source: Path, opts: PredictOptions) -> Tuple[Any, Contract, Dict
     if opts.server is None:
         engine = open_engine(source, opts.backend, opts.precision, opts.threads).activate()
         contract = engine_contract(engine)
-        return LocalRunner(engine, owned=True), contract, {"engine": engine.name, "server": None}
+        return LocalRunner(engine, owned=True), contract, {"engine": engine.name, "server": None,
+                                                           "precision": engine_precision(engine)}
     from engines.triton.client import (
         TritonRunner,  # tritonclient is an optional dependency
     )
@@ -116,8 +117,14 @@ def open_runner(source: Path, opts: PredictOptions) -> Tuple[Any, Contract, Dict
     logits = (LOGITS_OUTPUT,) if opts.probabilities and contract.has_logits else ()
     runner = TritonRunner(opts.server, info, protocol=opts.protocol, model_name=opts.model_name,
                           concurrency=opts.concurrency, outputs=(MASK_OUTPUT,) + contract.choice + logits)
+    precision = opts.precision or info.manifest["precision"]
     return runner, contract, {"engine": runner.label, "server": opts.server, "protocol": runner.protocol,
-                              "concurrency": runner.concurrency}
+                              "concurrency": runner.concurrency, "precision": precision}
+
+
+def engine_precision(engine: Engine) -> str:
+    """The precision an engine runs (the eager model: FP32)."""
+    return str(getattr(engine, "precision", None) or "fp32")
 
 
 def _read_jobs(items: Sequence[InputItem], opts: PredictOptions, skipped: List[Dict[str, str]],
@@ -138,7 +145,7 @@ def _read_jobs(items: Sequence[InputItem], opts: PredictOptions, skipped: List[D
         yield (item, data), data.pictures
 
 
-def model_identity(source: Path, engine_label: str, precision: Optional[str]) -> Dict[str, str]:
+def model_identity(source: Path, engine_label: str, precision: str) -> Dict[str, str]:
     """What a SEG names as its algorithm: family, config, precision, engine and the build's sha256 (of its
     manifest, which holds every artifact's) or a checkpoint's (of its weights)."""
     from icmoe.checkpoint import read_meta
@@ -146,10 +153,10 @@ def model_identity(source: Path, engine_label: str, precision: Optional[str]) ->
     if (source / MANIFEST_NAME).is_file():
         m = read_manifest(source)
         return {"family": m["model"]["family"], "config": m["model"]["name"],
-                "precision": precision or ("fp32" if engine_label.startswith("eager") else m["precision"]),
+                "precision": precision,
                 "engine": engine_label, "build_sha256": sha256_file(source / MANIFEST_NAME)}
     meta = read_meta(source)
-    return {"family": meta["family"], "config": meta["config"].name, "precision": "fp32", "engine": engine_label,
+    return {"family": meta["family"], "config": meta["config"].name, "precision": precision, "engine": engine_label,
             "checkpoint_sha256": str(meta.get("weights_sha256", ""))}
 
 
@@ -164,7 +171,7 @@ def build_codes(source: Path) -> List[Dict[str, Any]]:
     return get_family(meta["family"]).graph.segment_codes(meta["config"])
 
 
-def seg_spec(source: Path, contract: Contract, engine_label: str, opts: PredictOptions) -> Any:
+def seg_spec(source: Path, contract: Contract, header: Dict[str, Any], opts: PredictOptions) -> Any:
     """What the run's SEGs say of the model (`engines.predict.seg.SegSpec`)."""
     from engines.predict.seg import SegSpec
 
@@ -174,16 +181,19 @@ def seg_spec(source: Path, contract: Contract, engine_label: str, opts: PredictO
     if opts.seg_codes is not None:
         codes = read_codes_file(opts.seg_codes, contract.labels, codes)
     return SegSpec(opts.seg_type, contract.labels, contract.binary, tuple(codes),
-                   model_identity(source, engine_label, opts.precision))
+                   model_identity(source, header["engine"], header["precision"]))
 
 
-def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions) -> Dict[str, Any]:
+def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions,
+                  runner: Optional[Tuple[Any, Contract, Dict[str, Any]]] = None) -> Dict[str, Any]:
     """Segment files, folders and glob patterns with a build, a checkpoint or a server; write masks.
 
     Arguments:
       source: a build directory or a checkpoint folder (with a server: the build it serves).
       inputs: see `expand_inputs`.
       opts: the options.
+      runner: (runner, contract, report header) to use instead of `open_runner`'s (e.g. a MONAI inferer,
+        `engines.predict.bundle`); closed at the end.
 
     Returns:
       the report: header (engine, server, image_size, batch_size, mask_kind, classes, out), `images`
@@ -196,11 +206,11 @@ def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions) -> 
     files = expand_inputs(inputs, skip=out)
     check_output_names(files)
     items, skipped = plan_inputs(files, opts.fmt, skip_bad=opts.skip_bad)
-    runner, contract, header = open_runner(Path(source), opts)
+    runner, contract, header = runner or open_runner(Path(source), opts)
     try:
         batch_size = contract.batch_size(opts.batch_size)
         runner.check_batch(batch_size)
-        seg = seg_spec(Path(source), contract, header["engine"], opts) if any(it.group for it in items) \
+        seg = seg_spec(Path(source), contract, header, opts) if any(it.group for it in items) \
             and opts.fmt != "png" else None
         writer = Writer(out, opts.overlays, contract, fmt=opts.fmt, seg=seg)
         entries, totals = _run(items, runner, contract, batch_size, writer, opts, skipped)
