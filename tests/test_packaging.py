@@ -54,15 +54,15 @@ def test_base_requirements_cover_module_level_imports():
 
 
 def test_extras_are_not_in_the_base_install():
-    extras_only = {"nvidia-modelopt", "tritonclient", "matplotlib", "pydicom", "tensorrt", "torch-tensorrt",
-                   "polygraphy", "pytest", "mypy"}
+    extras_only = {"nvidia-modelopt", "tritonclient", "matplotlib", "pydicom", "highdicom", "dicomweb-client",
+                   "monai", "tensorrt", "torch-tensorrt", "polygraphy", "pytest", "mypy"}
     assert not extras_only & set(BASE)
-    assert set(EXTRAS) >= {"fp16", "triton", "bench", "dicom", "tensorrt", "test"}
+    assert set(EXTRAS) >= {"fp16", "triton", "bench", "dicom", "monai", "tensorrt", "test"}
 
 
 def test_test_extra_pulls_every_cpu_extra():
     (own,) = [r for r in EXTRAS["test"] if r.name == "icmoe"]
-    assert own.extras == {"fp16", "triton", "bench", "dicom", "openvino"}  # not tensorrt: GPU hosts only
+    assert own.extras == {"fp16", "triton", "bench", "dicom", "openvino", "monai"}  # not tensorrt: GPU hosts only
 
 
 def test_tensorrt_extra_is_pinned_and_agrees_with_torch_tensorrt():

@@ -88,7 +88,8 @@ def test_metadata_declares_the_manifests_contract(tiny_build, moesam_build, tmp_
         assert fmt["inputs"]["image"]["spatial_shape"] == [size, size] and fmt["inputs"]["image"]["num_channels"] == 3
         classes = manifest["model"]["classes"] or ["background", "foreground"]
         assert fmt["outputs"]["mask"]["channel_def"] == {str(i): n for i, n in enumerate(classes)}
-        assert meta["icmoe"]["classes"] == classes and meta["icmoe"]["segment_codes"] == manifest["model"]["segment_codes"]
+        assert meta["icmoe"]["classes"] == classes
+        assert meta["icmoe"]["segment_codes"] == manifest["model"]["segment_codes"]
         assert meta["icmoe"]["version"] and meta["version"] and "Research use only" in meta["intended_use"]
         config = json.loads((out / "configs" / "inference.json").read_text())
         assert config["run"] == ["$@predictor.run()"] and config["network_def"]["_target_"].endswith("EngineNetwork")

@@ -42,9 +42,15 @@ def _plugin() -> Optional[str]:
     return next((p for pattern in PLUGIN_GLOBS for p in sorted(glob.glob(pattern))), None)
 
 
+def _binary() -> Optional[str]:
+    """The Orthanc server (Debian installs it in /usr/sbin, which a user's PATH may lack)."""
+    return shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc", "/usr/local/sbin/Orthanc")
+                                             if Path(p).is_file()), None)
+
+
 def orthanc_missing() -> Optional[str]:
     """Why Orthanc with DICOMweb cannot run here, or None."""
-    if shutil.which("Orthanc") is None:
+    if _binary() is None:
         return "needs the Orthanc server (Debian: apt-get install orthanc orthanc-dicomweb)"
     if _plugin() is None:
         return "needs Orthanc's DICOMweb plugin (Debian: apt-get install orthanc-dicomweb)"
@@ -86,7 +92,8 @@ def orthanc(folder: Path, *, lua: Optional[str] = None) -> Iterator[str]:
         config["LuaScripts"] = [str(folder / "filter.lua")]
     (folder / "orthanc.json").write_text(json.dumps(config))
     log = open(folder / "orthanc.log", "wb")
-    proc = subprocess.Popen(["Orthanc", str(folder / "orthanc.json")], cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([str(_binary()), str(folder / "orthanc.json")], cwd=folder, stdout=log,
+                            stderr=subprocess.STDOUT)
     try:
         _ready(f"http://127.0.0.1:{port}", time.monotonic() + START_TIMEOUT_S, proc)
         yield f"http://127.0.0.1:{port}/dicom-web"
