@@ -173,8 +173,9 @@ def build_codes(source: Path) -> List[Dict[str, Any]]:
 
 def seg_spec(source: Path, contract: Contract, header: Dict[str, Any], opts: PredictOptions) -> Any:
     """What the run's SEGs say of the model (`engines.predict.seg.SegSpec`)."""
-    from engines.predict.seg import SegSpec
+    from engines.predict.seg import SegSpec, highdicom
 
+    highdicom()  # a missing dicom extra stops the run before any inference
     if opts.probabilities and not contract.has_logits:
         raise cli.UsageError(f"--seg-type fractional needs a {LOGITS_OUTPUT!r} output; this model has none")
     codes = build_codes(source)

@@ -54,17 +54,18 @@ class SegSpec:
             return "unknown"
 
 
-def _hd() -> Any:
+def highdicom() -> Any:
+    """highdicom, or a one-line MissingExtra naming the dicom extra."""
     return require("highdicom", "dicom", "writing DICOM SEG")
 
 
 def _coded(c: Concept) -> Any:
-    return _hd().sr.CodedConcept(value=c["value"], scheme_designator=c["scheme"], meaning=c["meaning"])
+    return highdicom().sr.CodedConcept(value=c["value"], scheme_designator=c["scheme"], meaning=c["meaning"])
 
 
 def segment_descriptions(spec: SegSpec) -> List[Any]:
     """One highdicom SegmentDescription per foreground label (AUTOMATIC, with the algorithm identification)."""
-    hd = _hd()
+    hd = highdicom()
     from pydicom.sr.codedict import codes
 
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -116,7 +117,7 @@ def make_seg(series: DicomSeries, masks: np.ndarray, spec: SegSpec,
     Raises:
       DataError: a series highdicom cannot describe (one line naming it).
     """
-    hd = _hd()
+    hd = highdicom()
     sources, order = _source_order(series)
     if spec.seg_type == "fractional":
         if probabilities is None:
