@@ -129,7 +129,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
                   build=str(a.build or f"random-init {a.model}/tiny fp32"))
     cli.write_json(result, a.json)
     print(f"{result['build']}: {len(result['series'])} series of {a.slices} slices {a.size}x{a.size}; upload "
-          f"{result['upload_s']:.2f} s, round trip {result['round_trip_s']:.2f} s (local run {result['local_s']:.2f} s)")
+          f"{result['upload_s']:.2f} s, round trip {result['round_trip_s']:.2f} s "
+          f"(local run {result['local_s']:.2f} s)")
     for r in result["series"]:
         print(f"  series {r['source_series'][-12:]}: SEG {r['bytes'] / 1024:.1f} KiB, {r['frames']} frames of "
               f"{r['slices']} slices, every frame at its source slice ({r['frames_checked']} checked), equal to the "

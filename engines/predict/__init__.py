@@ -1,5 +1,5 @@
 """Segment images of any size with any engine: the Python API, and the predict command over files,
-folders, DICOM and NIfTI (`python -m engines.predict`; docs/predict.md).
+folders, DICOM series and NIfTI (`python -m engines.predict`; docs/predict.md, docs/clinical.md).
 
     from engines import load_engine
     from engines.predict import predict
@@ -9,8 +9,12 @@ folders, DICOM and NIfTI (`python -m engines.predict`; docs/predict.md).
 
     pipeline.py   pictures -> model-size batches -> masks at the pictures' sizes (any runner)
     inputs.py     files, folders and globs -> (file, output path)
-    writers.py    masks, label volumes and overlays, written atomically
+    series.py     DICOM series among the inputs (volumes), --format, predict_series
+    seg.py        DICOM SEG of a predicted series (highdicom)
+    writers.py    masks, label volumes, SEGs and overlays, written atomically
     files.py      one run over files: engine or server, read, predict, write, report
+    dicomweb.py   a PACS round trip: WADO-RS in, STOW-RS out
+    bundle.py     the components of a MONAI Bundle's inference config
     cli.py        the command's flags
 """
 
@@ -19,6 +23,7 @@ from icmoe.core.lazy import lazy_exports
 _EXPORTS = {
     "Prediction": "engines.predict.pipeline",
     "predict": "engines.predict.pipeline",
+    "predict_series": "engines.predict.series",
     "PredictOptions": "engines.predict.files",
     "open_engine": "engines.predict.files",
     "predict_files": "engines.predict.files",

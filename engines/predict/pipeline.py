@@ -25,6 +25,7 @@ from engines.errors import EngineError
 from icmoe.core import cli
 from icmoe.core.errors import IcmoeError
 from icmoe.core.specs import BATCH
+from icmoe.data.dicom_series import read_dicom_series
 from icmoe.data.images import Picture, model_input, picture_from_array, picture_from_pil, read_images, resize_label
 
 DEFAULT_BATCH = 8
@@ -284,8 +285,11 @@ def predict_jobs(jobs: Iterable[Tuple[Any, List[Picture]]], runner: Any, contrac
 
 
 def pictures_of(image: Any, index: int = 0, *, window: Optional[Tuple[float, float]] = None) -> List[Picture]:
-    """The pictures of one input: a path (every frame or slice of the file), a PIL image, or a uint8/uint16
-    array (H, W), (H, W, 3) or (H, W, 4) (see `icmoe.data.images`)."""
+    """The pictures of one input: a path (every frame or slice of the file; a folder: the slices of every
+    DICOM series in it, each in volume order), a PIL image, or a uint8/uint16 array (H, W), (H, W, 3) or
+    (H, W, 4) (see `icmoe.data.images`)."""
+    if isinstance(image, (str, Path)) and Path(image).is_dir():
+        return [p for series in read_dicom_series([image], window=window) for p in series.pictures]
     if isinstance(image, (str, Path)):
         return read_images(image, window=window).pictures
     if isinstance(image, Image.Image):
@@ -301,14 +305,16 @@ def predict(engine: Engine, images: Any, *, batch_size: Optional[int] = None,
 
     Arguments:
       engine: any engine (activated here if it is not).
-      images: one image or a list: paths (PNG, JPEG, BMP, TIFF, DICOM, NIfTI), PIL images, or uint8/uint16
-        arrays (H, W), (H, W, 3), (H, W, 4).
+      images: one image or a list: paths (PNG, JPEG, BMP, TIFF, DICOM, NIfTI; a folder of DICOM series),
+        PIL images, or uint8/uint16 arrays (H, W), (H, W, 3), (H, W, 4).
       batch_size: pictures per batch (default: 8 within the engine's batch range).
-      window: (low, high) intensity window for NIfTI volumes; default each slice's min..max.
+      window: (low, high) intensity window for NIfTI volumes and DICOM series; default each slice's
+        min..max (a DICOM slice's own window where it has one).
 
     Returns:
       list of Prediction, one per picture: one per image, and one per frame or slice of a multi-frame
-      file or volume (`.source`, `.frame` say which).
+      file or volume (`.source`, `.frame` say which); a folder's DICOM series slice by slice in volume
+      order (`engines.predict.series.predict_series` keeps them grouped by series).
 
     Raises:
       DataError: an unreadable file or unsupported array (one line naming it); InputError/EngineError from the engine.

@@ -12,14 +12,13 @@ import json
 import pytest
 
 from engines.predict import main as predict_main
-from engines.predict.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV, connect
+from engines.predict.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV, connect, multipart_parts, session
 from tests.engines.predict.orthanc import PASSWORD, REFUSE_SEG, USER, orthanc, orthanc_missing
 from tests.engines.predict.seg_checks import check_seg
 from tests.icmoe.data.series_samples import write_study
 
 hd = pytest.importorskip("highdicom", reason="needs highdicom (the dicom extra)")
 pytest.importorskip("dicomweb_client", reason="needs dicomweb-client (the dicom extra)")
-pytestmark = pytest.mark.skipif(orthanc_missing() is not None, reason=orthanc_missing() or "")
 
 # Refuses every write (STOW-RS is a POST) with HTTP 403: a PACS that will not take the results.
 READ_ONLY = """function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
@@ -38,6 +37,8 @@ def study(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory, study):
     """A running Orthanc holding the study (uploaded over STOW-RS); yields its DICOMweb root."""
+    if orthanc_missing():
+        pytest.skip(orthanc_missing())
     _, specs = study
     with pytest.MonkeyPatch.context() as env, orthanc(tmp_path_factory.mktemp("orthanc")) as url:
         env.setenv(USER_ENV, USER)
@@ -155,3 +156,25 @@ def test_credentials_on_the_command_line_are_refused(tiny_build, capsys):
     code, _, err = run([tiny_build, "--dicomweb", f"http://{USER}:{PASSWORD}@127.0.0.1:9/dicom-web",
                         "--study", "1.2.3"], capsys)
     assert code == 2 and "credentials in a URL are not accepted" in err and PASSWORD not in err
+
+
+def test_credentials_come_from_the_environment_and_tls_is_verified(monkeypatch):
+    for k in (USER_ENV, PASSWORD_ENV, TOKEN_ENV):
+        monkeypatch.delenv(k, raising=False)
+    plain = session()
+    assert plain.auth is None and "Authorization" not in plain.headers and plain.verify is True  # netrc: requests
+    monkeypatch.setenv(USER_ENV, "u")
+    monkeypatch.setenv(PASSWORD_ENV, "p")
+    assert session().auth == ("u", "p")
+    monkeypatch.setenv(TOKEN_ENV, "t0ken")
+    token = session(insecure=True)
+    assert token.headers["Authorization"] == "Bearer t0ken" and token.auth is None and token.verify is False
+
+
+def test_multipart_answers_are_split_into_their_parts():
+    a, b = b"\x00\x01\r\n\r\nbinary\r\n--not-the-boundary", b"DICM" * 3
+    body = (b"--xyz\r\nContent-Type: application/dicom\r\n\r\n" + a + b"\r\n--xyz\r\n"
+            b"Content-Type: application/dicom\r\nContent-Length: 12\r\n\r\n" + b + b"\r\n--xyz--\r\n")
+    assert multipart_parts('multipart/related; type="application/dicom"; boundary=xyz', body) == [a, b]
+    with pytest.raises(Exception, match="not multipart/related with a boundary"):
+        multipart_parts("application/json", b"[]")

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 
 from engines import load_engine
 from engines.predict import main as predict_main
+from engines.predict import predict
 from engines.predict.seg import SegSpec, make_seg
 from engines.predict.series import predict_series
 from icmoe.core.codes import generic_codes
@@ -22,6 +24,7 @@ from icmoe.core.io import sha256_file
 from icmoe.data.dicom_series import read_dicom_series
 from tests.engines.predict.seg_checks import check_seg, png_of
 from tests.helpers import tree_digest
+from tests.icmoe.data.samples import write_nifti
 from tests.icmoe.data.series_samples import bad_mixed_sizes, bad_no_pixels, write_study
 
 hd = pytest.importorskip("highdicom", reason="needs highdicom (the dicom extra)")
@@ -86,6 +89,8 @@ def test_the_python_api_gives_the_commands_masks(outputs, study, tiny_build):
     png_dir, *_ = outputs["icmoe"]
     with load_engine(tiny_build, "onnxruntime", threads=1) as engine:
         results = predict_series(engine, folder)
+        flat = predict(engine, folder)  # the plain API: every series' slices in volume order
+    assert [p.mask.tobytes() for _, preds in results for p in preds] == [p.mask.tobytes() for p in flat]
     assert sorted(s.uid for s, _ in results) == sorted(s.uid for s in specs.values())
     for series, preds in results:
         for ref, pred in zip(series.slices, preds):
@@ -168,3 +173,17 @@ def test_format_seg_refuses_inputs_that_are_no_series(tiny_build, tmp_path, caps
     code, _, err = run([tiny_build, tmp_path / "a.png", "--out", tmp_path / "o", "--format", "seg"], capsys)
     assert code == 2 and "--format seg writes DICOM SEG of DICOM series" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_format_png_writes_a_nifti_volume_slice_by_slice(tiny_build, tmp_path, capsys):
+    volume = np.random.default_rng(1).normal(0, 1, (30, 26, 3)).astype(np.float32)
+    write_nifti(tmp_path / "v.nii.gz", volume)
+    code, _, err = run([tiny_build, tmp_path / "v.nii.gz", "--out", tmp_path / "png", "--format", "png"], capsys)
+    assert code == 0, err
+    code, _, err = run([tiny_build, tmp_path / "v.nii.gz", "--out", tmp_path / "nii"], capsys)
+    assert code == 0, err
+    labels = np.asanyarray(nib.load(str(tmp_path / "nii" / "v_mask.nii.gz")).dataobj)  # (X, Y, Z)
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["v_f000.png", "v_f001.png", "v_f002.png"]
+    for z in range(3):
+        png = np.asarray(Image.open(tmp_path / "png" / f"v_f{z:03d}.png"))
+        np.testing.assert_array_equal(png, labels[..., z] * 255)
