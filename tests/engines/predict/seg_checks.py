@@ -45,7 +45,11 @@ def check_seg(seg, spec, folder, png_dir, labels, binary):
     shared = seg.SharedFunctionalGroupsSequence[0]
     (_, _, orientation, spacing), = {(None, None, tuple(v[2]), tuple(v[3])) for v in sources.values()}
     np.testing.assert_allclose(shared.PlaneOrientationSequence[0].ImageOrientationPatient, orientation, atol=1e-6)
-    np.testing.assert_allclose(shared.PixelMeasuresSequence[0].PixelSpacing, spacing, atol=1e-6)
+    measures = shared.PixelMeasuresSequence[0]
+    np.testing.assert_allclose(measures.PixelSpacing, spacing, atol=1e-6)
+    o = np.asarray(orientation, float)
+    d = np.sort([np.asarray(v[1], float) @ np.cross(o[:3], o[3:]) for v in sources.values()])
+    np.testing.assert_allclose(float(measures.SpacingBetweenSlices), np.median(np.diff(d)), rtol=1e-3)
     pixels = seg.pixel_array.reshape(-1, *seg.pixel_array.shape[-2:])
     seen = set()
     for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
