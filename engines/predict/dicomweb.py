@@ -138,7 +138,14 @@ def _call(what: str, url: str, fn: Any, *args: Any, **kw: Any) -> Any:
         r = e.response
         status = f"HTTP {r.status_code} {r.reason}" if r is not None else "an HTTP error"
         raise DicomwebError(f"{what} at {url}: {status}") from None
-    except requests.RequestException as e:  # connection refused, TLS, timeouts: the message has no credentials
+    except requests.exceptions.SSLError as e:
+        raise DicomwebError(f"{what} at {url}: TLS failed ({first_line(e, 160)}); --insecure skips the "
+                            "certificate check") from None
+    except requests.ConnectionError:
+        raise DicomwebError(f"{what} at {url}: cannot connect (refused, or no such host)") from None
+    except requests.Timeout:
+        raise DicomwebError(f"{what} at {url}: no answer within {TIMEOUT_S:.0f} s") from None
+    except requests.RequestException as e:  # the message names the URL, never the credentials
         raise DicomwebError(f"{what} at {url}: {type(e).__name__}: {first_line(e, 200)}") from None
 
 

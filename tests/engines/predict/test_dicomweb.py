@@ -8,6 +8,7 @@ a PACS that refuses the SEGs meet one-line errors with the HTTP status, and noth
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
@@ -150,6 +151,15 @@ def test_a_pacs_that_refuses_the_segs_stores_nothing(pacs, study, tiny_build, cr
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and "does not hold 1 of 1 SEG(s)" in lines[0], err
     assert len(segs_in(pacs, study_uid)) == before
+
+
+def test_an_unreachable_server_is_one_line(tiny_build, capsys):
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, _, err = run([tiny_build, "--dicomweb", f"http://127.0.0.1:{port}/dicom-web", "--study", "1.2.3"], capsys)
+    assert code == 2 and err.strip() == (f"error: QIDO-RS search of study 1.2.3 at http://127.0.0.1:{port}/dicom-web: "
+                                         "cannot connect (refused, or no such host)")
 
 
 def test_credentials_on_the_command_line_are_refused(tiny_build, capsys):
