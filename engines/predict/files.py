@@ -148,13 +148,13 @@ def _read_jobs(items: Sequence[InputItem], opts: PredictOptions, skipped: List[D
 def model_identity(source: Path, engine_label: str, precision: str) -> Dict[str, str]:
     """What a SEG names as its algorithm: family, config, precision, engine and the build's sha256 (of its
     manifest, which holds every artifact's) or a checkpoint's (of its weights)."""
-    from icmoe.checkpoint import read_meta
-
     if (source / MANIFEST_NAME).is_file():
         m = read_manifest(source)
         return {"family": m["model"]["family"], "config": m["model"]["name"],
                 "precision": precision,
                 "engine": engine_label, "build_sha256": sha256_file(source / MANIFEST_NAME)}
+    from icmoe.checkpoint import read_meta  # torch: a checkpoint folder runs eager anyway
+
     meta = read_meta(source)
     return {"family": meta["family"], "config": meta["config"].name, "precision": precision, "engine": engine_label,
             "checkpoint_sha256": str(meta.get("weights_sha256", ""))}
