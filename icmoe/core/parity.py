@@ -20,8 +20,6 @@ from typing import Any, Dict
 
 import numpy as np
 
-TIE_KEYS = ("choice_flips", "tie_flips", "clear_flips")  # the counts `choice_flips` reports
-
 
 def error_bound(reference: np.ndarray, *, atol: float, rtol: float, scaled_atol: float = 0.0) -> np.ndarray:
     """The tolerance of each element of a float batch (B, ...):
@@ -114,15 +112,16 @@ def argmax_flips(logits: np.ndarray, candidate_labels: np.ndarray, bound: np.nda
 
     The margin of a pixel is its reference's best logit minus the reference's logit of the label the
     candidate chose; the bound the sum of the two logits' error bounds (`bound`, shaped like `logits`).
-    `candidate_labels` is shaped (B, ...) or (B, 1, ...).
+    `candidate_labels` is shaped (B, ...) or (B, 1, ...); a label outside 0..C-1 is a clear flip.
     """
     labels = candidate_labels.reshape((len(logits),) + logits.shape[2:]).astype(np.int64)
+    valid = (labels >= 0) & (labels < logits.shape[1])
     ref_labels = logits.argmax(1)
-    at = np.expand_dims(labels, 1)
+    at = np.expand_dims(np.where(valid, labels, 0), 1)
     best = np.expand_dims(ref_labels, 1)
     margin = np.take_along_axis(logits, best, 1)[:, 0] - np.take_along_axis(logits, at, 1)[:, 0]
     allowed = np.take_along_axis(bound, best, 1)[:, 0] + np.take_along_axis(bound, at, 1)[:, 0]
-    return choice_flips(ref_labels, labels, margin, allowed)
+    return choice_flips(ref_labels, labels, np.where(valid, margin, np.inf), allowed)
 
 
 def parity_figures(ref_logits: np.ndarray, cand_logits: np.ndarray, ref_mask: np.ndarray, cand_mask: np.ndarray,

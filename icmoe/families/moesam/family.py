@@ -255,6 +255,9 @@ def swapped_ties(model: nn.Module, gate: Tolerances, record: List[np.ndarray]) -
 def _tie_swapping_route(moe: ExpertChoiceMoE, gate: Tolerances, record: List[np.ndarray]) -> Callable:
     def route(x: torch.Tensor) -> tuple:
         logits = moe.gate(x).transpose(1, 2)  # (B, E, N), eval mode: no routing noise
+        if moe.k >= logits.shape[-1]:  # every token picked: no decision to tie
+            record.append(np.zeros(len(x), np.int64))
+            return ExpertChoiceMoE.route(moe, x)
         values, index = logits.topk(moe.k + 1, dim=-1)  # (B, E, k+1)
         scale = logits.abs().flatten(1).amax(1).view(-1, 1)  # (B, 1): the image's largest |router logit|
         bound = 2 * (gate.atol + gate.scaled_atol * scale) + gate.rtol * (values[..., -2].abs() + values[..., -1].abs())

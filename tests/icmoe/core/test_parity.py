@@ -45,3 +45,9 @@ def test_argmax_flips_agree_where_labels_are_the_reference_argmax(shape):
     logits = np.random.default_rng(0).standard_normal(shape)
     r = argmax_flips(logits, logits.argmax(1)[:, None], np.zeros(shape))
     assert r["choice_flips"] == 0
+
+
+def test_a_label_outside_the_classes_is_a_clear_flip():
+    logits = np.zeros((1, 3, 2), np.float32)  # every class ties: any valid label would be a tie
+    r = argmax_flips(logits, np.array([[[1, 255]]], np.uint8), np.ones_like(logits, dtype=np.float64))
+    assert (r["choice_flips"], r["tie_flips"], r["clear_flips"]) == (2, 1, 1)
