@@ -108,8 +108,10 @@ def get_build(args, precision: str = "fp16") -> Path:
     return out
 
 
-def _measure(args, build_dir: Path, name: str, threads: int, tmp: Path) -> Tuple[Optional[Dict], Optional[str]]:
-    """Run one engine's worker subprocess; returns (result, None) or (None, why it was skipped)."""
+def _measure(args, build_dir: Path, name: str, threads: int, tmp: Path,
+             reference: bool = False) -> Tuple[Optional[Dict], Optional[str]]:
+    """Run one engine's worker subprocess; returns (result, None) or (None, why it was skipped). The
+    parity reference also saves eager's outputs for the choices the other engines could make."""
     if name == "tensorrt":
         why = tensorrt_available(build_dir)
         if why:
@@ -119,7 +121,7 @@ def _measure(args, build_dir: Path, name: str, threads: int, tmp: Path) -> Tuple
            "--result", str(res), "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--iters", str(args.iters),
            "--warmup", str(args.warmup), "--threads", str(threads)]
     if args.parity_images:
-        cmd += ["--parity", str(tmp / "parity.npy")]
+        cmd += ["--parity", str(tmp / "parity.npy")] + (["--choices"] if reference else [])
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0 or not res.is_file():
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -137,7 +139,11 @@ def _ratios(report: Dict, outputs: Dict[str, Dict[str, np.ndarray]], family: Fam
                 base = report["engines"][ref]["batches"].get(b)
                 row[f"speedup_vs_{ref}"] = row["images_per_s"] / base["images_per_s"] if base else None
         if reference in outputs and name in outputs:
-            c = family.parity.compare(outputs[reference], outputs[name], family.parity.tolerances("fp16" if "fp16" in name else "fp32"))
+            precision = precision_of(name)
+            prefix = f"choices/{precision}/"
+            ref = {k.removeprefix(prefix): v for k, v in outputs[reference].items()
+                   if not k.startswith("choices/") or k.startswith(prefix)}
+            c = family.parity.compare(ref, outputs[name], family.parity.tolerances(precision))
             keys = ("max_abs_logit", "flipped", "passed", *(key for _, key, _ in family.parity.columns()))
             r["parity"] = {k: c.get(k) for k in keys}
 
@@ -165,7 +171,7 @@ def run(args) -> Dict:
             np.save(Path(tmp) / "parity.npy", parity_inputs(family, args.parity_images, int(manifest["image_size"]), seed=0))
         for name in tqdm(names, desc="benchmark", unit="engine", disable=args.no_progress):
             result, why = _measure(args, int8_dir if precision_of(name) == "int8" else build_dir, name, threads,
-                                   Path(tmp))
+                                   Path(tmp), reference=name == reference_name(family))
             if why:
                 report["skipped"][name] = why
                 continue

@@ -6,12 +6,15 @@ Only what the engine itself needs is imported, so the peak memory is that of a p
 this engine: a graph runtime (ONNX Runtime, OpenVINO) runs without torch, eager with it. Peak memory is
 the process's resident high-water mark (`VmHWM`, which starts afresh at exec; `ru_maxrss` would carry
 the parent's peak over on Linux). Writes {latency per batch size, memory} as JSON, and the engine's
-outputs on the parity images (made by the parent) as .npz next to it.
+outputs on the parity images (made by the parent) as .npz next to it; with `--choices`, an eager engine
+also saves eager's outputs for the discrete choices another engine could make (the family's
+`choice_references`, per precision), under "choices/<precision>/<name>".
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -26,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from engines import load_engine  # noqa: E402
 from engines.base import run_batched  # noqa: E402
 from icmoe.core import cli  # noqa: E402
-from icmoe.core.manifest import family_of, read_manifest  # noqa: E402
-from icmoe.families import get_family  # noqa: E402  (the registry; a family's module loads on lookup)
+from icmoe.core.manifest import PRECISIONS, family_of, read_manifest  # noqa: E402
+from icmoe.families import FamilyError, get_family  # noqa: E402  (the registry; a family's module loads on lookup)
 
 COMPILED = "-compiled"
 
@@ -80,6 +83,16 @@ def time_batches(engine, batch_sizes: List[int], warmup: int, iters: int) -> Dic
     return rows
 
 
+def choice_references(engine, images: np.ndarray, batch: int) -> Dict[str, np.ndarray]:
+    """An eager engine's outputs for the choices other engines could make, per precision the family gates."""
+    gates = {}
+    for precision in PRECISIONS:
+        with contextlib.suppress(FamilyError):  # a precision the family has no gates for
+            gates[precision] = engine.family.parity.tolerances(precision)
+    found = engine.family.parity.choice_references(engine.model, images, batch, list(gates.values()))
+    return {f"choices/{p}/{k}": v for p, arrays in zip(gates, found) for k, v in arrays.items()}
+
+
 def measure(args) -> Dict:
     """Load, time, run the parity images; the result dict (latency.py's report of one engine)."""
     base = rss_peak_mib()
@@ -87,7 +100,10 @@ def measure(args) -> Dict:
     result: Dict = {"engine": args.engine, "base_mib": base, "loaded_mib": rss_peak_mib()}
     result["batches"] = time_batches(engine, args.batch_sizes, args.warmup, args.iters)
     if args.parity is not None:
-        out = run_batched(engine, np.load(args.parity), max(1, min(max(args.batch_sizes), 8)))
+        images, batch = np.load(args.parity), max(1, min(max(args.batch_sizes), 8))
+        out = run_batched(engine, images, batch)
+        if args.choices:
+            out.update(choice_references(engine, images, batch))
         np.savez(args.result.with_suffix(".npz"), **out)
     engine.deactivate()
     result["peak_mib"] = rss_peak_mib()
@@ -106,6 +122,8 @@ def _main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--parity", type=Path, default=None, help="parity images (.npy) to run and save outputs of")
+    p.add_argument("--choices", action="store_true",
+                   help="eager: also save the outputs for other discrete choices (the parity reference)")
     args = p.parse_args(argv)
     args.result.write_text(json.dumps(measure(args)))
     return 0

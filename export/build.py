@@ -124,6 +124,8 @@ class BuildState:
     out: Path
     backend: str
     staging: Path = Path()
+    triton_staging: Optional[Path] = None  # the Triton repository's models, staged next to --triton
+    created: List[Path] = field(default_factory=list)  # folders made for the outputs (removed on failure)
     model: Any = None
     report: Optional[Dict[str, Any]] = None
     calibration: Any = None  # INT8 calibration images, float32 (n, 3, S, S)
@@ -191,6 +193,16 @@ def _check_target(out: Path, family: str, config: Dict[str, Any], force: bool) -
                          f"pass --force to replace it or choose --out")
 
 
+def _check_folder_target(path: Path, flag: str) -> None:
+    """Refuse a folder target that cannot become a folder: it, or the nearest part of it that exists, is a file."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                what = "exists and is not a directory" if part == path else f"{part} is not a directory"
+                raise BuildError(f"{flag} {path}: {what}")
+            return
+
+
 def prepare(options: BuildOptions) -> BuildState:
     """Check the options and find the model; nothing is written yet."""
     if options.precision not in PRECISIONS:
@@ -218,6 +230,8 @@ def prepare(options: BuildOptions) -> BuildState:
         raise BuildError(f"{family.name} has no variant {options.variant!r} (has: {', '.join(family.variants) or 'none'})")
     out = Path(options.out) if options.out else Path("build") / f"{family.name}-{config.name}-{options.precision}"
     _check_target(out, family.name, config.to_dict(), options.force)
+    if options.triton is not None:
+        _check_folder_target(Path(options.triton), "--triton")
     if options.precision == "fp16" and fp16_unavailable():  # before minutes of export, not after
         raise BuildError(f"--precision fp16: {fp16_unavailable()}")
     _check_int8(options)
@@ -353,8 +367,13 @@ def stage_verify(state: BuildState) -> None:
 
 
 def stage_triton(state: BuildState) -> None:
-    """The model repository, written next to the build's staging folder and moved in with it."""
-    make_repository(state.staging, state.staging / ".triton", options=RepositoryOptions())
+    """The model repository, staged in a folder next to the --triton target (never inside the build);
+    its models are moved into the target together with the build's swap (`_commit`)."""
+    target = Path(state.options.triton)
+    state.created += _make_folders(target.parent)
+    state.triton_staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    give_default_mode(state.triton_staging)
+    make_repository(state.staging, state.triton_staging, options=RepositoryOptions())
 
 
 STAGES: List[Stage] = [
@@ -399,39 +418,74 @@ def _captured_log(lines: List[str]) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _swap_in(staging: Path, out: Path, triton: Optional[Path]) -> None:
-    """Replace `out` by the completed `staging` folder (old build removed only after the rename)."""
-    repo = staging / ".triton"
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    if triton is not None:
-        _move_models(out / repo.name, triton)
+def _make_folders(folder: Path) -> List[Path]:
+    """Create `folder` and its missing parents; returns the ones created, outermost first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
-def _move_models(src: Path, repository: Path) -> None:
-    """Move each model folder of `src` into `repository`, replacing a model of the same name."""
-    repository.mkdir(parents=True, exist_ok=True)
-    for model in sorted(src.iterdir()):
-        target = repository / model.name
-        old = target.with_name(f".{model.name}.old-{os.getpid()}")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(model, target)
-        shutil.rmtree(old, ignore_errors=True)
-        log.info(f"triton: {target}")
-    shutil.rmtree(src, ignore_errors=True)
+def _remove(path: Path) -> None:
+    """Remove a file or a folder tree, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _moves(state: BuildState) -> List[Tuple[Path, Path]]:
+    """(staged, target) renames that put a finished build in place: the Triton models, then the build."""
+    moves: List[Tuple[Path, Path]] = []
+    if state.triton_staging is not None:
+        target = Path(state.options.triton)
+        if target.is_dir():  # an existing repository: its other models stay, same-named ones are replaced
+            moves += [(m, target / m.name) for m in sorted(state.triton_staging.iterdir())]
+        else:
+            moves.append((state.triton_staging, target))
+    return moves + [(state.staging, state.out)]
+
+
+def _commit(moves: List[Tuple[Path, Path]]) -> None:
+    """Rename every staged path onto its target, all or none: a target that exists is set aside first and
+    removed only once every rename succeeded; if one fails, the renames done are undone in reverse."""
+    done: List[Tuple[Path, Path, Optional[Path]]] = []
+    try:
+        for staged, target in moves:
+            old = None
+            if target.exists() or target.is_symlink():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+            done.append((staged, target, old))
+            os.replace(staged, target)
+    except BaseException:
+        for staged, target, old in reversed(done):
+            if not staged.exists() and target.exists():
+                os.replace(target, staged)
+            if old is not None:
+                os.replace(old, target)
+        raise
+    for _, target, old in done:
+        if old is not None:
+            _remove(old)
+        log.info(f"wrote {target}")
 
 
 def _keep_failed(staging: Path, out: Path) -> Path:
     failed = out.with_name(f"{out.name}.failed")
-    shutil.rmtree(failed, ignore_errors=True)
+    _remove(failed)
     os.replace(staging, failed)
     return failed
+
+
+def _clean_up(state: BuildState, committed: bool) -> None:
+    """Remove the staging folders; after a failure, also the folders made for the outputs (if still empty)."""
+    shutil.rmtree(state.staging, ignore_errors=True)
+    if state.triton_staging is not None:
+        shutil.rmtree(state.triton_staging, ignore_errors=True)
+    if not committed:
+        for folder in reversed(state.created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def build(checkpoint: Optional[Path] = None, **fields: Any) -> Path:
@@ -443,17 +497,20 @@ def build(checkpoint: Optional[Path] = None, **fields: Any) -> Path:
     Raises:
       IcmoeError (BuildError, ManifestError, ExportError, ...): one line; ParityFailed (a
       CheckFailed) when the engines are outside their gates. On any failure the previous build
-      is untouched and the failed one is kept in `<out>.failed/` when a stage had started.
+      and Triton repository are untouched, and the failed build is kept in `<out>.failed/` when a
+      stage had started. Every stage writes into staging folders (next to `out` and to `triton`); only
+      when all passed are they renamed into place, together (`_commit`).
     """
     state = prepare(BuildOptions(checkpoint=checkpoint, **fields))
     stages = [s for s in STAGES if s.applies(state)]
-    state.out.parent.mkdir(parents=True, exist_ok=True)
+    state.created = _make_folders(state.out.parent)
     state.staging = Path(tempfile.mkdtemp(prefix=f".{state.out.name}.staging-", dir=state.out.parent))
     give_default_mode(state.staging)
     lines: List[str] = []
     bar = tqdm(total=len(stages), desc="build", unit="stage", disable=not state.options.progress,
                bar_format="{desc}: {n_fmt}/{total_fmt} stages |{bar}| {elapsed}")
     t_all = time.time()
+    committed = False
     try:
         with _captured_log(lines):
             for stage in stages:
@@ -464,7 +521,8 @@ def build(checkpoint: Optional[Path] = None, **fields: Any) -> Path:
                 bar.update()
             log.info(f"build: {state.out} complete in {time.time() - t_all:.1f}s")
         atomic_write_bytes(state.staging / LOG_NAME, ("\n".join(lines) + "\n").encode())
-        _swap_in(state.staging, state.out, state.options.triton)
+        _commit(_moves(state))
+        committed = True
         return state.out
     except IcmoeError as e:
         if (state.staging / "manifest.json").is_file():
@@ -474,7 +532,7 @@ def build(checkpoint: Optional[Path] = None, **fields: Any) -> Path:
         raise
     finally:
         bar.close()
-        shutil.rmtree(state.staging, ignore_errors=True)
+        _clean_up(state, committed)
 
 
 def _options(args) -> Dict[str, Any]:

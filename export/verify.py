@@ -102,6 +102,9 @@ def _summary_line(label: str, r: Dict[str, Any], n: int) -> str:
         parts.append(f"class Dice min {r['min_class_dice']:.4f},")
     if r.get("agreement") is not None:
         parts.append(f"agreement {100 * r['agreement']:.1f}%,")
+    if r.get("choice_flips"):
+        parts.append(f"{r['choice_flips']} choice(s) differ ({r['tie_flips']} within the reference's tie margin, "
+                     f"{r['clear_flips']} clear),")
     if r.get("heldout", {}).get("max_change") is not None:
         parts.append(f"held-out Dice change {r['heldout']['max_change']:.4f},")
     parts.append(f"{n} images: {'PASS' if r['passed'] else 'FAIL'}")
@@ -127,6 +130,16 @@ def _heldout_set(family: Family, manifest: Dict, n: int, seed: int) -> Tuple[Opt
     if data is None:
         return None, f"{family.name} has no labelled synthetic validation set"
     return data[0].astype(np.float32), data[1]
+
+
+def eager_choices(family: Family, eager: EagerEngine, images: np.ndarray, batch: int,
+                  gates: Sequence[Tolerances]) -> Dict[Tolerances, Dict[str, np.ndarray]]:
+    """Eager's outputs for the discrete choices an engine could make instead (the family's
+    `ParitySpec.choice_references`), once per distinct gate; added to the reference `compare` receives."""
+    distinct = list(dict.fromkeys(gates))
+    if not distinct:
+        return {}
+    return dict(zip(distinct, family.parity.choice_references(eager.model, images, batch, distinct)))
 
 
 def verify_build(build_dir, *, n: int = 64, seed: int = 0, batch: Optional[int] = None,
@@ -163,6 +176,7 @@ def verify_build(build_dir, *, n: int = 64, seed: int = 0, batch: Optional[int] 
     bar = tqdm(total=len(engines) + 1, desc="verify", unit="engine", disable=not progress, leave=False)
     with EagerEngine.from_build(build_dir) as eager:
         reference = run_batched(eager, images, batch)
+        choices = eager_choices(family, eager, images, batch, list(gates.values()))
         held_ref = None if held is None else heldout_dice(run_batched(eager, held, batch)["mask"], truth, labels)
     bar.update()
     for label, precision, engine in engines:
@@ -170,7 +184,7 @@ def verify_build(build_dir, *, n: int = 64, seed: int = 0, batch: Optional[int] 
         tolerances = gates[label]
         with engine:
             out = run_batched(engine, images, batch)
-            r = family.parity.compare(reference, out, tolerances)
+            r = family.parity.compare({**reference, **choices[tolerances]}, out, tolerances)
             r["batch_consistency"] = batch_consistency(engine, images, out)
             if tolerances.max_dice_change is not None:
                 r["heldout"] = ({"skipped": truth} if held is None else heldout_check(

@@ -157,9 +157,29 @@ def _readme_block(title: str) -> str:
     return section[section.index("```bash"):].split("```")[1]
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_readme_set_up_commands_in_a_new_virtual_environment():
+    """.ci/run makes a new virtual environment (no system site packages), activates it, and only then runs
+    the README's two set-up commands, each exactly as written and on a line of its own."""
     block = _readme_block("Quick start")
-    commands = [ln.split("#")[0].strip() for ln in block.splitlines() if "pytest" in ln]
-    assert len(commands) == 1, block
-    ci = (ROOT / ".ci/run").read_text()
-    assert commands[0] in ci, f"{commands[0]!r} is not what .ci/run runs"
+    commands = [ln.split("#")[0].strip() for ln in block.splitlines() if ln.strip().startswith("pip install")]
+    assert len(commands) == 2 and "pytest" in commands[1], block
+    ci = [ln.strip() for ln in (ROOT / ".ci/run").read_text().splitlines()]
+    at = {c: ci.index(c) for c in commands if c in ci}
+    assert set(at) == set(commands), f"{set(commands) - set(at)} is not what .ci/run runs"
+    venv = [i for i, ln in enumerate(ci) if re.match(r"python3? -m venv ", ln)]
+    activate = [i for i, ln in enumerate(ci) if re.match(r"(source|\.) \S+/bin/activate", ln)]
+    assert len(venv) == 1 and "--system-site-packages" not in ci[venv[0]], ci
+    assert activate and venv[0] < activate[0] < min(i for i, ln in enumerate(ci) if ln.startswith("pip ")), ci
+    assert at[commands[0]] < at[commands[1]]
+
+
+def test_test_only_dependencies_are_bounded():
+    """pytest and mypy change behaviour between minor releases: the [test] extra allows the release line the
+    suite was run with, not whatever a fresh install resolves to later."""
+    for name in ("pytest", "mypy"):
+        (req,) = [r for r in EXTRAS["test"] if r.name == name]
+        assert _upper_bound(req) is not None and any(s.operator == ">=" for s in req.specifier), req
+        try:
+            assert req.specifier.contains(md.version(name)), f"the installed {name} {md.version(name)} is outside {req}"
+        except md.PackageNotFoundError:
+            pass

@@ -5,7 +5,8 @@ export config, the model patching and the task registry apart).
   label names, patches that make the model trace to the wanted graph);
 - `PrecisionSpec`: how lower precisions treat it (FP32 islands, INT8 calibration images, TensorRT
   graph passes, extra build steps, eager GPU kernels);
-- `ParitySpec`: how parity against eager FP32 is judged (synthetic inputs, tolerances, compare);
+- `ParitySpec`: how parity against eager FP32 is judged (synthetic inputs, tolerances, eager's output for
+  each discrete choice, compare);
 - `TrainingSpec`: how it trains and is evaluated (recipes, datasets, step, augmentation, evaluation).
 
 Every default here is what a family without that feature gets; `docs/families.md` walks through
@@ -126,9 +127,8 @@ class Tolerances:
         |candidate - reference| <= atol + scaled_atol * max|reference of its image| + rtol * |reference|.
       scaled_atol: absolute tolerance in units of the image's largest |logit|: where logits cancel to
         near zero, a lower precision's error is absolute, at the scale of the values that cancelled.
-      max_flipped: largest fraction of mask pixels (over the whole parity set) that may differ.
-      min_agreement: smallest share of images whose discrete choice (e.g. IC-MoE's chosen
-        candidate) must agree; None where the family has none.
+      max_flipped: largest fraction of mask pixels (over the whole parity set) that may differ from
+        the reference's output for the choices the engine made (see `ParitySpec.choice_references`).
       min_class_dice: multi-class families: smallest Dice of any label against the reference's.
       gate_logits: False where the logits are reported but the gate is on the labels only (a
         lower precision that may route a token differently moves logits non-smoothly).
@@ -140,7 +140,6 @@ class Tolerances:
     atol: float
     rtol: float
     max_flipped: float
-    min_agreement: Optional[float] = None
     scaled_atol: float = 0.0
     min_class_dice: Optional[float] = None
     gate_logits: bool = True
@@ -168,6 +167,22 @@ class ParitySpec:
     def tolerances(self, precision: str) -> Tolerances:
         raise NotImplementedError
 
+    def choice_references(self, model: Any, images: np.ndarray, batch_size: int,
+                          gates: Sequence[Tolerances]) -> List[Dict[str, np.ndarray]]:
+        """What eager computes for the discrete choices an engine could make instead of the reference's.
+
+        For a family whose output rests on a discrete choice (a vote, a routing, an argmax): a choice
+        may differ from the reference's where the reference's own margin lies within the precision's
+        error bound (a tie), and the engine's output is then judged against eager's output for the
+        choice it made. `export.verify` calls this once, with the eager model (inference mode, on its
+        device) and the parity images, and merges the dict of each engine's gate into the reference
+        `compare` receives. Default: none (no discrete choice).
+
+        Returns:
+          one dict of arrays (first axis: the images) per entry of `gates`, in order.
+        """
+        return [{} for _ in gates]
+
     def columns(self) -> List[Tuple[str, str, str]]:
         """Figures of `compare`'s report that tables show beside max |dlogit| and flipped pixels:
         (column header, report key, format spec; "%" specs print a share as a percentage)."""
@@ -175,7 +190,8 @@ class ParitySpec:
 
     def compare(self, reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],
                 tolerances: Tolerances) -> Dict[str, Any]:
-        """Parity figures of `candidate` against eager FP32 `reference`, with "passed"."""
+        """Parity figures of `candidate` against eager FP32 `reference` (with what `choice_references`
+        added for these tolerances, where it was called), with "passed"."""
         raise NotImplementedError
 
 

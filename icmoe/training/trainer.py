@@ -30,7 +30,16 @@ from icmoe.families import Family, get_family
 from icmoe.training.distributed import Dist, init_distributed, mean_over_ranks
 from icmoe.training.options import TrainOptions
 from icmoe.training.recipe import OPTIMIZERS, Recipe, check_recipe
-from icmoe.training.state import STATE_NAME, rng_state, seed_everything, set_rng_state, trainable_state, weights_digest
+from icmoe.training.state import (
+    STATE_NAME,
+    load_state,
+    rng_state,
+    save_state,
+    seed_everything,
+    set_rng_state,
+    trainable_state,
+    weights_digest,
+)
 
 log = logging.getLogger("icmoe.train")  # not __name__: that is "__main__" under python -m
 
@@ -150,7 +159,7 @@ def load_trainer_state(run: Run) -> None:
     The saved recipe wins over the options, except for the number of epochs.
 
     Raises:
-      CheckpointError: as above, or an unreadable state file.
+      CheckpointError: as above, an unreadable state file, or one of the older pickled format.
     """
     path, out = run.state_path, run.out
     if not run.options.resume:
@@ -161,10 +170,7 @@ def load_trainer_state(run: Run) -> None:
         if run.dist.main:
             log.info(f"nothing to resume in {out} (no {STATE_NAME}); starting from epoch 1")
         return
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a damaged state file: say which, never guess
-        raise CheckpointError(f"{path}: unreadable trainer state ({type(e).__name__}: {e})") from None
+    state = load_state(path)  # tensors and plain values only: never unpickles objects
     if (state.get("family", LEGACY_FAMILY) != run.family.name or state.get("config") != run.config.to_dict()
             or state.get("dataset") != run.options.dataset):
         raise CheckpointError(f"{path}: the run was for another model or dataset; use another --out")
@@ -399,8 +405,7 @@ def save_epoch(run: Run, trainer: Trainer, rows: List[Dict[str, Any]], *, epoch:
         if is_best:
             save_checkpoint(trainer.model, run.out / "best", dataset=run.options.dataset, epoch=done, metrics=meta)
         save_checkpoint(trainer.model, run.out / "last", dataset=run.options.dataset, epoch=done, metrics=meta)
-        with atomic_path(run.state_path) as tmp:
-            torch.save(_trainer_state(run, trainer, done), tmp)
+        save_state(run.state_path, _trainer_state(run, trainer, done))
         rows.append(_log_row(run, done, train_parts, val, is_best, started))
         if hashes is not None:
             rows[-1]["rank_weights_sha256"] = hashes

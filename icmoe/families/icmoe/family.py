@@ -10,7 +10,7 @@ Graph contract (every engine, Triton model and C++ program):
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Set, Tuple
+from typing import Any, Dict, List, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
@@ -19,7 +19,7 @@ from torch import nn
 
 from icmoe.core.codes import concept
 from icmoe.core.errors import FamilyError
-from icmoe.core.parity import dice_per_image, flipped_report, logits_report
+from icmoe.core.parity import as_compared, choice_flips, dice_per_image, error_bound, parity_figures
 from icmoe.core.specs import BATCH, TensorSpec
 from icmoe.data.calibration import images_2d
 from icmoe.data.synthetic import synthetic_images
@@ -28,6 +28,7 @@ from icmoe.families.contracts import GraphPass, GraphSpec, ParitySpec, Precision
 from icmoe.families.icmoe.config import CONFIGS, ICMoEConfig
 from icmoe.families.icmoe.model import NaiveICMoE, build_icmoe
 from icmoe.families.icmoe.recipe import ICMoETraining
+from icmoe.families.icmoe.voting.reference import candidate_distances
 from icmoe.sam.build import freeze_unused_heads
 
 # Unit roundoff of FP16 (2^-11): the relative error of one rounding to half precision.
@@ -140,6 +141,39 @@ class ICMoEPrecision(PrecisionSpec):
             install(model)
 
 
+def vote_gap_bound(candidates: np.ndarray, gate: Tolerances) -> np.ndarray:
+    """How far a precision's error can shrink each gap between two candidates' PPAV distances.
+
+    A candidate's distance counts the pixels where its mask (logit > 0) differs from the majority of
+    the three masks. A logit within the gate's error bound of zero (`error_bound`) may change sign; every
+    pixel where some candidate's may is tried with each such subset of signs changed (at most 8
+    cases), and the largest shrinkage of d_c - d_r at that pixel is summed over the pixels.
+
+    Arguments:
+      candidates: the candidates' logits, (B, 3, 1, S, S).
+
+    Returns:
+      (B, 3, 3) float: entry [r, c] bounds how much d_c - d_r can shrink (0 on the diagonal).
+    """
+    b = len(candidates)
+    masks = (candidates > 0).reshape(b, 3, -1)  # (B, 3, P)
+    unsure = (np.abs(candidates) <= error_bound(candidates, atol=gate.atol, rtol=gate.rtol,
+                                                scaled_atol=gate.scaled_atol)).reshape(b, 3, -1)
+
+    def contributions(m: np.ndarray) -> np.ndarray:  # |mask - majority| per candidate and pixel
+        majority = m.sum(1, keepdims=True) >= 2
+        return (m != majority).astype(np.int8)
+
+    before = contributions(masks)
+    gap = before[:, None, :, :] - before[:, :, None, :]  # [b, r, c, p] = contribution of c - of r
+    shrink = np.zeros_like(gap)
+    for flips in range(1, 8):  # each non-empty subset of the three candidates changes sign where it may
+        which = np.array([(flips >> j) & 1 for j in range(3)], bool)[None, :, None]
+        after = contributions(masks ^ (unsure & which))
+        shrink = np.maximum(shrink, gap - (after[:, None, :, :] - after[:, :, None, :]))
+    return shrink.sum(-1, dtype=np.int64).astype(np.float64)
+
+
 class ICMoEParity(ParitySpec):
     def synthetic_inputs(self, n: int, image_size: int, seed: int = 0) -> np.ndarray:
         return np.asarray(synthetic_images(n, image_size, seed)[0], dtype=np.float32)
@@ -153,52 +187,79 @@ class ICMoEParity(ParitySpec):
         if precision == "fp32":
             # The same arithmetic in another order: float32 rounding, relative to the logits' size. A
             # pixel whose logit is within rounding of zero may still flip (vit_b: 1 in 10^6).
-            return Tolerances(atol=1e-3, rtol=1e-4, max_flipped=1e-4, min_agreement=1.0)
+            return Tolerances(atol=1e-3, rtol=1e-4, max_flipped=1e-4)
         if precision == "fp16":
             # FP16 stores every weight and activation of the experts with relative error u = 2^-11;
             # through the ViT, neck and decoder (about 16 rounding stages in sequence) that adds up
             # to at most ~16u of relative error. Where logits cancel to near zero the same error is
             # absolute, at the scale of the image's logits: hence the scaled part of atol.
             tol = 16 * FP16_UNIT_ROUNDOFF  # 0.0078
-            return Tolerances(atol=1e-5, rtol=tol, scaled_atol=tol, max_flipped=5e-3, min_agreement=0.95)
+            return Tolerances(atol=1e-5, rtol=tol, scaled_atol=tol, max_flipped=5e-3)
         if precision == "int8":
             # INT8 rounds each quantized tensor to half a step, 1/254 of its calibrated range; through
             # about 16 quantized stages in sequence that adds up to 16/254 = 0.063 of the image's logit
             # scale while activations stay within the ranges calibrated on real images. Images unlike
             # the calibration set (the parity set's uniform noise) leave those ranges and are clipped,
             # an error the step does not bound: 4x that, 0.25. Masks: at most 1% of pixels flip; the
-            # chosen candidate may differ where two are within INT8 error of each other (twice FP16's
-            # 5%); held-out Dice per class within 0.01 of FP32's.
+            # chosen candidate may differ where two tie within that bound (`compare`); held-out Dice
+            # per class within 0.01 of FP32's.
             tol = 4 * 16 * INT8_HALF_STEP  # 0.25
-            return Tolerances(atol=1e-5, rtol=0.0, scaled_atol=tol, max_flipped=0.01, min_agreement=0.9,
-                              max_dice_change=0.01)
+            return Tolerances(atol=1e-5, rtol=0.0, scaled_atol=tol, max_flipped=0.01, max_dice_change=0.01)
         raise FamilyError(f"IC-MoE has no parity gates for precision {precision!r}")
 
     def columns(self) -> List[Tuple[str, str, str]]:
-        return [("min Dice", "min_dice", ".4f"), ("expert agrees", "agreement", ".0%")]
+        return [("min Dice", "min_dice", ".4f"), ("expert agrees", "agreement", ".0%"),
+                ("vote ties", "tie_flips", "d"), ("clear vote flips", "clear_flips", "d")]
+
+    def choice_references(self, model: nn.Module, images: np.ndarray, batch_size: int,
+                          gates: Sequence[Tolerances]) -> List[Dict[str, np.ndarray]]:
+        """Eager's fused logits for each of the three candidates the vote can choose ("choice_logits",
+        (B, 3, 1, S, S)), their PPAV distances ("choice_distance", (B, 3)), and per gate how far the
+        precision's error can move each gap between two distances ("choice_bound", (B, 3, 3): entry
+        [r, c] bounds how much d_c - d_r can shrink; see `vote_gap_bound`)."""
+        device = next(model.parameters()).device
+        fused, distances = [], []
+        bounds: List[List[np.ndarray]] = [[] for _ in gates]
+        with torch.inference_mode():
+            for i in range(0, len(images), batch_size):
+                (z0, z1, z2), _ = model.experts(torch.from_numpy(images[i:i + batch_size]).to(device))
+                cand = torch.stack([z0, z1, (z0 + z1 + z2) / 3], dim=1)  # (B, 3, 1, S, S): what ppav gathers from
+                fused.append((z2.unsqueeze(1) + model.alpha * cand).cpu().numpy())  # ppav's fusion, per candidate
+                distances.append(candidate_distances(z0, z1, z2).cpu().numpy())
+                for g, gate in enumerate(gates):
+                    bounds[g].append(vote_gap_bound(cand.cpu().numpy(), gate))
+        shared = {"choice_logits": np.concatenate(fused), "choice_distance": np.concatenate(distances)}
+        return [{**shared, "choice_bound": np.concatenate(b)} for b in bounds]
 
     def compare(self, reference: Dict[str, np.ndarray], candidate: Dict[str, np.ndarray],
                 tolerances: Tolerances) -> Dict[str, Any]:
-        """Logits within tolerance, mask pixels flipped at most `max_flipped`, chosen candidate agreeing."""
-        logits = logits_report(reference["logits"], candidate["logits"], atol=tolerances.atol, rtol=tolerances.rtol,
-                               scaled_atol=tolerances.scaled_atol)
-        flips = flipped_report(reference["mask"], candidate["mask"])
-        dice = dice_per_image(reference["mask"], candidate["mask"])
-        agree = float((reference["expert"] == candidate["expert"]).mean())
-        report = {
-            "images": int(len(dice)),
-            "max_abs_logit": logits.get("max_abs"),
-            "mean_abs_logit": logits.get("mean_abs"),
-            "logits_worst_ratio": logits.get("worst_ratio"),
-            "logits_within_tol": logits["within"],
-            **flips,
-            "min_dice": float(dice.min()),
-            "mean_dice": float(dice.mean()),
-            "agreement": agree,  # share of images whose chosen candidate (expert output) agrees
-            "tolerances": tolerances.to_dict(),
-        }
-        report["passed"] = bool(logits["within"] and flips["flipped"] <= tolerances.max_flipped
-                                and agree >= (tolerances.min_agreement or 0.0))
+        """Logits within tolerance and mask pixels flipped at most `max_flipped`, both against eager's output
+        for the candidate the engine chose where its choice is a tie (the reference's distance gap to it
+        within `choice_bound`); a choice that differs with a clear gap fails. Without the per-choice
+        reference (`choice_references`) every differing choice counts as clear."""
+        ref_choice, cand_choice = reference["expert"].astype(np.int64), candidate["expert"].astype(np.int64)
+        n = np.arange(len(ref_choice))
+        if "choice_distance" in reference:
+            dist = reference["choice_distance"]
+            valid = (cand_choice >= 0) & (cand_choice < dist.shape[1])
+            at = np.where(valid, cand_choice, 0)
+            margin = np.where(valid, dist[n, at] - dist[n, ref_choice], np.inf)
+            bound = reference["choice_bound"][n, ref_choice, at]
+        else:
+            margin, bound = np.full(len(n), np.inf), np.zeros(len(n))
+        flips = choice_flips(ref_choice, cand_choice, margin, bound)
+        logits, mask = reference["logits"].copy(), reference["mask"].copy()
+        tie = flips.pop("tie")
+        if tie.any():  # eager's output for the candidate the engine chose
+            logits[tie] = reference["choice_logits"][n[tie], cand_choice[tie]]
+            mask[tie] = (logits[tie] > 0).astype(mask.dtype)
+        report = parity_figures(logits, candidate["logits"], mask, candidate["mask"], tolerances)
+        dice = dice_per_image(mask, candidate["mask"])
+        report.update(min_dice=float(dice.min()), mean_dice=float(dice.mean()),
+                      agreement=float((ref_choice == cand_choice).mean()), **flips,
+                      as_compared=as_compared(reference, candidate))
+        report["passed"] = bool(report["logits_within_tol"] and report["flipped"] <= tolerances.max_flipped
+                                and flips["clear_flips"] == 0)
         return report
 
 

@@ -64,7 +64,10 @@ class MoESAM(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) float RGB 0..255 -> logits (B, C+1, S, S), channel 0 = background."""
         self.check(images)
-        e0, feats = self.encode(images)
+        return self.head(*self.encode(images))
+
+    def head(self, e0: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """What follows `encode`: the FEB, the LPEG and the decoder -> logits (B, C+1, S, S)."""
         e = e0 + self.feb(feats)  # (B, 256, h, w)
         sparse = self.lpeg(e if self.config.lpeg_input == "enhanced" else e0)  # (B, 1, 256)
         low = self.decode(e, sparse)  # (B, C+1, 4h, 4w)

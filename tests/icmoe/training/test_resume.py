@@ -104,7 +104,7 @@ def test_run_writes_checkpoints_and_log(reference_run):
     w = _weights(reference_run / "last")
     assert torch.equal(w["encoder.vit.blocks.0.attn.qkv.weight"], init.state_dict()["encoder.vit.blocks.0.attn.qkv.weight"])
     assert not torch.allclose(w["decoders.2.output_upscaling.0.weight"], init.state_dict()["decoders.2.output_upscaling.0.weight"])
-    state = torch.load(reference_run / "last" / "trainer_state.pt", weights_only=False)
+    state = torch.load(reference_run / "last" / "trainer_state.pt", weights_only=True)
     assert state["epoch"] == 3 and any(k.startswith("sgcl.w1") for k in state["trainable"])
     assert state["family"] == "icmoe" and state["dataset"] == "synthetic"
 
@@ -138,8 +138,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(data, reference_run, tmp
     assert _max_diff(ref, got) <= 1e-5
     for name in ("best", "last"):
         assert read_meta(out / name)["epoch"] == read_meta(reference_run / name)["epoch"]
-    ref_state = torch.load(reference_run / "last" / "trainer_state.pt", weights_only=False)
-    got_state = torch.load(out / "last" / "trainer_state.pt", weights_only=False)
+    ref_state = torch.load(reference_run / "last" / "trainer_state.pt", weights_only=True)
+    got_state = torch.load(out / "last" / "trainer_state.pt", weights_only=True)
     assert _max_diff(ref_state["trainable"], got_state["trainable"]) <= 1e-5  # SgCL heads too
 
 
@@ -181,12 +181,69 @@ def test_resume_refuses_a_run_of_another_family(data, reference_run, tmp_path):
     out = tmp_path / "other"
     shutil.copytree(reference_run, out)
     path = out / "last" / "trainer_state.pt"
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     state["family"] = "another"
     torch.save(state, path)
     with pytest.raises(icmoe.CheckpointError, match="another model or dataset"):
         train(dataset="synthetic", data_root=data, out=out, config="tiny", image_size=SIZE, epochs=4,
               batch_size=4, resume=True, progress=False, device="cpu")
+
+
+class _RunsCode:
+    """Unpickling this creates a file: what a hostile state file could do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("kind", ["pickled RNG states", "code"])
+def test_resume_refuses_a_pickled_state_without_running_it(kind, data, reference_run, tmp_path, capsys):
+    """A state of the older format (Python and NumPy RNG objects) or with an object that runs code on
+    unpickling is refused in one line that says how to go on; nothing in it runs."""
+    import pickle
+    import random
+
+    import numpy as np
+
+    out, marker = tmp_path / "theirs", tmp_path / "ran"
+    shutil.copytree(reference_run, out)
+    path = out / "last" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["format"]
+    state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if kind == "code":
+        state["best"] = _RunsCode(marker)
+    torch.save(state, path, pickle_module=pickle)
+    before = path.read_bytes()
+    rc = train_main(["--dataset", "synthetic", "--data-root", str(data), "--config", "tiny", "--image-size", str(SIZE),
+                     "--out", str(out), "--epochs", "4", "--batch-size", "4", "--resume", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {path}: a trainer state in the older pickled format") and "--out" in err[0], err
+    assert not marker.exists(), "loading the state ran code"
+    assert path.read_bytes() == before and [r["epoch"] for r in _log(out)] == [1, 2, 3]
+
+
+def test_rng_states_round_trip_as_tensors():
+    import random
+
+    import numpy as np
+
+    from icmoe.training.state import rng_state, set_rng_state
+
+    random.gauss(0, 1)  # a cached Gaussian is part of both states
+    np.random.standard_normal()
+    saved = rng_state()
+    expected = (random.random(), random.gauss(0, 1), float(np.random.standard_normal()), float(torch.rand(())))
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    set_rng_state(saved)
+    assert (random.random(), random.gauss(0, 1), float(np.random.standard_normal()), float(torch.rand(()))) == expected
+    assert isinstance(saved["python"]["state"], torch.Tensor) and isinstance(saved["numpy"]["keys"], torch.Tensor)
 
 
 def test_options_default_paths_name_the_family():

@@ -95,7 +95,7 @@ def test_parity_gates_passed(moesam_build):
     v = json.loads((moesam_build / "manifest.json").read_text())["verify"]
     assert v["passed"]
     fp32, fp16 = v["engines"]["onnxruntime-fp32"], v["engines"]["onnxruntime-fp16"]
-    assert fp32["max_abs_logit"] <= 1e-3 and fp32["flipped_decisive"] == 0
+    assert fp32["max_abs_logit"] <= 1e-3 and fp32["clear_flips"] == 0
     assert fp16["min_class_dice"] >= 0.99 and fp16["label_agreement"] >= 0.99
 
 

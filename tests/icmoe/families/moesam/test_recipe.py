@@ -232,7 +232,7 @@ def test_resume_after_an_interruption_repeats_the_uninterrupted_run(data, refere
     with pytest.raises(KeyboardInterrupt):
         train(**_opts(data, out))
     monkeypatch.setattr(trainer, "train_epoch", real)
-    assert torch.load(out / "last" / "trainer_state.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(out / "last" / "trainer_state.pt", weights_only=True)["epoch"] == 1
     with pytest.raises(trainer.CheckpointError, match="--resume"):
         train(**_opts(data, out))
     train(**_opts(data, out, resume=True))
