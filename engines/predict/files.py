@@ -14,6 +14,7 @@ from tqdm import tqdm
 from engines import load_engine
 from engines.base import BuildInfo, Engine, EngineError
 from engines.predict.inputs import check_output_names, expand_inputs
+from engines.predict.journal import Journal, model_digest, open_journal, remove_temporaries
 from engines.predict.pipeline import MASK_OUTPUT, Contract, LocalRunner, engine_contract, predict_jobs
 from engines.predict.writers import Writer
 from icmoe.core import cli
@@ -69,6 +70,7 @@ class PredictOptions:
       window: (low, high) intensity window for NIfTI volumes, or None (each slice's min..max).
       server, protocol, model_name, concurrency: a Triton server instead of a local engine.
       progress: show a progress bar.
+      resume: skip the inputs an earlier run into `out` finished (engines/predict/journal.py).
     """
 
     out: Path
@@ -84,6 +86,7 @@ class PredictOptions:
     model_name: Optional[str] = None
     concurrency: int = 1
     progress: bool = True
+    resume: bool = False
 
 
 def open_runner(source: Path, opts: PredictOptions) -> Tuple[Any, Contract, Dict[str, Any]]:
@@ -123,6 +126,9 @@ def _read_jobs(files: Sequence[Tuple[Path, Path]], opts: PredictOptions, skipped
 def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions) -> Dict[str, Any]:
     """Segment files, folders and glob patterns with a build, a checkpoint or a server; write masks.
 
+    Every finished file is recorded in the run's journal (`engines.predict.journal`); with `opts.resume`
+    the files an earlier run finished are skipped, their report entries taken from the journal.
+
     Arguments:
       source: a build directory or a checkpoint folder (with a server: the build it serves).
       inputs: see `expand_inputs`.
@@ -133,7 +139,8 @@ def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions) -> 
       (per picture: path, frame, size, fractions, choice, seconds, mask, overlay), `skipped`, `totals`.
 
     Raises:
-      DataError: an unreadable file (without skip_bad); UsageError: bad inputs or options; EngineError.
+      DataError: an unreadable file (without skip_bad); UsageError: bad inputs or options; EngineError;
+      WriteError: an output that cannot be written (a full disk), named.
     """
     out = Path(opts.out)
     files = expand_inputs(inputs, skip=out)
@@ -142,31 +149,67 @@ def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions) -> 
     try:
         batch_size = contract.batch_size(opts.batch_size)
         runner.check_batch(batch_size)
-        entries, skipped, totals = _run(files, runner, contract, batch_size, Writer(out, opts.overlays, contract),
-                                        opts)
+        journal = _journal(Path(source), out, header, contract, opts)
+        todo, resumed = _resumed(files, journal)
+        try:
+            by_file, skipped, totals = _run(todo, runner, contract, batch_size,
+                                            Writer(out, opts.overlays, contract), opts, journal)
+        finally:
+            journal.close()
     finally:
         runner.close()
+    entries = [e for path, _ in files for e in resumed.get(path, by_file.get(path, []))]
+    totals.update(files=totals["files"] + len(resumed), images=len(entries), resumed=len(resumed))
     return {**header, "source": str(source), "image_size": contract.image_size, "batch_size": batch_size,
             "mask_kind": "binary" if contract.binary else "labels", "classes": [n for _, n in contract.labels],
             "out": str(out), "overlays": None if opts.overlays is None else str(opts.overlays),
             "images": entries, "skipped": skipped, "totals": totals}
 
 
+def _journal(source: Path, out: Path, header: Dict[str, Any], contract: Contract, opts: PredictOptions) -> Journal:
+    """The run's journal, headed by everything that changes the outputs (a resume must match it)."""
+    what = {"source": str(source.resolve()), "model": model_digest(source), "engine": header["engine"],
+            "classes": [n for _, n in contract.labels], "window": opts.window,
+            "overlays": None if opts.overlays is None else str(Path(opts.overlays).resolve())}
+    journal = open_journal(out, what, resume=opts.resume)
+    if opts.resume and remove_temporaries([out, opts.overlays]):
+        log.info("--resume: removed the temporary files of the interrupted run")
+    return journal
+
+
+def _resumed(files: Sequence[Tuple[Path, Path]], journal: Journal) -> Tuple[List[Tuple[Path, Path]],
+                                                                            Dict[Path, List[Dict[str, Any]]]]:
+    """(files still to do, report entries of the files the journal holds as finished and intact)."""
+    todo, done = [], {}
+    for path, rel in files:
+        record = journal.finished(path)
+        if record is None:
+            todo.append((path, rel))
+        else:
+            done[path] = record["entries"]
+    if done:
+        log.info(f"--resume: {len(done)} of {len(files)} files already done")
+    return todo, done
+
+
 def _run(files: Sequence[Tuple[Path, Path]], runner: Any, contract: Contract, batch_size: int, writer: Writer,
-         opts: PredictOptions) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]], Dict[str, Any]]:
-    """Read, predict and write every file; returns (image entries, skipped files, totals)."""
-    entries: List[Dict[str, Any]] = []
+         opts: PredictOptions, journal: Journal) -> Tuple[Dict[Path, List[Dict[str, Any]]], List[Dict[str, str]],
+                                                          Dict[str, Any]]:
+    """Read, predict and write every file, each recorded in the journal once written; returns (image
+    entries by file, skipped files, totals)."""
+    by_file: Dict[Path, List[Dict[str, Any]]] = {}
     skipped: List[Dict[str, str]] = []
-    n_files = 0
     t0 = time.perf_counter()
     with tqdm(total=len(files), unit="file", desc="predict", disable=not opts.progress, leave=False) as bar:
         for (file, rel), preds in predict_jobs(_read_jobs(files, opts, skipped, bar), runner, contract,
                                                batch_size=batch_size):
-            entries += writer.write(file, rel, preds)
-            n_files += 1
+            before = set(writer.written)
+            by_file[file.path] = writer.write(file, rel, preds)
+            journal.record(file.path, writer.written - before, by_file[file.path])
             bar.update(1)
     wall = time.perf_counter() - t0
-    totals = {"files": n_files, "images": len(entries), "skipped": len(skipped), "seconds": round(wall, 3),
+    entries = [e for file_entries in by_file.values() for e in file_entries]
+    totals = {"files": len(by_file), "images": len(entries), "skipped": len(skipped), "seconds": round(wall, 3),
               "inference_seconds": round(sum(e["seconds"] for e in entries), 3),
               "images_per_s": round(len(entries) / wall, 3) if wall > 0 else None}
-    return entries, skipped, totals
+    return by_file, skipped, totals
