@@ -66,7 +66,7 @@ def _options(a: argparse.Namespace) -> PredictOptions:
     return PredictOptions(out=a.out, backend=a.backend, precision=a.precision, threads=a.threads,
                           batch_size=a.batch_size, overlays=overlays, skip_bad=a.skip_bad, window=_window(a.window),
                           server=a.server, protocol=a.protocol, model_name=a.model_name, concurrency=a.concurrency,
-                          progress=not a.no_progress, resume=a.resume)
+                          progress=not a.no_progress, resume=a.resume, report_images=a.json is not None)
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:

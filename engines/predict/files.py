@@ -71,6 +71,8 @@ class PredictOptions:
       server, protocol, model_name, concurrency: a Triton server instead of a local engine.
       progress: show a progress bar.
       resume: skip the inputs an earlier run into `out` finished (engines/predict/journal.py).
+      report_images: keep every picture's entry for the report's `images` (about 1.5 KiB a file); False
+        (the command without --json) keeps the totals only, so memory stays flat however many files.
     """
 
     out: Path
@@ -87,6 +89,7 @@ class PredictOptions:
     concurrency: int = 1
     progress: bool = True
     resume: bool = False
+    report_images: bool = True
 
 
 def open_runner(source: Path, opts: PredictOptions) -> Tuple[Any, Contract, Dict[str, Any]]:
@@ -158,8 +161,9 @@ def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions) -> 
             journal.close()
     finally:
         runner.close()
-    entries = [e for path, _ in files for e in resumed.get(path, by_file.get(path, []))]
-    totals.update(files=totals["files"] + len(resumed), images=len(entries), resumed=len(resumed))
+    entries = [e for path, _ in files for e in resumed.get(path, by_file.get(path, []))] if opts.report_images else []
+    totals.update(files=totals["files"] + len(resumed), resumed=len(resumed),
+                  images=totals["images"] + sum(len(v) for v in resumed.values()))
     return {**header, "source": str(source), "image_size": contract.image_size, "batch_size": batch_size,
             "mask_kind": "binary" if contract.binary else "labels", "classes": [n for _, n in contract.labels],
             "out": str(out), "overlays": None if opts.overlays is None else str(opts.overlays),
@@ -196,20 +200,23 @@ def _run(files: Sequence[Tuple[Path, Path]], runner: Any, contract: Contract, ba
          opts: PredictOptions, journal: Journal) -> Tuple[Dict[Path, List[Dict[str, Any]]], List[Dict[str, str]],
                                                           Dict[str, Any]]:
     """Read, predict and write every file, each recorded in the journal once written; returns (image
-    entries by file, skipped files, totals)."""
+    entries by file, kept only with `opts.report_images`; skipped files; totals)."""
     by_file: Dict[Path, List[Dict[str, Any]]] = {}
     skipped: List[Dict[str, str]] = []
+    n_files, n_images, inference = 0, 0, 0.0
     t0 = time.perf_counter()
     with tqdm(total=len(files), unit="file", desc="predict", disable=not opts.progress, leave=False) as bar:
         for (file, rel), preds in predict_jobs(_read_jobs(files, opts, skipped, bar), runner, contract,
                                                batch_size=batch_size):
-            before = set(writer.written)
-            by_file[file.path] = writer.write(file, rel, preds)
-            journal.record(file.path, writer.written - before, by_file[file.path])
+            entries = writer.write(file, rel, preds)
+            journal.record(file.path, writer.claimed, entries)
+            writer.claimed.clear()  # the outputs of the next file only
+            n_files, n_images, inference = n_files + 1, n_images + len(entries), inference + sum(
+                e["seconds"] for e in entries)
+            if opts.report_images:
+                by_file[file.path] = entries
             bar.update(1)
     wall = time.perf_counter() - t0
-    entries = [e for file_entries in by_file.values() for e in file_entries]
-    totals = {"files": len(by_file), "images": len(entries), "skipped": len(skipped), "seconds": round(wall, 3),
-              "inference_seconds": round(sum(e["seconds"] for e in entries), 3),
-              "images_per_s": round(len(entries) / wall, 3) if wall > 0 else None}
+    totals = {"files": n_files, "images": n_images, "skipped": len(skipped), "seconds": round(wall, 3),
+              "inference_seconds": round(inference, 3), "images_per_s": round(n_images / wall, 3) if wall > 0 else None}
     return by_file, skipped, totals

@@ -52,6 +52,7 @@ class Journal:
     def __init__(self, path: Path, header: Dict[str, Any], records: Dict[str, Dict[str, Any]]) -> None:
         self.path, self.header, self.records = path, header, records
         self._file: Any = None
+        self._failed: Optional[WriteError] = None
 
     def _where(self, output: str) -> Path:
         return self.path.parent / output
@@ -78,15 +79,19 @@ class Journal:
         """Append the record of a finished input (its outputs already written) and flush it to the disk.
 
         The first record (re)writes the journal atomically first: the header and the records kept from an
-        earlier run, so a run that finishes no file leaves the journal there as it was.
+        earlier run, so a run that finishes no file leaves the journal there as it was. Records are not kept
+        in memory afterwards (a long run's would add up; `finished` is asked before the run starts), and
+        after a failed write every further record fails the same way.
         """
+        if self._failed is not None:
+            raise self._failed
         if self._file is None:
             kept = [self.header, *self.records.values()]
             atomic_write_bytes(self.path, "".join(json.dumps(d, sort_keys=True) + "\n" for d in kept).encode())
+            self.records = {}
         record = {"input": str(path.resolve()), "signature": _signature(path),
                   "outputs": {self._stored(o): sha256_file(o) for o in sorted(outputs)}, "entries": entries}
-        self.records[record["input"]] = record  # a later line wins over an earlier one of the same input
-        try:
+        try:  # a later line of the same input wins over an earlier one
             if self._file is None:
                 self._file = open(self.path, "a", encoding="utf-8")
             self._file.write(json.dumps(record, sort_keys=True) + "\n")
@@ -94,7 +99,8 @@ class Journal:
             os.fsync(self._file.fileno())
         except OSError as e:
             self.close()  # what did not reach the disk is dropped: a resume then drops the torn line
-            raise WriteError(e.errno, f"{self.path}: cannot write ({e.strerror or e})") from None
+            self._failed = WriteError(e.errno, f"{self.path}: cannot write ({e.strerror or e})")
+            raise self._failed from None
 
     def close(self) -> None:
         """Close the journal file; every record is already on the disk (a failed flush is not retried)."""

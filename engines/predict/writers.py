@@ -31,11 +31,13 @@ class Writer:
     overlays: Optional[Path]
     contract: Contract
     written: Set[Path] = field(default_factory=set)
+    claimed: List[Path] = field(default_factory=list)  # the paths claimed since the caller last cleared it
 
     def _claim(self, path: Path, source: Path) -> Path:
         if path in self.written:
             raise cli.UsageError(f"{source}: its output {path} was already written for another input")
         self.written.add(path)
+        self.claimed.append(path)
         return path
 
     def write(self, file: ImageFile, rel: Path, preds: List[Prediction]) -> List[Dict[str, Any]]:

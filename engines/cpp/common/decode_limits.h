@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -64,6 +65,20 @@ inline std::string limit_problem(uint64_t width, uint64_t height, uint64_t bytes
     return "decoding the " + size + " image needs " + detail::mib(pixels * bytes_per_pixel) + ", above the limit of " +
            detail::mib(limits.max_bytes) + " (" + kMaxBytesEnv + ")";
   return "";
+}
+
+// limit_problem for a decoder's callbacks, which must not throw: true when within the limits, else false with
+// the reason in `message` (at most `size` bytes).
+inline bool within_limits(uint64_t width, uint64_t height, uint64_t bytes_per_pixel, const DecodeLimits& limits,
+                          char* message, size_t size) noexcept {
+  try {
+    const std::string why = limit_problem(width, height, bytes_per_pixel, limits);
+    std::snprintf(message, size, "%s", why.c_str());
+    return why.empty();
+  } catch (...) {
+    std::snprintf(message, size, "out of memory");
+    return false;
+  }
 }
 
 // limit_problem as a one-line error naming `path`.

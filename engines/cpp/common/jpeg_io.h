@@ -72,14 +72,8 @@ inline bool jpeg_allocate(JpegJob* job, size_t bytes) noexcept {
 }
 
 inline bool jpeg_within_limits(JpegJob* job, uint64_t w, uint64_t h, int channels) noexcept {
-  try {
-    const std::string why = limit_problem(w, h, static_cast<uint64_t>(channels) + kRgbBytesPerPixel, *job->limits);
-    std::snprintf(job->message, sizeof job->message, "%s", why.c_str());
-    job->over_limit = !why.empty();
-  } catch (...) {
-    std::snprintf(job->message, sizeof job->message, "out of memory");
-    job->over_limit = true;
-  }
+  job->over_limit = !within_limits(w, h, static_cast<uint64_t>(channels) + kRgbBytesPerPixel, *job->limits, job->message,
+                                   sizeof job->message);
   return !job->over_limit;
 }
 

@@ -80,17 +80,9 @@ inline bool png_allocate(PngJob* job, size_t rows, size_t row_bytes) noexcept {
   }
 }
 
-// Limits checked in a noexcept helper: its message goes to libpng's error path.
 inline bool png_within_limits(PngJob* job, png_uint_32 w, png_uint_32 h, size_t row_bytes) noexcept {
-  try {
-    const uint64_t palette_rgb = job->out->palette ? 3 : 0;
-    const std::string why = limit_problem(w, h, (w ? row_bytes / w : 1) + palette_rgb + kRgbBytesPerPixel, *job->limits);
-    std::snprintf(job->message, sizeof job->message, "%s", why.c_str());
-    job->over_limit = !why.empty();
-  } catch (...) {
-    std::snprintf(job->message, sizeof job->message, "out of memory");
-    job->over_limit = true;
-  }
+  const uint64_t bytes_per_pixel = (w ? row_bytes / w : 1) + (job->out->palette ? 3 : 0) + kRgbBytesPerPixel;
+  job->over_limit = !within_limits(w, h, bytes_per_pixel, *job->limits, job->message, sizeof job->message);
   return !job->over_limit;
 }
 
