@@ -8,6 +8,7 @@ lines of its journal) every `--interval` seconds. Reports the RSS after the warm
 
     python benchmarks/predict_rss.py                       # 2,000 files, a random-init tiny FP32 build
     python benchmarks/predict_rss.py --source build/icmoe-tiny-fp16 --files 5000 --json rss.json
+    python benchmarks/predict_rss.py --report    # predict writes its JSON report: it keeps each file's entry
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def _parser():
     p.add_argument("--interval", type=float, default=0.25, help="seconds between samples")
     p.add_argument("--warmup", type=float, default=0.1, help="share of the files before the baseline (default 0.1)")
     p.add_argument("--max-growth", type=float, default=0.05, help="RSS growth after the warm-up that fails (0.05: 5%%)")
+    p.add_argument("--report", action="store_true",
+                   help="have predict write its JSON report (it then keeps every file's entry in memory)")
     p.add_argument("--work", type=Path, default=None, help="folder for the archive and outputs (default: a temporary one)")
     cli.add_json(p)
     cli.add_progress(p)
@@ -137,6 +140,7 @@ def _main(argv=None) -> int:
         inputs, out = write_archive(work / "archive", args.files, progress=not args.no_progress), work / "masks"
         cmd = [sys.executable, "-m", "engines.predict", str(source), str(inputs), "--out", str(out), "--no-progress",
                "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+        cmd += ["--json", str(work / "report.json")] if args.report else []
         run = sample_run(cmd, out / JOURNAL_NAME, args.interval)
         if run["exit_code"] != 0:
             raise cli.CheckFailed(f"predict exited with {run['exit_code']}: {' '.join(run['stderr_tail'])}")

@@ -71,7 +71,7 @@ class PredictOptions:
       server, protocol, model_name, concurrency: a Triton server instead of a local engine.
       progress: show a progress bar.
       resume: skip the inputs an earlier run into `out` finished (engines/predict/journal.py).
-      report_images: keep every picture's entry for the report's `images` (about 1.5 KiB a file); False
+      report_images: keep every picture's entry for the report's `images` (about 1.7 KiB a file); False
         (the command without --json) keeps the totals only, so memory stays flat however many files.
     """
 
