@@ -117,15 +117,17 @@ def summarize(run: Dict[str, Any], n_files: int, warmup: float) -> Dict[str, Any
 def _parser():
     p = cli.parser("python benchmarks/predict_rss.py", __doc__.splitlines()[0])
     p.add_argument("--files", type=int, default=2000, help="images in the archive (default 2000)")
-    p.add_argument("--source", type=Path, default=None, help="a build or checkpoint (default: a random-init tiny build)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--source", type=Path, default=None,
+                   help="a build or checkpoint (default: a random-init tiny build)")
+    p.add_argument("--batch-size", type=int, default=None, help="predict's --batch-size (default: its own)")
     p.add_argument("--threads", type=int, default=2, help="the engine's CPU threads")
     p.add_argument("--interval", type=float, default=0.25, help="seconds between samples")
     p.add_argument("--warmup", type=float, default=0.1, help="share of the files before the baseline (default 0.1)")
     p.add_argument("--max-growth", type=float, default=0.05, help="RSS growth after the warm-up that fails (0.05: 5%%)")
     p.add_argument("--report", action="store_true",
                    help="have predict write its JSON report (it then keeps every file's entry in memory)")
-    p.add_argument("--work", type=Path, default=None, help="folder for the archive and outputs (default: a temporary one)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="folder for the archive and outputs (default: a temporary one)")
     cli.add_json(p)
     cli.add_progress(p)
     return p
@@ -139,14 +141,16 @@ def _main(argv=None) -> int:
         source = args.source or default_build(work)
         inputs, out = write_archive(work / "archive", args.files, progress=not args.no_progress), work / "masks"
         cmd = [sys.executable, "-m", "engines.predict", str(source), str(inputs), "--out", str(out), "--no-progress",
-               "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+               "--threads", str(args.threads)]
+        cmd += ["--batch-size", str(args.batch_size)] if args.batch_size else []
         cmd += ["--json", str(work / "report.json")] if args.report else []
         run = sample_run(cmd, out / JOURNAL_NAME, args.interval)
         if run["exit_code"] != 0:
             raise cli.CheckFailed(f"predict exited with {run['exit_code']}: {' '.join(run['stderr_tail'])}")
         report = {"files": args.files, "source": str(source), "command": " ".join(cmd[1:]), "cpu": cpu_model(),
-                  "cores": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d"), **summarize(run, args.files, args.warmup),
-                  "peak_mib": run["peak_mib"], "seconds": run["seconds"], "samples": run["samples"]}
+                  "cores": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d"),
+                  **summarize(run, args.files, args.warmup), "peak_mib": run["peak_mib"], "seconds": run["seconds"],
+                  "samples": run["samples"]}
     print(f"predict over {args.files} files in {report['seconds']} s: RSS {report['rss_after_warmup_mib']} MiB after "
           f"{report['warmup_files']} files, at most {report['max_rss_after_mib']} MiB after "
           f"(at file {report['max_at_files']}): growth {100 * report['growth']:+.1f}%; peak {report['peak_mib']} MiB")

@@ -233,8 +233,9 @@ def sample_rss(server: TritonServer, stop: threading.Event, interval: float, t0:
     pid = server.process.pid
     while not stop.wait(interval):
         rss = group_rss_mib(pid)
-        out.append({"t": round(time.monotonic() - t0, 1), "rss_mib": round(sum(rss.values()), 1),
-                    "server_mib": round(rss.get(pid, 0.0), 1), "stubs_mib": round(sum(rss.values()) - rss.get(pid, 0.0), 1)})
+        total, own = sum(rss.values()), rss.get(pid, 0.0)
+        out.append({"t": round(time.monotonic() - t0, 1), "rss_mib": round(total, 1), "server_mib": round(own, 1),
+                    "stubs_mib": round(total - own, 1)})
 
 
 def serve_model(build: Path, repo: Path) -> Model:
@@ -284,7 +285,8 @@ def summarize(tally: Tally, samples: List[Dict], *, warmup: float, duration: flo
             "bad_refused": tally.refused, "problems": tally.problems[:50], "n_problems": len(tally.problems),
             "requests_per_s": round((tally.good + sum(tally.bad.values())) / duration, 2),
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
-            "rss_after_warmup_mib": base, "max_rss_after_mib": top, "final_rss_mib": after[-1]["rss_mib"] if after else None,
+            "rss_after_warmup_mib": base, "max_rss_after_mib": top,
+            "final_rss_mib": after[-1]["rss_mib"] if after else None,
             "rss_growth": round(top / base - 1, 4) if base else None, "rss_samples": samples,
             "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d")}
 
@@ -332,10 +334,12 @@ def _main(argv=None) -> int:
     r = run_soak(a.build, duration=a.duration, warmup=a.warmup, concurrency=a.concurrency,
                  bad_fraction=a.bad_fraction, protocols=protocols, interval=a.interval)
     print(f"soak {r['duration_s']:.0f} s, concurrency {r['concurrency']}, {r['requests_per_s']} req/s: "
-          f"{r['good_correct']}/{r['good_requests']} good requests correct (p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms), "
+          f"{r['good_correct']}/{r['good_requests']} good requests correct "
+          f"(p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms), "
           f"malformed refused {sum(r['bad_refused'].values())}/{sum(r['bad_requests'].values())} {r['bad_refused']}; "
           f"server RSS {r['rss_after_warmup_mib']} MiB after {r['warmup_s']:.0f} s warm-up, at most "
-          f"{r['max_rss_after_mib']} MiB after, growth {100 * (r['rss_growth'] or 0):+.2f}%; exit code {r['exit_code']}")
+          f"{r['max_rss_after_mib']} MiB after, growth {100 * (r['rss_growth'] or 0):+.2f}%; "
+          f"exit code {r['exit_code']}")
     cli.write_json(r, a.json)
     failed = failures(r, a.max_growth)
     if failed:

@@ -31,5 +31,6 @@ def cpp_toolchain_missing(cmake: bool = True) -> Optional[str]:
                           capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         error = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:200])
-        return f"needs the libpng and libjpeg development files (Debian: apt-get install libpng-dev libjpeg-dev): {error}"
+        return ("needs the libpng and libjpeg development files (Debian: apt-get install libpng-dev libjpeg-dev): "
+                f"{error}")
     return None

@@ -93,8 +93,9 @@ def test_corpus_refused_with_zero_sanitizer_reports(request, corpus, tmp_path, w
     out = tmp_path / "out"
     out.mkdir()
     reasons = {name: _refused(program, model, path, out) for name, path in sorted(corpus.items())}
+    examples = ("png_65535x65535.png", "jpeg_huffman_counts_over_256.jpg")
     print(f"\n{which} (ASan+UBSan): {len(reasons)} hostile files refused, 0 sanitizer reports; e.g. "
-          + "; ".join(reasons[n].split(": ", 2)[-1] for n in ("png_65535x65535.png", "jpeg_huffman_counts_over_256.jpg")))
+          + "; ".join(reasons[n].split(": ", 2)[-1] for n in examples))
     limit = {n: r for n, r in reasons.items() if "ICMOE_MAX_IMAGE_PIXELS" in r}
     assert {"png_65535x65535.png", "bmp_65535x65535.bmp", "ppm_65535x65535.ppm"} <= set(limit)
 

@@ -30,7 +30,8 @@ S = 16
 def compile_standin(exe: Path, *flags: str) -> Path:
     """icmoe_trt compiled against the stand-in headers (`flags`: more compiler flags, e.g. sanitizers)."""
     cmd = ["c++", "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", *flags, "-I", str(STANDIN), "-I",
-           str(SOURCE_DIR / "common"), str(SOURCE_DIR / "tensorrt" / "icmoe_trt.cpp"), "-o", str(exe), "-lpng", "-ljpeg"]
+           str(SOURCE_DIR / "common"), str(SOURCE_DIR / "tensorrt" / "icmoe_trt.cpp"), "-o", str(exe),
+           "-lpng", "-ljpeg"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return exe

@@ -30,7 +30,8 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def png_bytes(width: int, height: int, depth: int, colour: int, raw: bytes, extra: bytes = b"", interlace: int = 0) -> bytes:
+def png_bytes(width: int, height: int, depth: int, colour: int, raw: bytes, extra: bytes = b"",
+              interlace: int = 0) -> bytes:
     """A PNG from its parts, every CRC right: IHDR, `extra` chunks, one IDAT of `raw` (filtered rows), IEND."""
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", zlib.compress(raw))

@@ -103,7 +103,8 @@ def test_byte_limit_refuses_a_volume_before_reading_it(tmp_path, monkeypatch):
     path = write_nifti(tmp_path / "v.nii.gz", np.zeros((20, 20, 10), np.float32))
     assert read_images(path).format == "nifti"
     monkeypatch.setenv(MAX_DECODED_BYTES_ENV, str(20 * 20 * 10 * 4 - 1))
-    with pytest.raises(DataError, match=f"needs 15.6 KiB decoded, above the limit of 15.6 KiB \\({MAX_DECODED_BYTES_ENV}"):
+    limit = f"needs 15.6 KiB decoded, above the limit of 15.6 KiB \\({MAX_DECODED_BYTES_ENV}"
+    with pytest.raises(DataError, match=limit):
         read_images(path)
     dicom = write_dicom(tmp_path / "d.dcm", np.zeros((10, 20, 20), np.uint16))
     with pytest.raises(DataError, match="10 frame\\(s\\) of 20x20 needs"):
@@ -134,5 +135,6 @@ def test_in_memory_palette_image_names_its_source():
     im = Image.new("P", (4, 4))
     im.putpalette([0, 0, 0, 255, 255, 255])
     im.putpixel((1, 1), 7)
-    with pytest.raises(DataError, match=r"^<image 3>: damaged image \(palette index 7 beyond the palette's 2 colours\)"):
+    beyond = r"^<image 3>: damaged image \(palette index 7 beyond the palette's 2 colours\)"
+    with pytest.raises(DataError, match=beyond):
         images.picture_from_pil(im, "<image 3>")
