@@ -97,9 +97,10 @@ def test_sigkill_mid_run_then_resume_equals_a_clean_run(labels_build, inputs, cl
     assert len(report["images"]) == N_FILES
     assert _masks(out) == clean and _hidden(out) == []
     assert len(_records(out / JOURNAL_NAME)) == N_FILES
-    print(f"\nSIGKILL after {done} of {N_FILES} files recorded ({len(partial)} files in --out); --resume skipped "
-          f"{report['totals']['resumed']}, redid {N_FILES - report['totals']['resumed']}; every output equals the "
-          "clean run's")
+    with capsys.disabled():
+        print(f"\nSIGKILL after {done} of {N_FILES} files recorded ({len(partial)} files in --out); --resume skipped "
+              f"{report['totals']['resumed']}, redid {N_FILES - report['totals']['resumed']}; every output equals "
+              "the clean run's")
 
 
 def test_resume_drops_a_torn_line_and_redoes_damaged_outputs(labels_build, inputs, clean, tmp_path, capsys):
@@ -157,7 +158,9 @@ def test_full_disk_stops_naming_the_file_and_keeps_what_was_written(labels_build
     assert _hidden(out) == []  # no temporary file left
     recorded = {p for r in _records(out / JOURNAL_NAME) for p in r["outputs"]}
     assert recorded <= set(written)
-    print(f"\nfull disk: {lines[0].split(': ', 1)[1]}; {len(written)} complete masks kept, {len(recorded)} recorded")
+    with capsys.disabled():
+        print(f"\nfull disk: {lines[0].split(': ', 1)[1]}; {len(written)} complete masks kept, {len(recorded)} "
+              "recorded")
 
     filler.unlink()
     code, err = run([labels_build, inputs, "--out", out, "--resume"], capsys)
