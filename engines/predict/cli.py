@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also write overlay PNGs (to <out>/overlays)")
     p.add_argument("--overlay-dir", type=Path, default=None, metavar="DIR", help="write the overlays here (implies --overlay)")
     p.add_argument("--skip-bad", action="store_true", help="report unreadable files and go on (else stop at the first)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the files an earlier run into --out finished (its predict-journal.jsonl), do the rest")
     p.add_argument("--window", default=None, metavar="LOW,HIGH",
                    help="NIfTI and DICOM series intensity window mapped to 0..255 (e.g. CT: --window=-150,500); "
                         "default a DICOM slice's own window, else each slice's min..max")
@@ -85,7 +87,8 @@ def _options(a: argparse.Namespace) -> PredictOptions:
     return PredictOptions(out=a.out, backend=a.backend, precision=a.precision, threads=a.threads,
                           batch_size=a.batch_size, overlays=overlays, skip_bad=a.skip_bad, window=_window(a.window),
                           server=a.server, protocol=a.protocol, model_name=a.model_name, concurrency=a.concurrency,
-                          progress=not a.no_progress, fmt=a.fmt, seg_type=a.seg_type, seg_codes=a.seg_codes)
+                          progress=not a.no_progress, fmt=a.fmt, seg_type=a.seg_type, seg_codes=a.seg_codes,
+                          resume=a.resume, report_images=a.json is not None)
 
 
 def _check_sources(a: argparse.Namespace) -> None:
@@ -125,6 +128,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     cli.write_json(report, a.json)
     t = report["totals"]
     skipped = f", {t['skipped']} skipped" if t["skipped"] else ""
+    skipped += f", {t['resumed']} done before" if t.get("resumed") else ""
     log.info(f"{t['images']} images from {t['files']} inputs in {t['seconds']:.2f} s "
              f"({t['images_per_s'] or 0:.1f} images/s, {report['engine']}){skipped}; masks in {report['out']}")
     return cli.EXIT_OK

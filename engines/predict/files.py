@@ -14,6 +14,7 @@ from tqdm import tqdm
 from engines import load_engine
 from engines.base import BuildInfo, Engine, EngineError
 from engines.predict.inputs import check_output_names, expand_inputs
+from engines.predict.journal import Journal, model_digest, open_journal, remove_temporaries
 from engines.predict.pipeline import LOGITS_OUTPUT, MASK_OUTPUT, Contract, LocalRunner, engine_contract, predict_jobs
 from engines.predict.series import InputItem, plan_inputs
 from engines.predict.writers import Writer
@@ -77,6 +78,9 @@ class PredictOptions:
       fmt: "auto" (SEG for DICOM series, NIfTI for NIfTI, PNG for pictures), "png" or "seg".
       seg_type: "binary" or "fractional" (probabilities from the `logits` output).
       seg_codes: a JSON file overriding the build's segment codes (`icmoe.core.codes.read_codes_file`).
+      resume: skip the inputs an earlier run into `out` finished (engines/predict/journal.py).
+      report_images: keep every picture's entry for the report's `images` (about 1.7 KiB a file); False
+        (the command without --json) keeps the totals only, so memory stays flat however many files.
     """
 
     out: Path
@@ -95,6 +99,8 @@ class PredictOptions:
     fmt: str = "auto"
     seg_type: str = "binary"
     seg_codes: Optional[Path] = None
+    resume: bool = False
+    report_images: bool = True
 
     @property
     def probabilities(self) -> bool:
@@ -189,6 +195,9 @@ def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions,
                   runner: Optional[Tuple[Any, Contract, Dict[str, Any]]] = None) -> Dict[str, Any]:
     """Segment files, folders and glob patterns with a build, a checkpoint or a server; write masks.
 
+    Every finished file is recorded in the run's journal (`engines.predict.journal`); with `opts.resume`
+    the files an earlier run finished are skipped, their report entries taken from the journal.
+
     Arguments:
       source: a build directory or a checkpoint folder (with a server: the build it serves).
       inputs: see `expand_inputs`.
@@ -201,7 +210,8 @@ def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions,
       (per picture: path, frame, size, fractions, choice, seconds, mask, overlay), `skipped`, `totals`.
 
     Raises:
-      DataError: an unreadable file (without skip_bad); UsageError: bad inputs or options; EngineError.
+      DataError: an unreadable file (without skip_bad); UsageError: bad inputs or options; EngineError;
+      WriteError: an output that cannot be written (a full disk), named.
     """
     out = Path(opts.out)
     files = expand_inputs(inputs, skip=out)
@@ -214,29 +224,82 @@ def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions,
         seg = seg_spec(Path(source), contract, header, opts) if any(it.group for it in items) \
             and opts.fmt != "png" else None
         writer = Writer(out, opts.overlays, contract, fmt=opts.fmt, seg=seg)
-        entries, totals = _run(items, runner, contract, batch_size, writer, opts, skipped)
+        journal = _journal(Path(source), out, header, contract, opts)
+        todo, resumed = _resumed(items, journal)
+        try:
+            by_item, totals = _run(todo, runner, contract, batch_size, writer, opts, skipped, journal)
+        finally:
+            journal.close()
     finally:
         runner.close()
+    entries = [e for it in items for e in resumed.get(job_key(it), by_item.get(job_key(it), []))] \
+        if opts.report_images else []
+    totals.update(files=totals["files"] + len(resumed), resumed=len(resumed),
+                  images=totals["images"] + sum(len(v) for v in resumed.values()))
     return {**header, "source": str(source), "image_size": contract.image_size, "batch_size": batch_size,
             "mask_kind": "binary" if contract.binary else "labels", "classes": [n for _, n in contract.labels],
             "out": str(out), "overlays": None if opts.overlays is None else str(opts.overlays),
             "images": entries, "series": writer.series, "skipped": skipped, "totals": totals}
 
 
+def _journal(source: Path, out: Path, header: Dict[str, Any], contract: Contract, opts: PredictOptions) -> Journal:
+    """The run's journal, headed by everything that changes the outputs (a resume must match it)."""
+    what = {"source": str(source.resolve()), "model": model_digest(source), "engine": header["engine"],
+            "classes": [n for _, n in contract.labels], "window": opts.window,
+            "overlays": None if opts.overlays is None else str(Path(opts.overlays).resolve()),
+            "output_format": opts.fmt, "seg_type": opts.seg_type,
+            "seg_codes": None if opts.seg_codes is None else sha256_file(opts.seg_codes)}
+    journal = open_journal(out, what, resume=opts.resume)
+    if opts.resume and remove_temporaries([out, opts.overlays]):
+        log.info("--resume: removed the temporary files of the interrupted run")
+    return journal
+
+
+def job_key(item: InputItem) -> str:
+    """What the journal knows a job by: a file's resolved path, or a DICOM series' label (UID, description)."""
+    return str(item.path.resolve()) if item.group is None else item.group.label
+
+
+def job_inputs(item: InputItem) -> List[Path]:
+    """The files a job reads (a series: every instance of it)."""
+    return [item.path] if item.group is None else [Path(source) for source, _ in item.group.members]
+
+
+def _resumed(items: Sequence[InputItem], journal: Journal) -> Tuple[List[InputItem], Dict[str, List[Dict[str, Any]]]]:
+    """(jobs still to do, report entries of the jobs the journal holds as finished and intact)."""
+    todo, done = [], {}
+    for item in items:
+        record = journal.finished(job_key(item), job_inputs(item))
+        if record is None:
+            todo.append(item)
+        else:
+            done[job_key(item)] = record["entries"]
+    if done:
+        log.info(f"--resume: {len(done)} of {len(items)} inputs already done")
+    return todo, done
+
+
 def _run(items: Sequence[InputItem], runner: Any, contract: Contract, batch_size: int, writer: Writer,
-         opts: PredictOptions, skipped: List[Dict[str, str]]) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-    """Read, predict and write every job (file or series); returns (image entries, totals)."""
-    entries: List[Dict[str, Any]] = []
-    n_files = 0
+         opts: PredictOptions, skipped: List[Dict[str, str]], journal: Journal
+         ) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, Any]]:
+    """Read, predict and write every job (file or series), each recorded in the journal once written; returns
+    (image entries by job, kept only with `opts.report_images`; totals). Unreadable jobs go to `skipped`."""
+    by_item: Dict[str, List[Dict[str, Any]]] = {}
+    n_files, n_images, inference = 0, 0, 0.0
     t0 = time.perf_counter()
     with tqdm(total=len(items), unit="input", desc="predict", disable=not opts.progress, leave=False) as bar:
         for (item, data), preds in predict_jobs(_read_jobs(items, opts, skipped, bar), runner, contract,
                                                 batch_size=batch_size, probabilities=opts.probabilities):
-            entries += writer.write_item(item, data, preds)
-            n_files += 1
+            entries = writer.write_item(item, data, preds)
+            journal.record(job_key(item), job_inputs(item), writer.claimed, entries)
+            writer.claimed.clear()  # the outputs of the next job only
+            n_files, n_images = n_files + 1, n_images + len(entries)
+            inference += sum(e["seconds"] for e in entries)
+            if opts.report_images:
+                by_item[job_key(item)] = entries
             bar.update(1)
     wall = time.perf_counter() - t0
-    totals = {"files": n_files, "images": len(entries), "skipped": len(skipped), "seconds": round(wall, 3),
-              "inference_seconds": round(sum(e["seconds"] for e in entries), 3),
-              "images_per_s": round(len(entries) / wall, 3) if wall > 0 else None, "segs": len(writer.series)}
-    return entries, totals
+    totals = {"files": n_files, "images": n_images, "skipped": len(skipped), "seconds": round(wall, 3),
+              "inference_seconds": round(inference, 3), "images_per_s": round(n_images / wall, 3) if wall > 0 else None,
+              "segs": len(writer.series)}
+    return by_item, totals

@@ -39,11 +39,13 @@ class Writer:
     seg: Optional[Any] = None
     written: Set[Path] = field(default_factory=set)
     series: List[Dict[str, Any]] = field(default_factory=list)
+    claimed: List[Path] = field(default_factory=list)  # the paths claimed since the caller last cleared it
 
     def _claim(self, path: Path, source: Path) -> Path:
         if path in self.written:
             raise cli.UsageError(f"{source}: its output {path} was already written for another input")
         self.written.add(path)
+        self.claimed.append(path)
         return path
 
     def write_item(self, item: InputItem, data: Any, preds: List[Prediction]) -> List[Dict[str, Any]]:

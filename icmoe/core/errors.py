@@ -36,6 +36,14 @@ class TrainError(IcmoeError, ValueError):
     """Training options that cannot be used together (recipe, batch size, input size, resume state)."""
 
 
+class WriteError(IcmoeError, OSError):
+    """A file could not be written (a full disk, a read-only folder, no permission): `WriteError(errno,
+    "<file>: cannot write (<why>)")`. Also an OSError, so callers catching OSError still catch it."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]"
+        return str(self.strerror) if self.strerror else super().__str__()
+
+
 def first_line(e: BaseException, limit: int = 400) -> str:
     """The first non-empty line of an exception's message (or its type name), at most `limit` characters."""
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, Tuple, Type, Union
 
+from icmoe.core.errors import WriteError
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -61,11 +63,20 @@ def give_default_mode(path: PathLike) -> None:
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    """Write `data` to `path` atomically (flushed to the disk before the rename).
+
+    Raises:
+      WriteError: naming `path`, for any failure to write it (a full disk, no permission); the file
+        already at `path` is left as it was and no temporary file remains.
+    """
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        raise WriteError(e.errno, f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from icmoe.core.errors import DataError, first_line
 from icmoe.data.images import Picture, dicom_gray, dicom_rescale, dicom_window, is_dicom, pydicom_module
+from icmoe.data.limits import DICOM_DEFER_BYTES, check_dicom_header, read_limits
 
 log = logging.getLogger("icmoe.data")
 
@@ -165,10 +166,13 @@ def read_dicom(path: Path, *, headers_only: bool = False) -> Any:
       DataError: "<file>: <why>"; MissingExtra without pydicom.
     """
     pydicom = pydicom_module(path)
-    try:
-        return pydicom.dcmread(str(path), stop_before_pixels=headers_only, force=True)
+    try:  # large values (the pixel data) are read only once the header passed the checks
+        ds = pydicom.dcmread(str(path), stop_before_pixels=headers_only, force=True, defer_size=DICOM_DEFER_BYTES)
     except Exception as e:  # pydicom raises many kinds on damaged files
         raise DataError(f"{path}: unreadable DICOM file ({type(e).__name__}: {first_line(e)})") from None
+    if not headers_only and ("PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds):
+        check_dicom_header(path, ds, read_limits())
+    return ds
 
 
 @dataclass

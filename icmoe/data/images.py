@@ -1,6 +1,7 @@
 """Reading image files of any common kind into 2-D pictures, and the resizes between a picture and a model.
 
-Details: docs/predict.md.
+Every reader checks a file's header against the limits of `icmoe.data.limits` before its pixel data is
+read. Details: docs/predict.md.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from icmoe.core.errors import DataError, first_line
 from icmoe.core.extras import require
 from icmoe.core.io import PathLike, atomic_write_bytes
+from icmoe.data.limits import (
+    DICOM_DEFER_BYTES,
+    MAX_IMAGE_PIXELS_ENV,
+    PNG_SIGNATURE,
+    ReadLimits,
+    check_decoded_bytes,
+    check_dicom_header,
+    check_file_size,
+    check_nifti_header,
+    check_palette,
+    check_picture_size,
+    check_png,
+    read_limits,
+)
 
 # Files a folder is searched for (a file named on its own is read whatever its name).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz")
@@ -135,6 +151,8 @@ def exif_oriented(im: Image.Image) -> Tuple[Image.Image, int]:
 def _pil_pixels(im: Image.Image) -> Tuple[np.ndarray, Dict[str, Any]]:
     """uint8 (H, W) gray or (H, W, 3) RGB pixels of a loaded Pillow image, and how they were made."""
     info: Dict[str, Any] = {"mode": im.mode}
+    if im.mode == "P":  # Pillow pads a short palette with black; an index beyond it is damage
+        check_palette(int(im.getextrema()[1]), len(im.getpalette() or []) // 3)
     if im.mode in _WIDE_GRAY_MODES:
         arr = np.asarray(im)
         info["intensity"] = f"min-max {float(arr.min()):g}..{float(arr.max()):g} -> 0..255"
@@ -146,29 +164,68 @@ def _pil_pixels(im: Image.Image) -> Tuple[np.ndarray, Dict[str, Any]]:
 
 
 def picture_from_pil(im: Image.Image, source: str = "<image>", frame: Optional[int] = None) -> Picture:
-    """A Picture of a Pillow image (EXIF orientation applied; modes as in the module docstring)."""
+    """A Picture of a Pillow image (EXIF orientation applied; modes as in the module docstring).
+
+    Raises:
+      DataError: "<source>: <why>" for pixels that cannot be used (a palette index beyond the palette, NaN).
+    """
     im.load()
     im, orientation = exif_oriented(im)
-    pixels, info = _pil_pixels(im)
+    try:
+        pixels, info = _pil_pixels(im)
+    except DataError as e:
+        raise DataError(f"{source}: {e}") from None
     if orientation != 1:
         info["exif_orientation"] = orientation
     return Picture(pixels, source, frame, info)
 
 
-def _read_pil(path: Path, first_only: bool) -> ImageFile:
+def _open_pil(path: Path, limits: ReadLimits) -> Image.Image:
+    """Pillow's image of a file, header only, within the pixel limit (Pillow's own decompression-bomb
+    limit is set to it, and its warning between the limit and twice the limit made an error); a PNG's
+    file is checked whole first (`check_png`: CRCs, the rows its image data holds)."""
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    with open(path, "rb") as f:
+        head = f.read(len(PNG_SIGNATURE))
+    source: Any = path
+    if head == PNG_SIGNATURE:
+        check_file_size(path, limits)
+        data = path.read_bytes()
+        check_png(path, data, limits)
+        source = io.BytesIO(data)
+    with warnings.catch_warnings():  # a local filter: Python restores the previous ones on leaving
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(source)
+
+
+def _pil_pictures(im: Image.Image, path: Path, fmt: str, first_only: bool, limits: ReadLimits) -> List[Picture]:
+    """Every page (TIFF) or the first frame, each checked against the limits before it is decoded."""
+    n = getattr(im, "n_frames", 1) if fmt == "tiff" and not first_only else 1
+    pictures, decoded = [], 0
+    for k in range(n):
+        im.seek(k)
+        check_picture_size(path, im.height, im.width, limits)
+        decoded += im.height * im.width * 3
+        check_decoded_bytes(path, f"{k + 1} page(s)", decoded, limits)
+        pictures.append(picture_from_pil(im, str(path), k if n > 1 else None))
+    return pictures
+
+
+def _read_pil(path: Path, first_only: bool, limits: ReadLimits) -> ImageFile:
     try:
-        with Image.open(path) as im:
+        with _open_pil(path, limits) as im:
             fmt = (im.format or "image").lower()
             fmt = "jpeg" if fmt == "mpo" else fmt  # camera JPEGs with a preview frame
-            n = getattr(im, "n_frames", 1) if fmt == "tiff" and not first_only else 1
-            pictures = []
-            for k in range(n):
-                im.seek(k)
-                pictures.append(picture_from_pil(im, str(path), k if n > 1 else None))
+            pictures = _pil_pictures(im, path, fmt, first_only, limits)
     except UnidentifiedImageError:
         raise DataError(f"{path}: unreadable image (not a format Pillow knows, or a damaged header)") from None
-    except DataError as e:
-        raise DataError(f"{path}: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: image above the limit of {limits.max_pixels} pixels ({MAX_IMAGE_PIXELS_ENV}): "
+                        f"{first_line(e)}") from None
+    except DataError:
+        raise
+    except MemoryError:
+        raise DataError(f"{path}: not enough memory to decode the image") from None
     except _PIL_ERRORS as e:
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {first_line(e)})") from None
     for p in pictures:
@@ -240,15 +297,18 @@ def _dicom_pixels(ds: Any, path: Path) -> Tuple[np.ndarray, bool]:
     return arr, rgb
 
 
-def _read_dicom(path: Path, first_only: bool) -> ImageFile:
+def _read_dicom(path: Path, first_only: bool, limits: ReadLimits) -> ImageFile:
     pydicom = pydicom_module(path)
-    try:
-        ds = pydicom.dcmread(str(path), force=path.suffix.lower() in DICOM_SUFFIXES)
+    try:  # large values (the pixel data) are read only once the header passed the checks
+        ds = pydicom.dcmread(str(path), force=path.suffix.lower() in DICOM_SUFFIXES, defer_size=DICOM_DEFER_BYTES)
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise DataError(f"{path}: DICOM file has no pixel data")
+        check_dicom_header(path, ds, limits)
         arr, rgb = _dicom_pixels(ds, path)
     except DataError:
         raise
+    except MemoryError:
+        raise DataError(f"{path}: not enough memory to decode the DICOM pixel data") from None
     except Exception as e:  # pydicom and its decoders raise many kinds (missing handler, bad lengths, ...)
         raise DataError(f"{path}: unreadable DICOM file ({type(e).__name__}: {first_line(e)})") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
@@ -298,13 +358,16 @@ def load_nifti(path: Path, what: str, label: bool) -> Tuple[np.ndarray, Any]:
     nibabel image: float32 with the header's scaling applied, or a label's stored values."""
     if not path.is_file():
         raise DataError(f"{path}: {what} file is missing")
-    try:
+    try:  # nib.load reads the header only: the data is read once the header passed the checks
         img = nib.load(str(path))
         if not isinstance(img, nib.Nifti1Image):  # Nifti2Image derives from it
             raise DataError(f"{path}: not a NIfTI file ({type(img).__name__})")
+        check_nifti_header(path, img, read_limits())
         arr = np.asanyarray(img.dataobj) if label else img.get_fdata(dtype=np.float32)
     except DataError:
         raise
+    except MemoryError:
+        raise DataError(f"{path}: not enough memory to read the NIfTI {what}") from None
     except _NIFTI_ERRORS as e:
         raise DataError(f"{path}: unreadable NIfTI {what} ({type(e).__name__}: {first_line(e)})") from None
     arr = np.asarray(arr)
@@ -361,17 +424,23 @@ def read_images(path: PathLike, *, window: Optional[Tuple[float, float]] = None,
       ImageFile with at least one picture.
 
     Raises:
-      DataError: "<file>: <why>" for a missing, unreadable, damaged, truncated or unsupported file.
+      DataError: "<file>: <why>" for a missing, empty, unreadable, damaged, truncated or unsupported file,
+        or one whose header asks for more than the limits of `icmoe.data.limits` (checked before the
+        pixel data is read).
+      UsageError: a limit set in the environment that is not a whole number > 0.
       MissingExtra: a DICOM file without pydicom installed (naming the file and `pip install 'icmoe[dicom]'`).
     """
     path = Path(path)
+    limits = read_limits()
     if not path.is_file():
         raise DataError(f"{path}: image file is missing" if not path.exists() else f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file")
     if _has_suffix(path, NIFTI_SUFFIXES):
         return _read_nifti(path, first_only, window)
     if is_dicom(path):
-        return _read_dicom(path, first_only)
-    return _read_pil(path, first_only)
+        return _read_dicom(path, first_only, limits)
+    return _read_pil(path, first_only, limits)
 
 
 def read_image(path: PathLike) -> Picture:

@@ -11,7 +11,6 @@ with edited metadata (older packages without output names, inconsistent names) c
 from __future__ import annotations
 
 import json
-import shutil
 import zipfile
 
 import numpy as np
@@ -27,9 +26,10 @@ from engines.cpp import (
     write_ppm,
 )
 from export.aoti import package_aoti
+from tests.skips import cpp_toolchain_missing
 
-pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None,
-                                reason="needs cmake and a C++ compiler on PATH")
+NO_TOOLCHAIN = cpp_toolchain_missing()
+pytestmark = pytest.mark.skipif(NO_TOOLCHAIN is not None, reason=NO_TOOLCHAIN or "")
 
 LOGIT_ATOL = 1e-3
 N_IMAGES = 2

@@ -9,7 +9,6 @@ Copies of the package with edited metadata check that the program refuses a mask
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
@@ -19,9 +18,10 @@ from engines.cpp import read_pgm, run_program, write_ppm
 from tests.engines.label_checks import check_label_mask
 from tests.engines.test_cpp_aoti import _expect_error, edit_package_metadata, parse_stdout, read_package_metadata
 from tests.icmoe.families.toy import LABELS
+from tests.skips import cpp_toolchain_missing
 
-pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None,
-                                reason="needs cmake and a C++ compiler on PATH")
+NO_TOOLCHAIN = cpp_toolchain_missing()
+pytestmark = pytest.mark.skipif(NO_TOOLCHAIN is not None, reason=NO_TOOLCHAIN or "")
 
 SIZE = 64
 N_IMAGES = 2

@@ -10,7 +10,6 @@ common/outputs.h (the mask back at the image's size), binary masks and label map
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,22 +18,28 @@ import pytest
 
 from engines.cpp import SOURCE_DIR, read_mask, read_pgm, run_program, write_ppm
 from tests.engines.test_cpp_aoti import _expect_error, parse_stdout
+from tests.skips import cpp_toolchain_missing
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler on PATH")
+NO_TOOLCHAIN = cpp_toolchain_missing(cmake=False)
+pytestmark = pytest.mark.skipif(NO_TOOLCHAIN is not None, reason=NO_TOOLCHAIN or "")
 
 STANDIN = Path(__file__).with_name("trt_standin")
 S = 16
 
 
-@pytest.fixture(scope="module")
-def program(tmp_path_factory):
-    exe = tmp_path_factory.mktemp("trt_standin") / "icmoe_trt"
-    cmd = ["c++", "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", "-I", str(STANDIN), "-I",
-           str(SOURCE_DIR / "common"), "-isystem", str(SOURCE_DIR / "third_party" / "stb"),
-           str(SOURCE_DIR / "tensorrt" / "icmoe_trt.cpp"), "-o", str(exe)]
+def compile_standin(exe: Path, *flags: str) -> Path:
+    """icmoe_trt compiled against the stand-in headers (`flags`: more compiler flags, e.g. sanitizers)."""
+    cmd = ["c++", "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", *flags, "-I", str(STANDIN), "-I",
+           str(SOURCE_DIR / "common"), str(SOURCE_DIR / "tensorrt" / "icmoe_trt.cpp"), "-o", str(exe),
+           "-lpng", "-ljpeg"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return exe
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory):
+    return compile_standin(tmp_path_factory.mktemp("trt_standin") / "icmoe_trt")
 
 
 def fake_plan(path, outputs, *, input_dims=(-1, 3, S, S)):

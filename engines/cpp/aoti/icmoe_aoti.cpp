@@ -124,7 +124,7 @@ std::vector<icmoe::Output> host_outputs(const std::vector<at::Tensor>& results, 
 }
 
 int run(const icmoe::RunArguments& args) {
-  const icmoe::Rgb8 image = icmoe::load_image(args.image);
+  const icmoe::Rgb8 image = icmoe::load_image(args.image, args.limits);
 
   c10::InferenceMode inference_mode;
   torch::inductor::AOTIModelPackageLoader loader(args.model);

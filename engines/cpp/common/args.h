@@ -6,7 +6,7 @@
 //   Arguments args;
 //   int exit_code;
 //   if (!parse_command_line(parser, argc, argv, args, exit_code)) return exit_code;  // --help, no arguments
-//   const RunArguments run = run_arguments(args);  // paths, --logits, --repeat, checked
+//   const RunArguments run = run_arguments(args);  // paths, --logits, --repeat, decoding limits, checked
 //
 // `--name VALUE` and `--name=VALUE` both work; `--` ends the options. `-h` / `--help` prints the help to
 // stdout (exit code 0); an empty command line prints it to stderr (2). Every mistake throws UsageError
@@ -151,10 +151,12 @@ class ArgParser {
   std::vector<Option> options_;
 };
 
-// What both programs take: MODEL IMAGE MASK [--logits FILE] [--repeat N].
+// What both programs take: MODEL IMAGE MASK [--logits FILE] [--repeat N], and the decoding limits of the
+// environment (ICMOE_MAX_IMAGE_PIXELS, ICMOE_MAX_DECODED_BYTES; decode_limits.h).
 struct RunArguments {
   std::string model, image, mask, logits;
   int repeat = 0;
+  DecodeLimits limits;
 };
 
 inline void add_run_options(ArgParser& parser) {
@@ -164,10 +166,11 @@ inline void add_run_options(ArgParser& parser) {
 
 // The positional arguments and the options of add_run_options, checked before anything runs.
 inline RunArguments run_arguments(const Arguments& args) {
-  RunArguments r{args.positional.at(0), args.positional.at(1), args.positional.at(2), args.get("--logits"), 0};
+  RunArguments r{args.positional.at(0), args.positional.at(1), args.positional.at(2), args.get("--logits"), 0, {}};
   r.repeat = static_cast<int>(parse_count("--repeat", args.get("--repeat", "0")));
   try {
     mask_format(r.mask);
+    r.limits = decode_limits();
   } catch (const std::exception& e) {
     throw UsageError(e.what());
   }

@@ -1,16 +1,18 @@
-// Image I/O for the IC-MoE C++ programs (stb_image / stb_image_write, vendored in ../third_party/stb).
+// Image I/O for the IC-MoE C++ programs: decoding untrusted files safely, and writing masks atomically.
 //
-//   load_image:   PNG, JPEG, BMP (stb_image) and binary PPM/PGM of any size -> 8-bit RGB, the pixels the
-//                 Python side (icmoe.data.images.read_image) gets from Pillow: EXIF orientation applied
-//                 (JPEG APP1, PNG eXIf; ImageOps.exif_transpose), gray replicated to RGB, alpha dropped (not
-//                 composited), palettes expanded; a 16-bit gray PNG (and a PGM of more than 8 bits) mapped
-//                 to 0..255 by its own min..max (range_to_uint8), 16-bit colour PNGs by their high bytes (as
-//                 Pillow reads them), PPM/PGM of another maxval rescaled as Pillow does. JPEG: stb's decoder
-//                 is not libjpeg's, so a few pixels may differ by a level or two from Pillow's.
+//   load_image:   PNG (libpng, png_io.h), JPEG (libjpeg-turbo, jpeg_io.h), BMP and binary PPM/PGM (bmp_pnm.h) of
+//                 any size within DecodeLimits (decode_limits.h) -> 8-bit RGB, the pixels the Python side
+//                 (icmoe.data.images.read_image) gets from Pillow: EXIF orientation applied (JPEG APP1, PNG
+//                 eXIf; ImageOps.exif_transpose), gray replicated to RGB, alpha dropped (not composited),
+//                 palettes expanded; a 16-bit gray PNG (and a PGM of more than 8 bits) mapped to 0..255 by its
+//                 own min..max (range_to_uint8), 16-bit colour PNGs by their high bytes (as Pillow reads
+//                 them), PPM/PGM of another maxval rescaled as Pillow does. JPEG goes through the library
+//                 Pillow uses, with its settings, so its pixels equal Pillow's too. The format is found from
+//                 the file's first bytes, never from its name.
 //   model_input:  8-bit RGB of any size -> the models' input: resized to the model's size (resize.h: as
 //                 Pillow's BILINEAR), float32 (3, H, W) planes in 0..255.
-//   write_mask:   a uint8 mask as PNG (8-bit gray) or, for a path ending in .pgm, binary PGM: a binary mask as
-//                 0/255 (nonzero -> 255), a label map as its raw values (label 2 -> 2).
+//   write_mask:   a uint8 mask as PNG (8-bit gray, libpng) or, for a path ending in .pgm, binary PGM: a binary
+//                 mask as 0/255 (nonzero -> 255), a label map as its raw values (label 2 -> 2).
 //   write_raw:    raw little-endian bytes of a buffer (logits for comparisons).
 //
 // Files are written to a temporary name in the same folder and renamed over the target, so a failed run
@@ -35,22 +37,11 @@
 #include <string>
 #include <vector>
 
+#include "bmp_pnm.h"
+#include "jpeg_io.h"
+#include "decode_limits.h"
+#include "png_io.h"
 #include "resize.h"
-
-// stb as private (static) functions of each program; only the decoders the programs read.
-#define STB_IMAGE_STATIC
-#define STB_IMAGE_IMPLEMENTATION
-#define STBI_ONLY_PNG
-#define STBI_ONLY_JPEG
-#define STBI_ONLY_BMP
-#define STBI_ONLY_PNM
-#define STBI_NO_STDIO
-#define STBI_FAILURE_USERMSG
-#define STB_IMAGE_WRITE_STATIC
-#define STB_IMAGE_WRITE_IMPLEMENTATION
-#define STBI_WRITE_NO_STDIO
-#include <stb_image.h>
-#include <stb_image_write.h>
 
 namespace icmoe {
 
@@ -70,9 +61,13 @@ struct Image {
 
 namespace detail {
 
-inline std::vector<uint8_t> read_file(const std::string& path) {
+// The file's bytes; a file larger than the byte limit is refused before it is read.
+inline std::vector<uint8_t> read_file(const std::string& path, const DecodeLimits& limits) {
   struct stat info {};
   if (::stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode)) throw std::runtime_error(path + ": a folder, not an image");
+  if (::stat(path.c_str(), &info) == 0 && static_cast<uint64_t>(info.st_size) > limits.max_bytes)
+    throw std::runtime_error(path + ": file of " + mib(static_cast<uint64_t>(info.st_size)) + " is above the limit of " +
+                             mib(limits.max_bytes) + " (" + kMaxBytesEnv + ")");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open image (" + std::strerror(errno) + ")");
   std::vector<uint8_t> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -82,18 +77,6 @@ inline std::vector<uint8_t> read_file(const std::string& path) {
 
 inline bool starts_with(const std::vector<uint8_t>& data, const char* magic, size_t n) {
   return data.size() >= n && std::memcmp(data.data(), magic, n) == 0;
-}
-
-inline uint32_t be(const uint8_t* p, int bytes) {
-  uint32_t v = 0;
-  for (int i = 0; i < bytes; ++i) v = (v << 8) | p[i];
-  return v;
-}
-
-inline uint32_t le(const uint8_t* p, int bytes) {
-  uint32_t v = 0;
-  for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | p[i];
-  return v;
 }
 
 // The Orientation tag (0x0112) of a TIFF-structured EXIF block; 1 (as stored) when absent or unreadable.
@@ -203,115 +186,40 @@ inline std::vector<uint8_t> to_rgb(const uint8_t* data, size_t pixels, int chann
   return rgb;
 }
 
-inline std::string stb_reason() {
-  const char* why = stbi_failure_reason();
-  return why ? why : "unknown reason";
-}
-
-// A 16-bit PNG as Pillow reads it: gray (colour type 0, mode "I;16") by its own range, colour and
-// gray+alpha ("RGB;16B", "LA;16B") by their high bytes.
-inline std::vector<uint8_t> png16_to_rgb(const std::vector<uint8_t>& file, const uint16_t* data, size_t pixels,
-                                         int channels) {
-  // IHDR's colour type (stb's channel count cannot tell: a tRNS chunk adds an alpha channel to gray)
-  const bool gray = starts_with(file, "\x89PNG\r\n\x1a\n", 8) && file.size() > 25 && file[25] == 0;
-  if (gray) {
-    const std::vector<uint8_t> g = range_to_uint8(channel_of(data, pixels, channels, 0));
-    return to_rgb(g.data(), pixels, 1);
-  }
-  std::vector<uint8_t> high(pixels * channels);
-  for (size_t i = 0; i < high.size(); ++i) high[i] = static_cast<uint8_t>(data[i] >> 8);
-  return to_rgb(high.data(), pixels, channels);
-}
-
-// PNG, JPEG, BMP through stb_image.
-inline Rgb8 decode_stb(const std::vector<uint8_t>& file, const std::string& path) {
-  const int size = static_cast<int>(std::min<size_t>(file.size(), INT32_MAX));
-  int w = 0, h = 0, n = 0;
-  if (!stbi_info_from_memory(file.data(), size, &w, &h, &n))
-    throw std::runtime_error(path + ": not a readable PNG, JPEG, BMP or PPM/PGM image (" + stb_reason() + ")");
-  Rgb8 img;
-  if (stbi_is_16_bit_from_memory(file.data(), size)) {
-    stbi_us* data = stbi_load_16_from_memory(file.data(), size, &w, &h, &n, 0);
-    if (!data) throw std::runtime_error(path + ": damaged image (" + stb_reason() + ")");
-    img.pixels = png16_to_rgb(file, data, static_cast<size_t>(w) * h, n);
-    stbi_image_free(data);
-  } else {
-    stbi_uc* data = stbi_load_from_memory(file.data(), size, &w, &h, &n, 0);
-    if (!data) throw std::runtime_error(path + ": damaged image (" + stb_reason() + ")");
-    img.pixels = to_rgb(data, static_cast<size_t>(w) * h, n);
-    stbi_image_free(data);
-  }
-  img.width = w;
-  img.height = h;
-  return img;
-}
-
-// A decimal number of a PNM header, after whitespace and '#' comments; `pos` moves past it.
-inline int pnm_number(const std::vector<uint8_t>& f, size_t& pos, const std::string& path) {
-  while (pos < f.size() && (std::isspace(f[pos]) || f[pos] == '#')) {
-    if (f[pos] == '#')
-      while (pos < f.size() && f[pos] != '\n') ++pos;
-    else
-      ++pos;
-  }
-  if (pos >= f.size() || !std::isdigit(f[pos])) throw std::runtime_error(path + ": damaged PNM header (expected a number)");
-  long value = 0;
-  for (; pos < f.size() && std::isdigit(f[pos]); ++pos) {
-    value = value * 10 + (f[pos] - '0');
-    if (value > 1 << 20) throw std::runtime_error(path + ": PNM header number too large");
-  }
-  return static_cast<int>(value);
-}
-
-// Pillow's PPM decoder for a maxval other than 255 (65535): min(top, round(v / maxval * top)), half to even.
-inline uint32_t pnm_rescale(uint32_t v, int maxval, int top) {
-  return static_cast<uint32_t>(std::min<double>(top, std::nearbyint(static_cast<double>(v) / maxval * top)));
-}
-
-// Binary PPM (P6) / PGM (P5), as Pillow reads them: 8 bits, or rescaled from another maxval; a PGM of more
-// than 8 bits is 16-bit gray (mode "I") and mapped by its own range (range_to_uint8).
-inline Rgb8 decode_pnm(const std::vector<uint8_t>& f, const std::string& path) {
-  const int channels = f[1] == '6' ? 3 : 1;
-  size_t pos = 2;
-  Rgb8 img;
-  img.width = pnm_number(f, pos, path);
-  img.height = pnm_number(f, pos, path);
-  const int maxval = pnm_number(f, pos, path);
-  if (pos >= f.size() || !std::isspace(f[pos])) throw std::runtime_error(path + ": damaged PNM header");
-  ++pos;  // exactly one whitespace character ends the header
-  if (img.width <= 0 || img.height <= 0) throw std::runtime_error(path + ": image has no pixels");
-  if (maxval <= 0 || maxval > 65535) throw std::runtime_error(path + ": bad PNM maxval " + std::to_string(maxval));
-  const int bytes = maxval > 255 ? 2 : 1;
-  const size_t pixels = static_cast<size_t>(img.width) * img.height, samples = pixels * channels;
-  const size_t have = f.size() - pos;
-  if (have < samples * bytes)
-    throw std::runtime_error(path + ": truncated image data (" + std::to_string(have) + " of " +
-                             std::to_string(samples * bytes) + " bytes)");
-  const uint8_t* p = f.data() + pos;
-  if (bytes == 2 && channels == 1) {
-    std::vector<uint16_t> wide(samples);
-    for (size_t i = 0; i < samples; ++i)
-      wide[i] = static_cast<uint16_t>(maxval == 65535 ? be(p + 2 * i, 2) : pnm_rescale(be(p + 2 * i, 2), maxval, 65535));
-    const std::vector<uint8_t> g = range_to_uint8(wide);
+// Decoded samples -> 8-bit RGB (see the top of this file).
+inline Rgb8 to_rgb8(const Samples& s) {
+  const size_t pixels = static_cast<size_t>(s.width) * s.height;
+  Rgb8 img{s.width, s.height, {}};
+  if (!s.wide) {
+    img.pixels = to_rgb(s.bytes.data(), pixels, s.channels);
+  } else if (s.gray16_by_range) {
+    const std::vector<uint8_t> g = range_to_uint8(channel_of(s.words.data(), pixels, s.channels, 0));
     img.pixels = to_rgb(g.data(), pixels, 1);
-    return img;
+  } else {
+    std::vector<uint8_t> high(s.words.size());
+    for (size_t i = 0; i < high.size(); ++i) high[i] = static_cast<uint8_t>(s.words[i] >> 8);
+    img.pixels = to_rgb(high.data(), pixels, s.channels);
   }
-  std::vector<uint8_t> narrow(samples);
-  for (size_t i = 0; i < samples; ++i) {
-    const uint32_t v = bytes == 2 ? be(p + 2 * i, 2) : p[i];
-    narrow[i] = static_cast<uint8_t>(maxval == 255 ? v : pnm_rescale(v, maxval, 255));
-  }
-  img.pixels = to_rgb(narrow.data(), pixels, channels);
   return img;
+}
+
+// The decoder for the file's first bytes.
+inline Samples decode_any(const std::vector<uint8_t>& file, const std::string& path, const DecodeLimits& limits) {
+  if (starts_with(file, "\x89PNG\r\n\x1a\n", 8)) return decode_png(file, path, limits);
+  if (starts_with(file, "\xFF\xD8\xFF", 3)) return decode_jpeg(file, path, limits);
+  if (starts_with(file, "BM", 2)) return decode_bmp(file, path, limits);
+  if (starts_with(file, "P6", 2) || starts_with(file, "P5", 2)) return decode_pnm(file, path, limits);
+  throw std::runtime_error(path + ": not a readable PNG, JPEG, BMP or PPM/PGM image (unknown format)");
 }
 
 }  // namespace detail
 
-inline Rgb8 load_image(const std::string& path) {
-  const std::vector<uint8_t> file = detail::read_file(path);
+// The upright 8-bit RGB picture of an image file (see the top of this file).
+inline Rgb8 load_image(const std::string& path, const DecodeLimits& limits) {
+  const std::vector<uint8_t> file = detail::read_file(path, limits);
   if (file.empty()) throw std::runtime_error(path + ": empty file");
-  if (detail::starts_with(file, "P6", 2) || detail::starts_with(file, "P5", 2)) return detail::decode_pnm(file, path);
-  return detail::apply_orientation(detail::decode_stb(file, path), detail::exif_orientation(file));
+  return detail::apply_orientation(detail::to_rgb8(detail::decode_any(file, path, limits)),
+                                   detail::exif_orientation(file));
 }
 
 inline Image to_chw(const Rgb8& rgb) {
@@ -400,11 +308,11 @@ inline void write_mask(const std::string& path, const uint8_t* mask, int width, 
     return;
   }
   std::string png;
-  auto append = [](void* context, void* data, int size) {
-    static_cast<std::string*>(context)->append(static_cast<const char*>(data), static_cast<size_t>(size));
-  };
-  if (!stbi_write_png_to_func(append, &png, width, height, 1, grey.data(), width))
-    throw std::runtime_error(path + ": cannot encode the mask as PNG");
+  try {
+    png = encode_png(grey.data(), width, height);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(path + ": " + e.what());
+  }
   write_file_atomic(path, "", png.data(), png.size());
 }
 

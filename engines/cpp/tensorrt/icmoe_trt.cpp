@@ -143,7 +143,7 @@ int run(const icmoe::Arguments& parsed) {
   const icmoe::MaskKind kind = classes_argument(parsed);
   const std::vector<std::string> plugins = parsed.all("--plugin");
   const std::string& plan_path = args.model;
-  const icmoe::Rgb8 image = icmoe::load_image(args.image);
+  const icmoe::Rgb8 image = icmoe::load_image(args.image, args.limits);
 
   std::ifstream file(plan_path, std::ios::binary);
   if (!file) throw std::runtime_error(plan_path + ": cannot open engine");

@@ -17,6 +17,7 @@ from PIL import Image
 from engines import load_engine
 from engines.predict import main as predict_main
 from engines.predict import predict
+from engines.predict.journal import JOURNAL_NAME
 from engines.predict.seg import SegSpec, make_seg
 from engines.predict.series import predict_series
 from icmoe.core.codes import generic_codes
@@ -165,7 +166,7 @@ def test_bad_series_are_refused_in_one_line_and_written_nowhere(study, tiny_buil
     assert any(mixed.uid in p and "mixed image sizes: 32x32 (4 instances) and 24x32 (1 instance)" in e
                for p, e in reasons.items()), reasons
     assert any(empty.uid in p and "DICOM file has no pixel data" in e for p, e in reasons.items()), reasons
-    assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == [f"{specs['ct'].uid}.seg.dcm"]
+    assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == [f"{specs['ct'].uid}.seg.dcm", JOURNAL_NAME]
 
 
 def test_format_seg_refuses_inputs_that_are_no_series(tiny_build, tmp_path, capsys):
@@ -183,7 +184,28 @@ def test_format_png_writes_a_nifti_volume_slice_by_slice(tiny_build, tmp_path, c
     code, _, err = run([tiny_build, tmp_path / "v.nii.gz", "--out", tmp_path / "nii"], capsys)
     assert code == 0, err
     labels = np.asanyarray(nib.load(str(tmp_path / "nii" / "v_mask.nii.gz")).dataobj)  # (X, Y, Z)
-    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["v_f000.png", "v_f001.png", "v_f002.png"]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [JOURNAL_NAME, "v_f000.png", "v_f001.png",
+                                                                    "v_f002.png"]
     for z in range(3):
         png = np.asarray(Image.open(tmp_path / "png" / f"v_f{z:03d}.png"))
         np.testing.assert_array_equal(png, labels[..., z] * 255)
+
+
+def test_resume_knows_a_series_by_all_its_files(study, tiny_build, tmp_path, capsys):
+    """The journal records a DICOM series as one input: a rerun with --resume skips every finished series,
+    and redoes a series one of whose files changed since (any file of it, not only the first)."""
+    folder, specs = study
+    out, args = tmp_path / "out", ["--out", tmp_path / "out", "--json", tmp_path / "r.json", "-q"]
+    assert run([tiny_build, folder, *args], capsys)[0] == 0
+    before = tree_digest(out)
+    assert run([tiny_build, folder, *args, "--resume"], capsys)[0] == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["totals"]["resumed"] == len(specs) == report["totals"]["files"] and report["totals"]["segs"] == 0
+    assert tree_digest(out) == before
+    changed = specs["ct"].files[-1]  # the series' last file in input order
+    changed.touch()
+    assert run([tiny_build, folder, *args, "--resume"], capsys)[0] == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["totals"]["resumed"] == len(specs) - 1
+    assert [e["source_series"] for e in report["series"]] == [specs["ct"].uid]
+    assert tree_digest(out)[f"{specs['ct'].uid}.seg.dcm"] != before[f"{specs['ct'].uid}.seg.dcm"]  # new UIDs

@@ -365,7 +365,7 @@ def test_truncated_and_foreign_nifti(tmp_path):
     plain.write_bytes(plain.read_bytes()[:600])
     with pytest.raises(DataError) as e:
         read_volume(Case("acdc", "plain", plain, None))
-    _one_line_error(e, str(plain), "unreadable NIfTI image (OSError: Expected")
+    _one_line_error(e, str(plain), "NIfTI header claims 16x16x4 voxels of int16 (2.0 KiB), more than a file of 600")
 
 
 def test_missing_label_file_and_non_finite_image(tmp_path):
