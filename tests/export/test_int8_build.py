@@ -185,7 +185,7 @@ def _write_damaged_png(folder: Path) -> Path:
 
 @pytest.mark.parametrize("kind, match", [
     ("empty", "calibration: .*: no images"),
-    ("damaged", "case_001.png: unreadable"),
+    ("damaged", "case_001.png: damaged PNG"),
     ("missing", "is neither a folder nor a dataset"),
 ])
 def test_bad_calibration_source_is_one_line_and_no_build(tiny_build, tiny_checkpoint, tmp_path, capsys, kind, match):
