@@ -142,7 +142,7 @@ def test_graph_of_another_image_size(build_copy):
 def test_precision_not_in_build(build_copy):
     def drop_fp16(m):
         del m["artifacts"]["model.fp16.onnx"]
-        m["precision"] = "fp32"
+        m["precision"], m["precisions"] = "fp32", ["fp32"]
     _edit_manifest(build_copy, drop_fp16)
     _expect_error(build_copy, "no fp16 ONNX graph in this build", precision="fp16")
 

@@ -31,6 +31,8 @@ from icmoe.sam.build import freeze_unused_heads
 
 # Unit roundoff of FP16 (2^-11): the relative error of one rounding to half precision.
 FP16_UNIT_ROUNDOFF = 2.0 ** -11
+# Unit roundoff of BF16 (2^-9: 8 significant bits): four times FP16's.
+BF16_UNIT_ROUNDOFF = 2.0 ** -9
 # INT8, symmetric per tensor: the largest rounding error of one quantization, as a share of the tensor's range.
 INT8_HALF_STEP = 1.0 / 254
 
@@ -105,6 +107,9 @@ class ICMoEGraph(GraphSpec):
     def export_module(self, model: nn.Module) -> nn.Module:
         return VoteGraph(model)
 
+    def mask_rule(self, config: ICMoEConfig) -> str:
+        return "threshold"  # mask = fused logits > 0
+
 
 class ICMoEPrecision(PrecisionSpec):
     # SAM's LayerNorm2d (neck and decoder) is ReduceMean/Pow/Sqrt: its reductions stay FP32 too.
@@ -153,6 +158,12 @@ class ICMoEParity(ParitySpec):
             # to at most ~16u of relative error. Where logits cancel to near zero the same error is
             # absolute, at the scale of the image's logits: hence the scaled part of atol.
             tol = 16 * FP16_UNIT_ROUNDOFF  # 0.0078
+            return Tolerances(atol=1e-5, rtol=tol, scaled_atol=tol, max_flipped=5e-3, min_agreement=0.95)
+        if precision == "bf16":
+            # The FP16 argument with BF16's unit roundoff (OpenVINO rounds the inputs of matrix products
+            # and convolutions to BF16 and accumulates in FP32): 16 stages of 2^-9, 0.031 of the logits and
+            # of the image's logit scale. Masks and chosen candidates are held to FP16's gates.
+            tol = 16 * BF16_UNIT_ROUNDOFF  # 0.031
             return Tolerances(atol=1e-5, rtol=tol, scaled_atol=tol, max_flipped=5e-3, min_agreement=0.95)
         if precision == "int8":
             # INT8 rounds each quantized tensor to half a step, 1/254 of its calibrated range; through
