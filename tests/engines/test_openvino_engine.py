@@ -168,7 +168,8 @@ def test_unverified_truncated_graph_fails_in_openvino(build_copy):
 
 
 def test_manifest_mismatches_are_refused(build_copy):
-    _expect_error(build_copy, "OpenVINO runs the fp32 and int8 graphs, not 'fp16'", precision="fp16")
+    _expect_error(build_copy, r"OpenVINO runs the fp32 and int8 graphs \(also with BF16: bf16, int8-bf16\), "
+                              r"not 'fp16'", precision="fp16")
     _expect_error(build_copy, "no int8 graph for OpenVINO in this build", precision="int8")
     _expect_error(build_copy, "build is for icmoe/tiny, expected icmoe/vit_b", expect="vit_b")
 
@@ -183,5 +184,6 @@ def test_verify_runs_openvino_or_says_why_not(tiny_build, monkeypatch):
     assert labels[:2] == ["onnxruntime-fp32", "onnxruntime-fp16"] and "openvino-fp32" in labels
     monkeypatch.setattr(verify_mod, "openvino_unavailable", lambda: "the OpenVINO engine needs the [openvino] extra")
     report = verify_mod.verify_build(tiny_build, n=2, progress=False)
-    assert report["skipped"] == {"openvino-fp32": "the OpenVINO engine needs the [openvino] extra"}
+    assert report["skipped"] == {"openvino-fp32": "the OpenVINO engine needs the [openvino] extra",
+                                 "openvino-bf16": "the OpenVINO engine needs the [openvino] extra"}
     assert set(report["engines"]) == {"onnxruntime-fp32", "onnxruntime-fp16"} and report["passed"]
