@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set
@@ -31,11 +32,13 @@ class Writer:
     overlays: Optional[Path]
     contract: Contract
     written: Set[Path] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # files are written from a thread pool
 
     def _claim(self, path: Path, source: Path) -> Path:
-        if path in self.written:
-            raise cli.UsageError(f"{source}: its output {path} was already written for another input")
-        self.written.add(path)
+        with self.lock:
+            if path in self.written:
+                raise cli.UsageError(f"{source}: its output {path} was already written for another input")
+            self.written.add(path)
         return path
 
     def write(self, file: ImageFile, rel: Path, preds: List[Prediction]) -> List[Dict[str, Any]]:
