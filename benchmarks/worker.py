@@ -6,7 +6,9 @@ Only what the engine itself needs is imported, so the peak memory is that of a p
 this engine: a graph runtime (ONNX Runtime, OpenVINO) runs without torch, eager with it. Peak memory is
 the process's resident high-water mark (`VmHWM`, which starts afresh at exec; `ru_maxrss` would carry
 the parent's peak over on Linux). Writes {latency per batch size, memory} as JSON, and the engine's
-outputs on the parity images (made by the parent) as .npz next to it.
+outputs on the parity images (made by the parent) as .npz next to it. With --throughput it then loads the
+engine again with throughput settings (OpenVINO's THROUGHPUT hint, ONNX Runtime requests in parallel) and
+times as many batches at once as it runs streams; the latency engine's peak memory is recorded before.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import resource
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -25,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from engines import load_engine  # noqa: E402
 from engines.base import run_batched  # noqa: E402
+from engines.select import engine_kwargs, split_label  # noqa: E402
 from icmoe.core import cli  # noqa: E402
 from icmoe.core.manifest import family_of, read_manifest  # noqa: E402
 from icmoe.families import get_family  # noqa: E402  (the registry; a family's module loads on lookup)
@@ -44,7 +48,10 @@ def rss_peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
-def load(build_dir: Path, engine: str, threads: Optional[int]):
+STREAMED = ("onnxruntime-", "openvino-")  # engines with throughput settings
+
+
+def load(build_dir: Path, engine: str, threads: Optional[int], mode: str = "latency"):
     """Load one engine of the build by its benchmark name (the family is imported for eager only)."""
     if engine == "eager" or engine.startswith("eager-"):
         family = get_family(family_of(read_manifest(build_dir)))
@@ -52,9 +59,9 @@ def load(build_dir: Path, engine: str, threads: Optional[int]):
         base = engine[: -len(COMPILED)] if compiled else engine
         variant = next((v for v in family.variants if family.eager_label(v) == base), None)
         return load_engine(build_dir, "eager", variant=variant, threads=threads, compile=compiled)
-    if engine.startswith(("onnxruntime-", "openvino-")):
-        backend, precision = engine.split("-")
-        return load_engine(build_dir, backend, precision, threads=threads)
+    if engine.startswith(STREAMED):
+        backend, precision = split_label(engine)
+        return load_engine(build_dir, backend, precision, **engine_kwargs(backend, threads, mode))
     if engine == "tensorrt":
         return load_engine(build_dir, "tensorrt")
     raise ValueError(f"unknown engine {engine!r}")
@@ -80,6 +87,26 @@ def time_batches(engine, batch_sizes: List[int], warmup: int, iters: int) -> Dic
     return rows
 
 
+def time_streams(engine, batch_sizes: List[int], warmup: int, iters: int) -> Dict[str, Dict]:
+    """Images/s per batch size with `engine.streams` batches running at once (one thread each), `iters` batches
+    per stream after `warmup`."""
+    rng = np.random.default_rng(0)
+    n = engine.streams
+    rows: Dict[str, Dict] = {}
+    with ThreadPoolExecutor(n) as pool:
+        for b in batch_sizes:
+            x = (rng.random(engine.inputs[0].concrete(b)) * 255).astype(np.float32)
+            list(pool.map(lambda _: engine.infer(x), range(warmup * n)))
+            t = time.perf_counter()
+            list(pool.map(lambda _: engine.infer(x), range(iters * n)))
+            wall = time.perf_counter() - t
+            rows[str(b)] = {"images_per_s": float(iters * n * b / wall), "streams": n, "batches": iters * n,
+                            "settings": engine.settings()}
+            print(f"  {engine.name} batch {b}, {n} streams: {rows[str(b)]['images_per_s']:.2f} images/s",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
 def measure(args) -> Dict:
     """Load, time, run the parity images; the result dict (latency.py's report of one engine)."""
     base = rss_peak_mib()
@@ -89,9 +116,15 @@ def measure(args) -> Dict:
     if args.parity is not None:
         out = run_batched(engine, np.load(args.parity), max(1, min(max(args.batch_sizes), 8)))
         np.savez(args.result.with_suffix(".npz"), **out)
+    result["settings"] = engine.settings()
     engine.deactivate()
     result["peak_mib"] = rss_peak_mib()
     result["threads"] = getattr(engine, "threads", None)
+    if args.throughput and args.engine.startswith(STREAMED):
+        engine = load(args.build, args.engine, args.threads, "throughput").activate()
+        result["throughput"] = time_streams(engine, args.batch_sizes, args.warmup, args.iters)
+        engine.deactivate()
+        result["peak_mib_throughput"] = rss_peak_mib()
     result["torch_imported"] = "torch" in sys.modules
     return result
 
@@ -106,6 +139,7 @@ def _main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--parity", type=Path, default=None, help="parity images (.npy) to run and save outputs of")
+    p.add_argument("--throughput", action="store_true", help="also time the engine with throughput settings")
     args = p.parse_args(argv)
     args.result.write_text(json.dumps(measure(args)))
     return 0
