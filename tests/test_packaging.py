@@ -163,3 +163,16 @@ def test_ci_runs_the_readme_test_command():
     assert len(commands) == 1, block
     ci = (ROOT / ".ci/run").read_text()
     assert commands[0] in ci, f"{commands[0]!r} is not what .ci/run runs"
+
+
+def test_ci_installs_what_the_quick_start_needs():
+    """The README's first command installs the extras the quick start's rows need (FP16, the plot, OpenVINO
+    and INT8), and CI installs exactly those before the test command."""
+    import re
+
+    block = _readme_block("Quick start")
+    first = next(ln for ln in block.splitlines() if "quickstart.py" in ln)
+    install = re.search(r"pip install -e '\.\[([a-z0-9,]+)\]'", first)
+    assert install, first
+    assert {"fp16", "bench", "openvino"} <= set(install.group(1).split(","))
+    assert f"pip install -e '.[{install.group(1)}]'\n" in (ROOT / ".ci/run").read_text()

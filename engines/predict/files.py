@@ -185,8 +185,8 @@ def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions) -> 
     try:
         batch_size = contract.batch_size(opts.batch_size)
         runner.check_batch(batch_size)
-        entries, skipped, totals = _run(files, runner, contract, batch_size, Writer(out, opts.overlays, contract),
-                                        opts)
+        entries, skipped, totals = run_files(files, runner, contract, batch_size,
+                                             Writer(out, opts.overlays, contract), opts)
     finally:
         runner.close()
     return {**header, "source": str(source), "image_size": contract.image_size, "batch_size": batch_size,
@@ -196,9 +196,10 @@ def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions) -> 
             "images": entries, "skipped": skipped, "totals": totals}
 
 
-def _run(files: Sequence[Tuple[Path, Path]], runner: Any, contract: Contract, batch_size: int, writer: Writer,
-         opts: PredictOptions) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]], Dict[str, Any]]:
-    """Read, predict and write every file; returns (image entries, skipped files, totals)."""
+def run_files(files: Sequence[Tuple[Path, Path]], runner: Any, contract: Contract, batch_size: int, writer: Writer,
+              opts: PredictOptions) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]], Dict[str, Any]]:
+    """Read, predict and write every file (`expand_inputs`' pairs) with an open runner; returns (image entries,
+    skipped files, totals: files, images, seconds of the whole, images/s)."""
     entries: List[Dict[str, Any]] = []
     skipped: List[Dict[str, str]] = []
     n_files = 0
