@@ -13,7 +13,6 @@ Details: docs/predict.md ("Masks at the picture's size").
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.op_profile import markdown as profile_markdown  # noqa: E402
 from benchmarks.op_profile import profile_engine  # noqa: E402
+from benchmarks.report import write_results  # noqa: E402
 from benchmarks.roofline import CpuPeak, build_rewrites, cpu_peak, gflops_per_image  # noqa: E402
 from benchmarks.worker import COMPILED, load  # noqa: E402
 from engines import load_engine  # noqa: E402
@@ -39,7 +40,7 @@ from icmoe.checkpoint import read_meta  # noqa: E402
 from icmoe.core import cli  # noqa: E402
 from icmoe.core.extras import require  # noqa: E402
 from icmoe.core.errors import FamilyError  # noqa: E402
-from icmoe.core.io import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: E402
+from icmoe.core.io import atomic_path  # noqa: E402
 from icmoe.core.manifest import (  # noqa: E402
     ONNX_GRAPHS,
     ManifestError,
@@ -434,16 +435,10 @@ def _main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = run(args)
     stem = f"latency-{report['family']}-{report['model']}-{report['image_size']}"
-    atomic_write_json(args.out / f"{stem}.json", report)
-    table = markdown(report)
-    atomic_write_bytes(args.out / f"{stem}.md", table.encode())
-    if not args.no_plot and report["engines"]:
+    plotted = not args.no_plot and bool(report["engines"])
+    if plotted:
         plot(report, args.out / f"{stem}.png")
-    cli.write_json(report, args.json)
-    print(table)
-    print(f"results: {args.out / stem}.{{json,md{'' if args.no_plot else ',png'}}}")
-    if not report["engines"]:
-        raise cli.CheckFailed("no engine could be measured")
+    write_results(args.out, stem, report, markdown(report), args.json, extra=["png"] if plotted else [])
     return 0
 
 

@@ -24,15 +24,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
+from benchmarks.report import write_results  # noqa: E402
 from benchmarks.worker import rss_peak_mib  # noqa: E402  (light: the worker imports no torch for graph engines)
 from icmoe.core import cli  # noqa: E402
-from icmoe.core.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from icmoe.core.io import atomic_write_json  # noqa: E402
 from icmoe.core.manifest import read_manifest  # noqa: E402
 from icmoe.families import add_model_args, get_family  # noqa: E402
 
@@ -250,14 +251,7 @@ def _main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = run(args)
     stem = f"volume-{report['family']}-{report['model']}-{report['slices']}x{report['size']}"
-    atomic_write_json(args.out / f"{stem}.json", report)
-    table = markdown(report)
-    atomic_write_bytes(args.out / f"{stem}.md", table.encode())
-    cli.write_json(report, args.json)
-    print(table)
-    print(f"results: {args.out / stem}.{{json,md}}")
-    if not report["engines"]:
-        raise cli.CheckFailed("no engine could be measured")
+    write_results(args.out, stem, report, markdown(report), args.json)
     return 0
 
 

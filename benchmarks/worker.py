@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from engines import load_engine  # noqa: E402
-from engines.base import run_batched  # noqa: E402
+from engines.base import run_batched, time_runs  # noqa: E402
 from engines.select import engine_kwargs, split_label  # noqa: E402
 from icmoe.core import cli  # noqa: E402
 from icmoe.core.manifest import family_of, read_manifest  # noqa: E402
@@ -73,14 +73,7 @@ def time_batches(engine, batch_sizes: List[int], warmup: int, iters: int) -> Dic
     rows: Dict[str, Dict] = {}
     for b in batch_sizes:
         x = (rng.random(engine.inputs[0].concrete(b)) * 255).astype(np.float32)
-        for _ in range(warmup):
-            engine.infer(x)
-        times = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            engine.infer(x)
-            times.append(time.perf_counter() - t)
-        ms = np.array(times) * 1e3
+        ms = time_runs(engine, x, warmup=warmup, runs=iters) * 1e3
         rows[str(b)] = {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
                         "mean_ms": float(ms.mean()), "images_per_s": float(b / (ms.mean() / 1e3)), "iters": iters}
         print(f"  {engine.name} batch {b}: p50 {rows[str(b)]['p50_ms']:.1f} ms", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import functools
 import os
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -44,6 +45,18 @@ def run_batched(engine: "Engine", images: np.ndarray, batch: int) -> Dict[str, n
         for k, v in engine.infer(images[i: i + batch]).items():
             outs.setdefault(k, []).append(v)
     return {k: np.concatenate(v, axis=0) for k, v in outs.items()}
+
+
+def time_runs(engine: "Engine", images: np.ndarray, *, warmup: int, runs: int) -> np.ndarray:
+    """Seconds of each of `runs` calls of `engine.infer(images)` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        engine.infer(images)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        engine.infer(images)
+        times.append(time.perf_counter() - t)
+    return np.array(times)
 
 
 def to_numpy(images) -> np.ndarray:

@@ -319,10 +319,11 @@ def stage_int8(state: BuildState) -> None:
     o = state.options
     source = "synthetic" if o.calibration is None else str(Path(o.calibration).resolve() if Path(o.calibration).is_dir()
                                                                  else o.calibration)
-    quantize_build(state.staging, family=state.family,
-                   specs=state.family.graph.inputs(state.config) + state.family.graph.outputs(state.config), batch=o.batch[2],
-                   images=state.calibration, progress=o.progress, attention=o.int8_attention,
-                   trained=o.checkpoint is not None,
+    graph = state.family.graph
+    quantize_build(state.staging, family=state.family, inputs=graph.inputs(state.config),
+                   outputs=graph.outputs(state.config), batch=(o.batch[0], o.batch[2]),
+                   class_names=graph.class_names(state.config), images=state.calibration, progress=o.progress,
+                   attention=o.int8_attention, trained=o.checkpoint is not None,
                    calibration={"source": source, "images": int(len(state.calibration)), "seed": CALIBRATION_SEED})
 
 

@@ -10,7 +10,7 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -352,7 +352,10 @@ def quantize_openvino(src: PathLike, dst: PathLike, *, proto: onnx.ModelProto, k
 
     dst = Path(dst)
     try:
-        model = ov.Core().read_model(str(src))
+        # convert_model, not read_model: its transformations fold constant subgraphs, so a weight the ONNX
+        # graph transposes reaches its MatMul as a constant, which NNCF quantizes (read_model left vit_b's
+        # ViT projections in FP32: NNCF saw Transpose(constant) as an activation).
+        model = ov.convert_model(str(src))
     except Exception as e:
         raise QuantizeError(f"{src}: OpenVINO cannot read it ({_one_line(e)})") from None
     ignored = openvino_names(model, proto, kept)
@@ -382,31 +385,44 @@ def quantize_openvino(src: PathLike, dst: PathLike, *, proto: onnx.ModelProto, k
             "matmuls_int8": _int8_matmuls(ops)}
 
 
+# Ops between a MatMul and what feeds it that move values or dequantize them (compressed weights are
+# int8 Constant -> Convert -> Subtract -> Multiply; activations FakeQuantize, possibly behind a Transpose).
+_PASS_THROUGH = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Convert", "Subtract", "Multiply")
+
+
+def _int8_source(node: Any, depth: int = 5) -> bool:
+    """Whether an input of a MatMul comes from a FakeQuantize or an 8-bit constant (through `_PASS_THROUGH`)."""
+    kind = node.get_type_name()
+    if kind == "FakeQuantize":
+        return True
+    if kind == "Constant":
+        return node.get_output_element_type(0).get_type_name() in ("i8", "u8")
+    if kind not in _PASS_THROUGH or depth == 0:
+        return False
+    return any(_int8_source(i.get_source_output().get_node(), depth - 1) for i in node.inputs())
+
+
 def _int8_matmuls(ops: Sequence[Any]) -> Dict[str, int]:
-    """How many MatMul ops of the IR read a FakeQuantize on each input (both: int8) or not (float)."""
+    """MatMuls of the IR whose two inputs are both 8-bit (INT8 kernels), and the others (floating point)."""
     counts = {"int8": 0, "float": 0}
     for op in (o for o in ops if o.get_type_name() == "MatMul"):
-        srcs = [i.get_source_output().get_node() for i in op.inputs()]
-        # a weight reaches MatMul through FakeQuantize, possibly behind a Convert/Transpose
-        fed = [n.get_type_name() == "FakeQuantize"
-               or any(i.get_source_output().get_node().get_type_name() == "FakeQuantize" for i in n.inputs())
-               for n in srcs]
-        counts["int8" if all(fed) else "float"] += 1
+        both = all(_int8_source(i.get_source_output().get_node()) for i in op.inputs())
+        counts["int8" if both else "float"] += 1
     return counts
 
 
 # ------------------------------------------------------------------------------------------ the build step
 
 
-def _check_gates(build_dir: Path, family: Family, candidate: Any, trained: bool, n: int) -> Dict[str, Any]:
-    """The family's INT8 gates of `candidate` (an engine of the graph just written) against the FP32 graph
-    on ONNX Runtime, on `n` parity images (and as many held-out ones); skipped for a random-init model."""
+def _check_gates(reference: Any, family: Family, candidate: Any, trained: bool, n: int) -> Dict[str, Any]:
+    """The family's INT8 gates of `candidate` (an engine of the graph just written) against `reference` (the
+    FP32 graph on ONNX Runtime), on `n` parity images (and as many held-out ones); skipped for a random-init
+    model."""
     if not trained:
         return {"checked": False, "why": "random init: the INT8 gates need a trained model (its logits sit at zero)"}
-    from engines import load_engine
     from export.verify import gate_check
 
-    with load_engine(build_dir, "onnxruntime", "fp32") as reference, candidate:
+    with reference, candidate:
         report = gate_check(family, reference, candidate, "int8", n=n)
     return {"checked": True, **report}
 
@@ -437,8 +453,9 @@ def _gate_summary(r: Dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def quantize_build(build_dir: PathLike, *, family: Family, specs: Sequence[Any], batch: int, images: np.ndarray,
-                   calibration: Dict[str, Any], progress: bool = False, attention: str = "auto",
+def quantize_build(build_dir: PathLike, *, family: Family, inputs: Sequence[Any], outputs: Sequence[Any],
+                   batch: Tuple[int, int], images: np.ndarray, calibration: Dict[str, Any],
+                   class_names: Optional[Sequence[str]] = None, progress: bool = False, attention: str = "auto",
                    trained: bool = True, check_images: int = 16,
                    smooth_quant: float = SMOOTH_QUANT_ALPHA) -> Dict[str, Any]:
     """Make and register a build's INT8 artifacts from its `model.onnx` (see the module docstring).
@@ -446,8 +463,9 @@ def quantize_build(build_dir: PathLike, *, family: Family, specs: Sequence[Any],
     Arguments:
       build_dir: a build (staging) directory with model.onnx registered.
       family: the model family (what stays in floating point, the INT8 gates).
-      specs: the graph's input and output tensor specs (their element types must survive).
-      batch: the build's largest batch (ONNX Runtime calibrates in batches of up to 4 within it).
+      inputs, outputs: the graph's tensor specs (their element types must survive).
+      batch: the build's (smallest, largest) batch (ONNX Runtime calibrates in batches of up to 4 within it).
+      class_names: the `mask` output's label names (None: binary), for the gate check's held-out Dice.
       images: calibration images, float32 (n, 3, S, S), RGB 0..255.
       calibration: where they came from (source, images, seed), for the manifest.
       progress: show NNCF's progress bars.
@@ -467,7 +485,6 @@ def quantize_build(build_dir: PathLike, *, family: Family, specs: Sequence[Any],
         raise QuantizeError(why)
     if attention not in ATTENTION_MODES:
         raise QuantizeError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
-    from engines.base import BuildInfo
     from engines.onnxruntime import OnnxRuntimeEngine
     from engines.openvino import OpenVINOEngine
 
@@ -479,13 +496,14 @@ def quantize_build(build_dir: PathLike, *, family: Family, specs: Sequence[Any],
     except IcmoeError as e:
         raise QuantizeError(f"{src}: {e}") from None
     base = [n for n, w in kept.items() if w != PRODUCT]
-    info = BuildInfo(build_dir).specs()
+    specs = list(inputs) + list(outputs)
+    info = {"inputs": list(inputs), "outputs": list(outputs), "batch_range": (int(batch[0]), int(batch[1]))}
     qdq, xml = build_dir / ONNX_GRAPHS["int8"], build_dir / OPENVINO_GRAPHS["int8"]
     made: Dict[str, Dict[str, Any]] = {}
 
     def make_qdq(keep_products: bool) -> None:
         made["qdq"] = quantize_qdq(src, qdq, kept=list(kept) if keep_products else base, images=images,
-                                   batch=max(1, min(CALIBRATION_BATCH, int(batch))))
+                                   batch=max(1, min(CALIBRATION_BATCH, int(batch[1]))))
         try:
             check_io_types(onnx.load(str(qdq), load_external_data=False), list(specs))
         except IcmoeError as e:
@@ -495,7 +513,12 @@ def quantize_build(build_dir: PathLike, *, family: Family, specs: Sequence[Any],
         made["ir"] = quantize_openvino(src, xml, proto=proto, kept=list(kept) if keep_products else base,
                                        images=images, progress=progress, smooth_quant=smooth_quant)
 
-    check = lambda engine: (lambda: _check_gates(build_dir, family, engine(), trained, check_images))  # noqa: E731
+    def check(engine: Any) -> Any:  # the gates of a graph just made, against the FP32 graph (both labelled)
+        def run() -> Dict[str, Any]:
+            reference, candidate = OnnxRuntimeEngine(path=src, **info), engine()
+            reference.class_names = candidate.class_names = None if class_names is None else list(class_names)
+            return _check_gates(reference, family, candidate, trained, check_images)
+        return run
     att = {"onnxruntime": _with_attention(make_qdq, check(lambda: OnnxRuntimeEngine(path=qdq, precision="int8", **info)),
                                           attention, ONNX_GRAPHS["int8"]),
            "openvino": _with_attention(make_ir, check(lambda: OpenVINOEngine(path=xml, precision="int8", **info)),

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from engines import EngineError, load_engine
-from engines.base import run_batched
+from engines.base import run_batched, time_runs
 from engines.eager import EagerEngine
 from engines.openvino import bf16_unavailable
 from engines.openvino import unavailable_reason as openvino_unavailable
@@ -89,12 +88,7 @@ def batch1_latency(engine, image: np.ndarray, runs: int = LATENCY_RUNS) -> Dict[
     `engines.select` ranks the engines that passed by."""
     lo = engine.batch_range[0] if engine.batch_range else 1
     image = np.repeat(image[:1], lo, axis=0)  # the smallest batch the engine takes (1 for every build so far)
-    engine.infer(image)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        engine.infer(image)
-        times.append(time.perf_counter() - t)
+    times = time_runs(engine, image, warmup=1, runs=runs)
     return {"latency_ms": float(np.median(times) * 1e3), "batch": lo, "runs": runs, **engine.settings()}
 
 
