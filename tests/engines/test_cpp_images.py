@@ -2,7 +2,8 @@
 BMP; masks written as PNG at the image's size; the command line; files replaced atomically.
 
 The reference is the same AOTInductor package run in Python (torch._inductor.aoti_load_package) on the image as
-the Python side prepares it (icmoe.data.images: read_image, model_input; the mask back by resize_label). The C++
+the Python side prepares it (icmoe.data.images: read_image, model_input; the mask at the image's size by
+mask_from_logits, the logits resized bilinearly and arg-maxed, as the package's mask rule says). The C++
 decoder and resize reproduce Pillow's pixels exactly for lossless files (Pillow 13's resize), so those masks are
 equal; stb's JPEG decoder differs from libjpeg by a level or two in some pixels, so JPEG masks must agree on 99%
 of their pixels. The package is the multi-class toy of test_cpp_labels.py (session fixtures, conftest.py): its mask
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from engines.cpp import read_mask, run_program
-from icmoe.data.images import model_input, read_image, resize_label
+from icmoe.data.images import mask_from_logits, model_input, read_image
 from tests.engines.test_cpp_aoti import _expect_error, edit_package_metadata, parse_stdout
 from tests.icmoe.families.toy import LABELS
 
@@ -48,8 +49,8 @@ def reference(labels_package):
         picture = read_image(path)
         x = torch.from_numpy(np.ascontiguousarray(model_input(picture, SIZE)))[None]  # the runner takes strides as given
         with torch.inference_mode():
-            _, mask = runner(x)
-        return resize_label(mask[0, 0].numpy(), picture.size)
+            logits, _ = runner(x)
+        return mask_from_logits(logits[0].numpy(), picture.size, "argmax")
 
     return mask_for
 
