@@ -84,7 +84,7 @@ def tensorrt_available(build_dir: Path) -> Optional[str]:
     return None
 
 
-def _fresh(out: Path, family: str, cfg, sha: Optional[str], bmax: int, precision: str) -> bool:
+def _fresh(out: Path, family: str, cfg, sha: Optional[str], bmax: int, precision: str, attention: str) -> bool:
     """Whether `out` holds a build this benchmark can reuse."""
     try:
         m = read_manifest(out)
@@ -94,6 +94,7 @@ def _fresh(out: Path, family: str, cfg, sha: Optional[str], bmax: int, precision
             and all(ONNX_GRAPHS[p] in m["artifacts"] for p in precision.split(","))
             and m.get("rewrites") == list(REWRITES)
             and m["batch"]["max"] >= bmax
+            and ("int8" not in precision or (m.get("quantization") or {}).get("attention_mode", "auto") == attention)
             and (m["checkpoint"]["sha256"] == sha if sha else m["checkpoint"]["random_init"]))
 
 
@@ -108,9 +109,11 @@ def get_build(args, precision: str = "fp16") -> Path:
     else:
         family, cfg, sha = args.model, get_family(args.model).get_config(args.config), None
     out = args.out / f"build-{family}-{cfg.name}-{'ckpt-' + sha[:8] if sha else 'random'}"
-    out = out.with_name(out.name + ("-int8" if "int8" in precision else ""))
+    attention = getattr(args, "int8_attention", "auto")
+    out = out.with_name(out.name + ("-int8" if "int8" in precision else "")
+                        + (f"-attention-{attention}" if "int8" in precision and attention != "auto" else ""))
     bmax = max(max(args.batch_sizes), 8)
-    if _fresh(out, family, cfg, sha, bmax, precision):
+    if _fresh(out, family, cfg, sha, bmax, precision, attention):
         log.info(f"benchmark: reusing build {out}")
         return out
     log.info(f"benchmark: building {out} (export, {precision.upper()}; verified separately by the parity columns)")
@@ -122,6 +125,8 @@ def get_build(args, precision: str = "fp16") -> Path:
            "--dynamic-batch", f"1,1,{bmax}", "--backend", "onnxruntime", "--force", "--no-verify"]
     if "int8" in precision and args.calibration:
         cmd += ["--calibration", str(args.calibration)]
+    if "int8" in precision:
+        cmd += ["--int8-attention", attention]
     proc = subprocess.run(cmd + (["--no-progress"] if args.no_progress else []), stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise cli.UsageError(f"the build for the benchmark failed (exit {proc.returncode}); see the lines above")
@@ -413,6 +418,9 @@ def _parser():
                    help="skip the graph engines' throughput settings (several streams at once)")
     p.add_argument("--calibration", default=None, metavar="DIR_OR_DATASET",
                    help="INT8 calibration images of the benchmark's own build (default: the family's synthetic set)")
+    p.add_argument("--int8-attention", choices=("auto", "quantize", "keep"), default="auto",
+                   help="the benchmark's own INT8 build: attention products in INT8 or floating point (export.build's "
+                        "flag; a random-init model is not gate-checked, so auto quantizes them)")
     p.add_argument("--fma-units", type=int, default=2, help="FMA units per core for the peak rate (default 2)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
     cli.add_json(p)

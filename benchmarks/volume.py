@@ -228,6 +228,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="pictures per batch, as predict's --batch-size (default 8)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per engine (default: usable cores)")
     p.add_argument("--calibration", default=None, help="INT8 calibration of the benchmark's own build")
+    p.add_argument("--int8-attention", choices=("auto", "quantize", "keep"), default="auto",
+                   help="attention products of the benchmark's own INT8 build (export.build's flag)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
     cli.add_json(p)
     cli.add_progress(p)

@@ -91,8 +91,11 @@ def test_bf16_gates_are_fp16s_with_bf16_rounding():
     fp16, bf16 = FAMILY.parity.tolerances("fp16"), FAMILY.parity.tolerances("bf16")
     assert bf16.rtol == bf16.scaled_atol == 16 * 2.0 ** -9 == 4 * fp16.rtol
     assert (bf16.max_flipped, bf16.min_agreement) == (fp16.max_flipped, fp16.min_agreement)
+    assert bf16.max_dice_change == 0.01 and fp16.max_dice_change is None  # BF16 is also held to the held-out Dice
     moesam = get_family("moesam").parity
-    assert moesam.tolerances("bf16") == moesam.tolerances("fp16")  # MoE-SAM: the labels gate, as FP16
+    m16, mb = moesam.tolerances("fp16"), moesam.tolerances("bf16")
+    assert (mb.gate_logits, mb.max_flipped) == (m16.gate_logits, m16.max_flipped)  # MoE-SAM: the labels gate
+    assert 1 - mb.min_class_dice == pytest.approx(4 * (1 - m16.min_class_dice)) and mb.max_dice_change == 0.01
 
 
 def test_an_optional_engine_that_fails_is_recorded_not_fatal(tiny_build, monkeypatch):

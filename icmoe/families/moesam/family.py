@@ -163,8 +163,12 @@ class MoESAMParity(ParitySpec):
             return Tolerances(atol=1e-3, rtol=0.0, max_flipped=0.01, min_class_dice=0.99, gate_logits=False)
         if precision == "bf16":
             # As FP16 (a token may route differently near a tie, so the gate is on the labels), with BF16's
-            # four times larger rounding showing in the logits only.
-            return Tolerances(atol=1e-3, rtol=0.0, max_flipped=0.01, min_class_dice=0.99, gate_logits=False)
+            # four times larger rounding (2^-9 against 2^-11): the band of pixels whose best two classes are
+            # within rounding of each other is four times wider, so a class may lose four times FP16's Dice
+            # allowance (0.99 -> 0.96); flipped labels stay at FP16's 1%, and, as for INT8, the held-out Dice
+            # per class must stay within 0.01 of FP32's (the quick start's trained tiny: 0.989, 0.17%).
+            return Tolerances(atol=1e-3, rtol=0.0, max_flipped=0.01, min_class_dice=0.96, gate_logits=False,
+                              max_dice_change=0.01)
         if precision == "int8":
             # As IC-MoE's INT8 gates (icmoe/families/icmoe/family.py): half an INT8 step is 1/254 of a tensor's
             # calibrated range; about 16 quantized stages give 16/254 of the image's logit scale within
