@@ -71,6 +71,7 @@ class CpuPeak:
     fma_units: int = 2
     vnni: bool = False
     clock_source: str = "/proc/cpuinfo"
+    bf16: bool = False  # AVX512-BF16: a dot product of two BF16 pairs per FP32 lane and FMA
 
     @property
     def fp32_gflops(self) -> float:
@@ -81,18 +82,27 @@ class CpuPeak:
         lanes = self.vector_bits // 8 if self.vnni else self.vector_bits // 16
         return self.cores * self.clock_ghz * lanes * 2 * self.fma_units
 
+    @property
+    def bf16_gflops(self) -> float:
+        """vdpbf16ps: two BF16 products per FP32 lane, so twice FP32's rate where the CPU has AVX512-BF16."""
+        return self.fp32_gflops * (2 if self.bf16 else 1)
+
     def peak(self, precision: str) -> float:
-        """GFLOP/s (GOP/s for int8) of the precision an engine computes in (FP16 on a CPU runs as FP32)."""
-        return self.int8_gops if precision == "int8" else self.fp32_gflops
+        """GFLOP/s (GOP/s for int8) of the precision an engine computes in (FP16 on a CPU runs as FP32; INT8
+        with a BF16 remainder counts at the INT8 peak)."""
+        if precision.startswith("int8"):
+            return self.int8_gops
+        return self.bf16_gflops if precision == "bf16" else self.fp32_gflops
 
     def describe(self) -> str:
         return (f"{self.model}, {self.cores} cores at {self.clock_ghz:.2f} GHz ({self.clock_source}), "
                 f"{self.vector_bits}-bit vectors "
                 f"({', '.join(self.extensions) or 'none'}), {self.fma_units} FMA units: peak "
-                f"{self.fp32_gflops:.0f} GFLOP/s FP32, {self.int8_gops:.0f} GOP/s INT8")
+                f"{self.fp32_gflops:.0f} GFLOP/s FP32, {self.bf16_gflops:.0f} BF16, {self.int8_gops:.0f} GOP/s INT8")
 
     def to_dict(self) -> Dict:
-        return {**asdict(self), "fp32_gflops": self.fp32_gflops, "int8_gops": self.int8_gops}
+        return {**asdict(self), "fp32_gflops": self.fp32_gflops, "bf16_gflops": self.bf16_gflops,
+                "int8_gops": self.int8_gops}
 
 
 def _cpuinfo() -> Dict[str, str]:
@@ -129,7 +139,7 @@ def cpu_peak(cores: Optional[int] = None, *, clock_ghz: Optional[float] = None, 
             clock_ghz, source = float(info.get("cpu MHz", "0") or 0) / 1000.0, "/proc/cpuinfo, nominal"
     return CpuPeak(model=info.get("model name", "unknown CPU"), cores=cores or len(os.sched_getaffinity(0)),
                    clock_ghz=clock_ghz, extensions=extensions, vector_bits=bits, fma_units=fma_units,
-                   vnni=bool(flags & {"avx512_vnni", "avx_vnni"}), clock_source=source)
+                   vnni=bool(flags & {"avx512_vnni", "avx_vnni"}), clock_source=source, bf16="avx512_bf16" in flags)
 
 
 def gflops_per_image(model: nn.Module, image_size: int, *, rewrites: Sequence[str] = (),

@@ -8,7 +8,9 @@ the process's resident high-water mark (`VmHWM`, which starts afresh at exec; `r
 the parent's peak over on Linux). Writes {latency per batch size, memory} as JSON, and the engine's
 outputs on the parity images (made by the parent) as .npz next to it; with `--choices`, an eager engine
 also saves eager's outputs for the discrete choices another engine could make (the family's
-`choice_references`, per precision), under "choices/<precision>/<name>".
+`choice_references`, per precision), under "choices/<precision>/<name>". With --throughput it then loads
+the engine again with throughput settings (OpenVINO's THROUGHPUT hint, ONNX Runtime requests in parallel)
+and times as many batches at once as it runs streams; the latency engine's peak memory is recorded before.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import resource
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -27,9 +30,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from engines import load_engine  # noqa: E402
-from engines.base import run_batched  # noqa: E402
+from engines.base import run_batched, time_runs  # noqa: E402
+from engines.select import engine_kwargs, split_label  # noqa: E402
 from icmoe.core import cli  # noqa: E402
-from icmoe.core.manifest import PRECISIONS, family_of, read_manifest  # noqa: E402
+from icmoe.core.manifest import RUNTIME_PRECISIONS, family_of, gate_precision, read_manifest  # noqa: E402
 from icmoe.families import FamilyError, get_family  # noqa: E402  (the registry; a family's module loads on lookup)
 
 COMPILED = "-compiled"
@@ -47,7 +51,10 @@ def rss_peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
-def load(build_dir: Path, engine: str, threads: Optional[int]):
+STREAMED = ("onnxruntime-", "openvino-")  # engines with throughput settings
+
+
+def load(build_dir: Path, engine: str, threads: Optional[int], mode: str = "latency"):
     """Load one engine of the build by its benchmark name (the family is imported for eager only)."""
     if engine == "eager" or engine.startswith("eager-"):
         family = get_family(family_of(read_manifest(build_dir)))
@@ -55,9 +62,9 @@ def load(build_dir: Path, engine: str, threads: Optional[int]):
         base = engine[: -len(COMPILED)] if compiled else engine
         variant = next((v for v in family.variants if family.eager_label(v) == base), None)
         return load_engine(build_dir, "eager", variant=variant, threads=threads, compile=compiled)
-    if engine.startswith(("onnxruntime-", "openvino-")):
-        backend, precision = engine.split("-")
-        return load_engine(build_dir, backend, precision, threads=threads)
+    if engine.startswith(STREAMED):
+        backend, precision = split_label(engine)
+        return load_engine(build_dir, backend, precision, **engine_kwargs(backend, threads, mode))
     if engine == "tensorrt":
         return load_engine(build_dir, "tensorrt")
     raise ValueError(f"unknown engine {engine!r}")
@@ -69,14 +76,7 @@ def time_batches(engine, batch_sizes: List[int], warmup: int, iters: int) -> Dic
     rows: Dict[str, Dict] = {}
     for b in batch_sizes:
         x = (rng.random(engine.inputs[0].concrete(b)) * 255).astype(np.float32)
-        for _ in range(warmup):
-            engine.infer(x)
-        times = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            engine.infer(x)
-            times.append(time.perf_counter() - t)
-        ms = np.array(times) * 1e3
+        ms = time_runs(engine, x, warmup=warmup, runs=iters) * 1e3
         rows[str(b)] = {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
                         "mean_ms": float(ms.mean()), "images_per_s": float(b / (ms.mean() / 1e3)), "iters": iters}
         print(f"  {engine.name} batch {b}: p50 {rows[str(b)]['p50_ms']:.1f} ms", file=sys.stderr, flush=True)
@@ -86,11 +86,31 @@ def time_batches(engine, batch_sizes: List[int], warmup: int, iters: int) -> Dic
 def choice_references(engine, images: np.ndarray, batch: int) -> Dict[str, np.ndarray]:
     """An eager engine's outputs for the choices other engines could make, per precision the family gates."""
     gates = {}
-    for precision in PRECISIONS:
+    for precision in dict.fromkeys(gate_precision(p) for p in RUNTIME_PRECISIONS):
         with contextlib.suppress(FamilyError):  # a precision the family has no gates for
             gates[precision] = engine.family.parity.tolerances(precision)
     found = engine.family.parity.choice_references(engine.model, images, batch, list(gates.values()))
     return {f"choices/{p}/{k}": v for p, arrays in zip(gates, found) for k, v in arrays.items()}
+
+
+def time_streams(engine, batch_sizes: List[int], warmup: int, iters: int) -> Dict[str, Dict]:
+    """Images/s per batch size with `engine.streams` batches running at once (one thread each), `iters` batches
+    per stream after `warmup`."""
+    rng = np.random.default_rng(0)
+    n = engine.streams
+    rows: Dict[str, Dict] = {}
+    with ThreadPoolExecutor(n) as pool:
+        for b in batch_sizes:
+            x = (rng.random(engine.inputs[0].concrete(b)) * 255).astype(np.float32)
+            list(pool.map(lambda _: engine.infer(x), range(warmup * n)))
+            t = time.perf_counter()
+            list(pool.map(lambda _: engine.infer(x), range(iters * n)))
+            wall = time.perf_counter() - t
+            rows[str(b)] = {"images_per_s": float(iters * n * b / wall), "streams": n, "batches": iters * n,
+                            "settings": engine.settings()}
+            print(f"  {engine.name} batch {b}, {n} streams: {rows[str(b)]['images_per_s']:.2f} images/s",
+                  file=sys.stderr, flush=True)
+    return rows
 
 
 def measure(args) -> Dict:
@@ -105,9 +125,15 @@ def measure(args) -> Dict:
         if args.choices:
             out.update(choice_references(engine, images, batch))
         np.savez(args.result.with_suffix(".npz"), **out)
+    result["settings"] = engine.settings()
     engine.deactivate()
     result["peak_mib"] = rss_peak_mib()
     result["threads"] = getattr(engine, "threads", None)
+    if args.throughput and args.engine.startswith(STREAMED):
+        engine = load(args.build, args.engine, args.threads, "throughput").activate()
+        result["throughput"] = time_streams(engine, args.batch_sizes, args.warmup, args.iters)
+        engine.deactivate()
+        result["peak_mib_throughput"] = rss_peak_mib()
     result["torch_imported"] = "torch" in sys.modules
     return result
 
@@ -124,6 +150,7 @@ def _main(argv=None) -> int:
     p.add_argument("--parity", type=Path, default=None, help="parity images (.npy) to run and save outputs of")
     p.add_argument("--choices", action="store_true",
                    help="eager: also save the outputs for other discrete choices (the parity reference)")
+    p.add_argument("--throughput", action="store_true", help="also time the engine with throughput settings")
     args = p.parse_args(argv)
     args.result.write_text(json.dumps(measure(args)))
     return 0

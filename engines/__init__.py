@@ -1,7 +1,7 @@
 """Inference engines with one interface (`engines.base.Engine`) and a name-to-class registry.
 
     from engines import load_engine
-    with load_engine("build/icmoe-tiny-fp16", backend="onnxruntime", precision="fp16") as engine:
+    with load_engine("build/icmoe-tiny", backend="onnxruntime", precision="fp16") as engine:
         out = engine.infer(images)   # {output name: NumPy array}, names from the build's manifest
 
 Backends are imported lazily, so a missing optional library (TensorRT, OpenVINO) disables its

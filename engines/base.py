@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import functools
 import os
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,6 +25,7 @@ import numpy as np
 from engines.errors import EngineError, InputError
 from icmoe.core.manifest import ManifestError, artifact_path, io_specs, mask_kind_of, read_manifest
 from icmoe.core.manifest import class_names as build_class_names
+from icmoe.core.manifest import mask_rule as build_mask_rule
 from icmoe.core.specs import BATCH, TensorSpec
 from icmoe.families import check_expected
 
@@ -43,6 +45,18 @@ def run_batched(engine: "Engine", images: np.ndarray, batch: int) -> Dict[str, n
         for k, v in engine.infer(images[i: i + batch]).items():
             outs.setdefault(k, []).append(v)
     return {k: np.concatenate(v, axis=0) for k, v in outs.items()}
+
+
+def time_runs(engine: "Engine", images: np.ndarray, *, warmup: int, runs: int) -> np.ndarray:
+    """Seconds of each of `runs` calls of `engine.infer(images)` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        engine.infer(images)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        engine.infer(images)
+        times.append(time.perf_counter() - t)
+    return np.array(times)
 
 
 def to_numpy(images) -> np.ndarray:
@@ -87,16 +101,20 @@ class Engine(abc.ABC):
       batch_range: (min, max) batch the engine accepts, or None for any.
       class_names: label names of the `mask` output (index = value, 0 = background), None for a binary
         mask. An engine made by `from_build` takes them from the build's manifest, whatever the backend.
+      mask_rule: how `mask` follows from `logits` ("threshold", "argmax"; `icmoe.core.manifest.MASK_RULES`),
+        None where it does not; `from_build` takes it from the manifest too.
     """
 
     name: str = "engine"
 
     def __init__(self, *, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                 batch_range: Optional[Tuple[int, int]] = None, class_names: Optional[Sequence[str]] = None) -> None:
+                 batch_range: Optional[Tuple[int, int]] = None, class_names: Optional[Sequence[str]] = None,
+                 mask_rule: Optional[str] = None) -> None:
         self.inputs: List[TensorSpec] = list(inputs)
         self.outputs: List[TensorSpec] = list(outputs)
         self.batch_range = batch_range
         self.class_names: Optional[List[str]] = None if class_names is None else list(class_names)
+        self.mask_rule = mask_rule
         self.is_active = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -124,6 +142,16 @@ class Engine(abc.ABC):
     def image_size(self) -> int:
         """Side of the (square) input images."""
         return int(self.inputs[0].shape[-1])
+
+    @property
+    def streams(self) -> int:
+        """How many `infer` calls this engine runs at once when called from that many threads (throughput
+        settings); 1: one at a time (calls from several threads are still safe)."""
+        return 1
+
+    def settings(self) -> Dict[str, Any]:
+        """How the engine runs (threads, hint, streams, ...), for reports."""
+        return {"threads": getattr(self, "threads", None), "streams": self.streams}
 
     def activate(self) -> "Engine":
         if not self.is_active:
@@ -160,12 +188,13 @@ class Engine(abc.ABC):
 
 
 def _with_class_names(from_build: Callable[..., Engine]) -> Callable[..., Engine]:
-    """`from_build` whose engine carries the build's label names (`Engine.class_names`)."""
+    """`from_build` whose engine carries the build's label names (`Engine.class_names`) and mask rule."""
 
     @functools.wraps(from_build)
     def wrapper(cls, build_dir, *args: Any, **kwargs: Any) -> Engine:
         engine = from_build(cls, build_dir, *args, **kwargs)
-        engine.class_names = BuildInfo(build_dir).class_names
+        info = BuildInfo(build_dir)
+        engine.class_names, engine.mask_rule = info.class_names, info.mask_rule
         return engine
 
     return wrapper
@@ -179,6 +208,7 @@ class BuildInfo:
       inputs, outputs: the graph's tensor specs.
       batch_range: (min, max) of the build's dynamic batch axis.
       class_names: label names of the `mask` output (index = value, 0 = background), None if binary.
+      mask_rule: how `mask` follows from `logits` (the manifest's `model.mask_rule`), or None.
     """
 
     def __init__(self, build_dir, *, expect=None) -> None:
@@ -196,6 +226,7 @@ class BuildInfo:
         b = self.manifest["batch"]
         self.batch_range = (int(b["min"]), int(b["max"]))
         self.class_names = build_class_names(self.manifest)
+        self.mask_rule = build_mask_rule(self.manifest)
 
     @property
     def mask_kind(self) -> str:

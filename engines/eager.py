@@ -40,7 +40,7 @@ class EagerEngine(Engine):
         self.family = get_family(type(model.config).family)
         cfg = model.config
         super().__init__(inputs=self.family.graph.inputs(cfg), outputs=self.family.graph.outputs(cfg), batch_range=batch_range,
-                         class_names=self.family.graph.class_names(cfg))
+                         class_names=self.family.graph.class_names(cfg), mask_rule=self.family.graph.mask_rule(cfg))
         self.model = model.eval()
         self.module = self.family.graph.export_module(self.model)
         self.device = torch.device(device)

@@ -1,14 +1,16 @@
 """ONNX Runtime engine for the FP32, FP16 and INT8 (QDQ) graphs of a build directory (any model family).
 
 Session settings are chosen for a fair CPU comparison with eager PyTorch: all graph
-optimizations on, intra-op threads = the cores eager uses, sequential execution.
+optimizations on, intra-op threads = the cores eager uses, sequential execution. For throughput
+(`streams` > 1) the one session runs that many requests at once, each on its share of the threads
+(ONNX Runtime's `run` is thread-safe; the weights are held once).
 The artifact is checked against the manifest (size and sha256) before loading.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -39,16 +41,22 @@ class OnnxRuntimeEngine(Engine):
       inputs, outputs: the graph's tensor specs (from the manifest).
       batch_range: (min, max) batch the build allows, or None.
       precision: "fp32", "fp16" or "int8" (label only; the graph decides).
-      threads: intra-op threads (default: the usable cores).
+      threads: intra-op threads over all streams (default: the usable cores).
       providers: ORT execution providers (default CPU).
+      streams: requests run at once from as many threads (throughput), each with threads // streams
+        intra-op threads; 1 (default): one request with every thread (latency).
     """
 
     def __init__(self, *, path, inputs, outputs, batch_range=None, precision: str = "fp32",
-                 threads: Optional[int] = None, providers: Optional[Sequence[str]] = None) -> None:
+                 threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
+                 streams: int = 1) -> None:
         super().__init__(inputs=inputs, outputs=outputs, batch_range=batch_range)
+        if int(streams) < 1:
+            raise EngineError(f"streams must be >= 1, got {streams}")
         self.path = Path(path)
         self.precision = precision
         self.threads = threads or default_threads()
+        self.n_streams = min(int(streams), self.threads)
         self.providers = list(providers or ["CPUExecutionProvider"])
         self.name = f"onnxruntime-{precision}"
         self.session = None
@@ -86,8 +94,8 @@ class OnnxRuntimeEngine(Engine):
         import onnxruntime as ort
 
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=session_options(self.threads),
-                                                providers=self.providers)
+            self.session = ort.InferenceSession(str(self.path), providers=self.providers,
+                                                sess_options=session_options(max(1, self.threads // self.n_streams)))
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
             raise EngineError(f"{self.path}: ONNX Runtime cannot load it ({_first_line(e)})") from None
         inputs = [i.name for i in self.session.get_inputs()]
@@ -102,6 +110,14 @@ class OnnxRuntimeEngine(Engine):
 
     def _deactivate(self) -> None:
         self.session = None
+
+    @property
+    def streams(self) -> int:
+        return self.n_streams
+
+    def settings(self) -> Dict[str, Any]:
+        return {"threads": self.threads, "streams": self.n_streams,
+                "intra_op_threads": max(1, self.threads // self.n_streams)}
 
     def _infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         outs = self.session.run(self.output_names, {self.input_name: images})

@@ -1,17 +1,21 @@
-"""OpenVINO engine for a build's FP32 ONNX graph and its NNCF INT8 IR (any model family), on the CPU.
+"""OpenVINO engine for a build's FP32 ONNX graph and its NNCF INT8 IR (any model family), on the CPU, with
+FP32 or (where the CPU has BF16 arithmetic) BF16 for the floating-point operations, for latency (one
+request, every thread) or throughput (several streams, one request each).
 
 Details: docs/int8-openvino.md.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import platform
+import queue
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -19,10 +23,20 @@ from engines.base import BuildInfo, Engine, EngineError, default_threads
 from icmoe.core import cli
 from icmoe.core.extras import missing
 from icmoe.core.io import atomic_write_bytes
-from icmoe.core.manifest import OPENVINO_CACHE, OPENVINO_GRAPHS, add_artifact, read_manifest
+from icmoe.core.manifest import (
+    BF16_VARIANTS,
+    OPENVINO_CACHE,
+    OPENVINO_GRAPHS,
+    add_artifact,
+    graph_precision,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 HINTS = ("latency", "throughput")
+# What the engine computes in: the graph's own (FP32 graph, INT8 IR with FP32 for the rest), or BF16 for the
+# floating-point operations of either graph (INFERENCE_PRECISION_HINT bf16).
+PRECISIONS = tuple(OPENVINO_GRAPHS) + tuple(BF16_VARIANTS)
 CACHE_KIND = "openvino_cache"
 # CPU flags that decide which kernels OpenVINO compiles (x86 vector and matrix extensions).
 ISA_FLAG = re.compile(r"^(sse4_[12]|avx\w*|amx\w*|fma|f16c)$")
@@ -65,10 +79,31 @@ def cpu_signature() -> Dict[str, str]:
     return {"name": str(core.get_property("CPU", "FULL_DEVICE_NAME")), "isa": flags}
 
 
-def compile_properties(threads: int, hint: str) -> Dict[str, Any]:
-    """The CPU plugin's properties for a compile or import (see the module docstring)."""
-    return {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": hint.upper(),
-            "INFERENCE_PRECISION_HINT": "f32"}
+@functools.lru_cache(maxsize=None)
+def bf16_unavailable() -> Optional[str]:
+    """Why OpenVINO cannot compute in BF16 on this CPU (its CPU plugin does not list BF16: no AVX512-BF16 or
+    AMX), or None."""
+    core = _openvino().Core()
+    caps = [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+    if "BF16" in caps:
+        return None
+    return (f"BF16 needs a CPU with AVX512-BF16 or AMX; OpenVINO's CPU plugin lists only {', '.join(caps)} "
+            f"on this {core.get_property('CPU', 'FULL_DEVICE_NAME')}")
+
+
+def inference_precision(precision: str) -> str:
+    """INFERENCE_PRECISION_HINT of an engine precision: "bf16" for the BF16 variants, else "f32"."""
+    return "bf16" if precision in BF16_VARIANTS else "f32"
+
+
+def compile_properties(threads: int, hint: str, precision: str = "fp32", streams: Optional[int] = None) -> Dict[str, Any]:
+    """The CPU plugin's properties for a compile or import (see the module docstring); `streams` (throughput
+    hint only): NUM_STREAMS, None for the plugin's choice."""
+    props: Dict[str, Any] = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": hint.upper(),
+                             "INFERENCE_PRECISION_HINT": inference_precision(precision)}
+    if hint == "throughput" and streams:
+        props["NUM_STREAMS"] = int(streams)
+    return props
 
 
 def _reason(e: Exception) -> str:
@@ -84,25 +119,35 @@ class OpenVINOEngine(Engine):
       path: the graph (model.onnx or model.int8.xml).
       inputs, outputs: the graph's tensor specs (from the manifest).
       batch_range: (min, max) batch the build allows.
-      precision: "fp32" or "int8" (label only; the graph decides).
+      precision: one of `PRECISIONS`: "fp32" or "int8" (the graph decides), "bf16" or "int8-bf16" (that
+        graph with BF16 for its floating-point operations; refused where the CPU has no BF16).
       cache: a checked compiled-model blob to import instead of compiling, or None.
-      threads: INFERENCE_NUM_THREADS (default: the usable cores).
-      hint: "latency" or "throughput" (PERFORMANCE_HINT).
+      threads: INFERENCE_NUM_THREADS, over all streams (default: the usable cores).
+      hint: "latency" (one request) or "throughput" (PERFORMANCE_HINT; several streams, one request each,
+        `infer` may be called from that many threads at once).
+      streams: with the throughput hint, NUM_STREAMS (None: OpenVINO's choice for this CPU).
     """
 
     def __init__(self, *, path, inputs, outputs, batch_range=None, precision: str = "fp32",
-                 cache: Optional[Path] = None, threads: Optional[int] = None, hint: str = "latency") -> None:
+                 cache: Optional[Path] = None, threads: Optional[int] = None, hint: str = "latency",
+                 streams: Optional[int] = None) -> None:
         super().__init__(inputs=inputs, outputs=outputs, batch_range=batch_range)
         if hint not in HINTS:
             raise EngineError(f"hint must be one of {', '.join(HINTS)}, got {hint!r}")
+        if precision not in PRECISIONS:
+            raise EngineError(f"OpenVINO computes in {', '.join(PRECISIONS)}, not {precision!r}")
+        if precision in BF16_VARIANTS and bf16_unavailable():
+            raise EngineError(f"--precision {precision}: {bf16_unavailable()}")
         self.path = Path(path)
         self.precision = precision
         self.cache = cache
         self.threads = threads or default_threads()
         self.hint = hint
+        self.requested_streams = streams
         self.name = f"openvino-{precision}"
         self.compiled = None
-        self.request = None
+        self.requests: "queue.Queue[Any]" = queue.Queue()
+        self.n_requests = 1
         self.from_cache = False
 
     @classmethod
@@ -112,12 +157,13 @@ class OpenVINOEngine(Engine):
 
         Arguments:
           build_dir: a build directory.
-          precision: "fp32" (model.onnx) or "int8" (model.int8.xml); None: the build's precision (fp32 for
-            an FP16 build: its FP16 graph is for TensorRT).
+          precision: "fp32" (model.onnx) or "int8" (model.int8.xml), or "bf16" / "int8-bf16" (those graphs
+            with BF16 for the floating-point operations); None: the build's precision (fp32 for an FP16
+            build: its FP16 graph is for TensorRT).
           expect: what the build must be for (see `icmoe.families.check_expected`).
           verify: compare the artifacts' sizes and sha256 with the manifest.
           use_cache: import the registered compiled model where it is for this OpenVINO and CPU.
-          kw: `threads`, `hint`.
+          kw: `threads`, `hint`, `streams`.
 
         Returns:
           OpenVINOEngine: not yet compiled (`activate`).
@@ -130,26 +176,32 @@ class OpenVINOEngine(Engine):
         info = BuildInfo(build_dir, expect=expect)
         if precision is None:  # the build's own, except FP16 (a GPU graph): then the FP32 graph every build has
             precision = info.manifest["precision"] if info.manifest["precision"] in OPENVINO_GRAPHS else "fp32"
-        if precision not in OPENVINO_GRAPHS:
-            raise EngineError(f"OpenVINO runs the {' and '.join(OPENVINO_GRAPHS)} graphs, not {precision!r} "
-                              f"(the FP16 graph is for TensorRT)")
-        name = OPENVINO_GRAPHS[precision]
+        if precision not in PRECISIONS:
+            raise EngineError(f"OpenVINO runs the {' and '.join(OPENVINO_GRAPHS)} graphs (also with BF16: "
+                              f"{', '.join(BF16_VARIANTS)}), not {precision!r} (the FP16 graph is for TensorRT)")
+        graph = graph_precision(precision)
+        name = OPENVINO_GRAPHS[graph]
         entry = info.manifest["artifacts"].get(name)
         if entry is None:
-            raise EngineError(f"{build_dir}: no {precision} graph for OpenVINO in this build ({name}; "
-                              f"build with --precision {precision})")
-        if entry.get("precision") != precision:
-            raise EngineError(f"{build_dir}/{name}: manifest says precision {entry.get('precision')!r}, not {precision!r}")
+            raise EngineError(f"{build_dir}: no {graph} graph for OpenVINO in this build ({name}; "
+                              f"build with --precision {graph})")
+        if entry.get("precision") != graph:
+            raise EngineError(f"{build_dir}/{name}: manifest says precision {entry.get('precision')!r}, not {graph!r}")
         path = info.artifact(name, verify=verify)
         for extra in entry.get("files", []):  # the IR's weights
             info.artifact(extra, verify=verify)
         cache = _usable_cache(info, precision, entry, verify) if use_cache else None
         return cls(path=path, precision=precision, cache=cache, **info.specs(), **kw)
 
+    @property
+    def streams(self) -> int:
+        """Requests that run at once (1 with the latency hint)."""
+        return self.n_requests
+
     def _activate(self) -> None:
         ov = _openvino()
         core = ov.Core()
-        props = compile_properties(self.threads, self.hint)
+        props = compile_properties(self.threads, self.hint, self.precision, self.requested_streams)
         if self.cache is not None:
             try:
                 self.compiled = core.import_model(io.BytesIO(self.cache.read_bytes()), "CPU", props)
@@ -163,7 +215,13 @@ class OpenVINOEngine(Engine):
             except Exception as e:
                 raise EngineError(f"{self.path}: OpenVINO cannot compile it ({_reason(e)})") from None
         self._check_compiled()
-        self.request = self.compiled.create_infer_request()
+        n = 1
+        if self.hint == "throughput":
+            n = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self.requests = queue.Queue()
+        for _ in range(n):
+            self.requests.put(self.compiled.create_infer_request())
+        self.n_requests = n
 
     def _read(self, core):
         """The graph as an OpenVINO model with the build's batch range, its I/O checked."""
@@ -206,13 +264,29 @@ class OpenVINOEngine(Engine):
                 raise EngineError(f"{where}: output {spec.name} is {have}, the manifest says {spec.dtype}")
 
     def _deactivate(self) -> None:
-        self.request = None
+        self.requests = queue.Queue()
         self.compiled = None
 
     def _infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
-        result = self.request.infer({0: images})
-        # The request reuses its output buffers on the next call: copy them out.
-        return {name: np.array(result[self.compiled.output(name)], copy=True) for name in self.output_names}
+        request = self.requests.get()  # a free request (throughput: one per stream, threads share them)
+        try:
+            result = request.infer({0: images})
+            # The request reuses its output buffers on the next call: copy them out.
+            return {name: np.array(result[self.compiled.output(name)], copy=True) for name in self.output_names}
+        finally:
+            self.requests.put(request)
+
+    def settings(self) -> Dict[str, Any]:
+        """How the compiled model runs: hint, streams, threads, inference precision (OpenVINO's own figures)."""
+        out: Dict[str, Any] = {"hint": self.hint, "threads": self.threads, "precision": self.precision}
+        if self.compiled is not None:
+            for key in ("NUM_STREAMS", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT",
+                        "OPTIMAL_NUMBER_OF_INFER_REQUESTS"):
+                try:
+                    out[key.lower()] = str(self.compiled.get_property(key))
+                except Exception:  # a property this OpenVINO does not report
+                    pass
+        return out
 
 
 def _usable_cache(info: BuildInfo, precision: str, graph: Dict[str, Any], verify: bool) -> Optional[Path]:
@@ -224,7 +298,10 @@ def _usable_cache(info: BuildInfo, precision: str, graph: Dict[str, Any], verify
     name = OPENVINO_CACHE.format(precision=precision)
     if name not in info.manifest["artifacts"]:
         return None
-    path, entry, _, _ = info.compiled(name, kind=CACHE_KIND, precision=precision, verify=verify)
+    path, entry, _, _ = info.compiled(name, kind=CACHE_KIND, precision=graph_precision(precision), verify=verify)
+    if entry.get("inference_precision", "f32") != inference_precision(precision):
+        raise EngineError(f"{path}: compiled for inference precision {entry.get('inference_precision')}, "
+                          f"not {inference_precision(precision)}")
     if entry.get("source_sha256") != graph.get("sha256"):
         raise EngineError(f"{path}: compiled from another graph than the manifest's {entry.get('source')} "
                           f"(sha256 differs)")
@@ -252,8 +329,8 @@ def write_cache(build_dir, precision: str) -> Path:
     """Compile a build's graph of `precision` for this host and register the compiled model in its manifest.
 
     Arguments:
-      build_dir: a build directory with the graph (`OPENVINO_GRAPHS[precision]`).
-      precision: "fp32" or "int8".
+      build_dir: a build directory with the graph (`OPENVINO_GRAPHS[graph_precision(precision)]`).
+      precision: one of `PRECISIONS`.
 
     Returns:
       Path: build_dir/openvino-<precision>.blob (written atomically).
@@ -270,25 +347,28 @@ def write_cache(build_dir, precision: str) -> Path:
     name = OPENVINO_CACHE.format(precision=precision)
     atomic_write_bytes(build_dir / name, blob)
     manifest = read_manifest(build_dir)
-    graph = OPENVINO_GRAPHS[precision]
+    graph = OPENVINO_GRAPHS[graph_precision(precision)]
     b = manifest["batch"]
-    add_artifact(build_dir, name, kind=CACHE_KIND, precision=precision, source=graph,
+    add_artifact(build_dir, name, kind=CACHE_KIND, precision=graph_precision(precision), source=graph,
                  source_sha256=manifest["artifacts"][graph]["sha256"], openvino=openvino_version(), cpu=cpu_signature(),
-                 batch={"min": b["min"], "max": b["max"]}, inference_precision="f32")
+                 batch={"min": b["min"], "max": b["max"]}, inference_precision=inference_precision(precision))
     log.info(f"openvino: {name} ({len(blob) / 2**20:.1f} MiB) compiled from {graph}")
     return build_dir / name
 
 
-def cache_precisions(manifest: Dict[str, Any]) -> list:
-    """The precisions whose OpenVINO graph a build has (fp32 always, int8 for an INT8 build)."""
-    return [p for p, name in OPENVINO_GRAPHS.items() if name in manifest["artifacts"]]
+def cache_precisions(manifest: Dict[str, Any]) -> List[str]:
+    """The engine precisions OpenVINO runs from a build's graphs on this CPU: fp32 always, int8 where the build
+    has the IR, and their BF16 variants where the CPU has BF16."""
+    graphs = [p for p, name in OPENVINO_GRAPHS.items() if name in manifest["artifacts"]]
+    bf16 = [p for p, g in BF16_VARIANTS.items() if g in graphs] if not bf16_unavailable() else []
+    return graphs + bf16
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     p = cli.parser("python -m engines.openvino", "Compile a build's OpenVINO caches for this host (OpenVINO version, CPU).")
     p.add_argument("build_dir", type=Path, help="build directory written by `python -m export.build`")
-    p.add_argument("--precision", choices=tuple(OPENVINO_GRAPHS), default=None,
-                   help="one graph (default: every graph OpenVINO can run in the build)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="one engine precision (default: every one OpenVINO can run from the build on this CPU)")
     args = p.parse_args(argv)
     cli.setup_logging(args.verbosity)
     manifest = read_manifest(args.build_dir)

@@ -25,6 +25,7 @@ from icmoe.core.manifest import (
     ManifestError,
     check_class_names,
     check_label_outputs,
+    check_mask_rule,
     checkpoint_path,
     mask_kind_of,
     read_manifest,
@@ -56,7 +57,7 @@ def load_model(source) -> nn.Module:
 
 def package_metadata(model: nn.Module) -> Dict[str, str]:
     """What the C++ program reads from the package: family, size, config, tensor specs, output names,
-    and the mask kind with its label names.
+    the mask kind with its label names, and the mask rule (how the mask follows from the logits; "" for none).
 
     Raises:
       PackageError: the family's label names are unusable or contradict its outputs.
@@ -69,6 +70,7 @@ def package_metadata(model: nn.Module) -> Dict[str, str]:
         if classes is not None:
             classes = check_class_names(classes, f"model family {family.name!r}")
         check_label_outputs(classes, specs_to_dicts(outputs), f"model family {family.name!r}")
+        check_mask_rule(family.graph.mask_rule(cfg), classes, specs_to_dicts(outputs), f"model family {family.name!r}")
     except ManifestError as e:
         raise PackageError(str(e)) from None
     return {
@@ -80,6 +82,7 @@ def package_metadata(model: nn.Module) -> Dict[str, str]:
         "icmoe.output_names": ",".join(o.name for o in outputs),
         "icmoe.mask_kind": mask_kind_of(classes),
         "icmoe.class_names": CLASS_NAME_SEPARATOR.join(classes or []),
+        "icmoe.mask_rule": family.graph.mask_rule(cfg) or "",
     }
 
 

@@ -10,7 +10,7 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -48,8 +48,9 @@ PRODUCT = "product of two activations"
 WHY = {
     "op types": "wide dynamic ranges and normalisations (LayerNorm, softmax, their reductions) that 8 bits flatten",
     "island": "the family's discrete decisions and what feeds them: one flipped choice changes a whole output",
-    "activation products": "attention scores and softmax-weighted sums: per-tensor INT8 of probabilities and of "
-                           "query/key ranges costs the most accuracy for a tenth of the FLOPs",
+    "activation products": "attention scores and softmax-weighted sums: quantized unless the family's INT8 gates "
+                           "then fail (per-tensor INT8 of probabilities and of query/key ranges costs the most "
+                           "accuracy); `attention_products` says per graph",
 }
 
 
@@ -135,6 +136,45 @@ def fold_weight_chains(proto: onnx.ModelProto) -> int:
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
     return len(folded)
+
+
+def gemm_as_matmul(proto: onnx.ModelProto, kept: Sequence[str]) -> int:
+    """Rewrite each plain Gemm with a constant weight (alpha = beta = 1, A not transposed) outside `kept` as
+    MatMul (the weight transposed once, in the initializer) plus Add of the bias (in place, same function).
+
+    Why: ONNX Runtime fuses a dequantized MatMul with a float output into MatMulIntegerToFloat, but leaves a
+    Gemm whose output is not quantized as float Gemm, dequantizing its INT8 weight at every run (vit_b's
+    decoder layers: DequantizeLinear took 16% of the INT8 graph's time).
+
+    Returns:
+      int: how many Gemm nodes were rewritten.
+    """
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    keep = set(kept)
+    done = 0
+    for index, node in reversed(list(enumerate(g.node))):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.name in keep or len(node.input) < 2 or node.input[1] not in inits
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0)):
+            continue
+        w = onnx.numpy_helper.to_array(inits[node.input[1]])
+        weight = onnx.numpy_helper.from_array(np.ascontiguousarray(w.T if attrs.get("transB", 0) else w),
+                                              f"{node.name}_weight")
+        g.initializer.append(weight)
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = f"{node.name}_product" if bias else node.output[0]
+        new = [onnx.helper.make_node("MatMul", [node.input[0], weight.name], [product], name=node.name)]
+        if bias:
+            new.append(onnx.helper.make_node("Add", [product, bias], [node.output[0]], name=f"{node.name}_bias"))
+        g.node.remove(node)
+        for offset, n in enumerate(new):
+            g.node.insert(index + offset, n)
+        done += 1
+    used = {i for n in g.node for i in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    return done
 
 
 class _Batches:
@@ -223,6 +263,7 @@ def quantize_qdq(src: PathLike, dst: PathLike, *, kept: Sequence[str], images: n
 
     proto = onnx.load(str(src))
     folded = fold_weight_chains(proto)
+    gemms = gemm_as_matmul(proto, kept)
     name = proto.graph.input[0].name
     with tempfile.TemporaryDirectory(prefix="icmoe-int8-") as tmp:
         prepared = Path(tmp) / "folded.onnx"
@@ -248,6 +289,7 @@ def quantize_qdq(src: PathLike, dst: PathLike, *, kept: Sequence[str], images: n
     return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
             "weights": "int8 symmetric per output channel", "activations": "int8 symmetric per tensor (MinMax)",
             "biases": "fp32", "quantized_ops": list(QUANTIZED_OPS), "folded_weight_chains": folded,
+            "gemm_as_matmul": gemms,
             "float_inputs_restored": rerouted,
             "quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear")}
 
@@ -309,9 +351,25 @@ def _quiet(progress: bool) -> Iterator[None]:
         yield
 
 
+SMOOTH_QUANT_ALPHA = 0.95  # NNCF's default for the matrix products of transformers
+# What happens to the products of two activations (attention scores, softmax-weighted sums):
+# "auto" quantizes them and keeps them in floating point where the family's INT8 gates then fail on a trained
+# model; "quantize" and "keep" decide without checking.
+ATTENTION_MODES = ("auto", "quantize", "keep")
+
+
 def quantize_openvino(src: PathLike, dst: PathLike, *, proto: onnx.ModelProto, kept: Sequence[str],
-                      images: np.ndarray, progress: bool = False) -> Dict[str, Any]:
+                      images: np.ndarray, progress: bool = False,
+                      smooth_quant: float = SMOOTH_QUANT_ALPHA) -> Dict[str, Any]:
     """Write NNCF's INT8 OpenVINO IR of the FP32 graph `src` to `dst` (.xml, with its .bin beside it).
+
+    NNCF's transformer recipe, as OpenVINO's own SAM recipe: the transformer model type (its patterns keep
+    normalisations and softmax in floating point, symmetric activations into matrix products), the mixed
+    preset, SmoothQuant on the matrix products (per-channel scales moved from activations into weights,
+    alpha `smooth_quant`) and fast bias correction. Activation ranges are the calibration images' extremes
+    (min/max), not NNCF's default mean of per-image extremes, which clips what lies outside them: on the
+    quick start's trained tiny that flipped 1.7% of the parity set's mask pixels instead of 0.7% (the INT8
+    gate is 1%).
 
     Arguments:
       src: the FP32 ONNX graph.
@@ -320,9 +378,10 @@ def quantize_openvino(src: PathLike, dst: PathLike, *, proto: onnx.ModelProto, k
       kept: ONNX node names left in floating point.
       images: calibration images, float32 (n, 3, S, S).
       progress: show NNCF's progress bars.
+      smooth_quant: SmoothQuant's alpha for matrix products (negative: off).
 
     Returns:
-      dict: what the manifest records (tool, preset, model type, ignored OpenVINO ops).
+      dict: what the manifest records (tool, preset, model type, SmoothQuant, bias correction, ignored ops).
 
     Raises:
       QuantizeError: OpenVINO could not read the graph or NNCF failed.
@@ -334,18 +393,22 @@ def quantize_openvino(src: PathLike, dst: PathLike, *, proto: onnx.ModelProto, k
 
     dst = Path(dst)
     try:
-        model = ov.Core().read_model(str(src))
+        # convert_model, not read_model: its transformations fold constant subgraphs, so a weight the ONNX
+        # graph transposes reaches its MatMul as a constant, which NNCF quantizes (read_model left vit_b's
+        # ViT projections in FP32: NNCF saw Transpose(constant) as an activation).
+        model = ov.convert_model(str(src))
     except Exception as e:
         raise QuantizeError(f"{src}: OpenVINO cannot read it ({_one_line(e)})") from None
     ignored = openvino_names(model, proto, kept)
     data = nncf.Dataset([images[i:i + 1].astype(np.float32) for i in range(len(images))])
     advanced = AdvancedQuantizationParameters(
         activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
-        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))  # -1: off
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=smooth_quant))
     try:
         with _quiet(progress):
             quantized = nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER,
                                       preset=nncf.QuantizationPreset.MIXED, subset_size=len(images),
+                                      fast_bias_correction=True,
                                       ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
                                       advanced_parameters=advanced)
     except Exception as e:  # NNCF raises from its many steps
@@ -354,27 +417,103 @@ def quantize_openvino(src: PathLike, dst: PathLike, *, proto: onnx.ModelProto, k
     ov.save_model(quantized, str(tmp), compress_to_fp16=False)
     os.replace(tmp.with_suffix(".bin"), dst.with_suffix(".bin"))
     os.replace(tmp, dst)
-    fq = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ordered_ops())
+    ops = quantized.get_ordered_ops()
+    fq = sum(op.get_type_name() == "FakeQuantize" for op in ops)
     return {"tool": "nncf.quantize", "nncf": nncf.__version__, "openvino": ov.get_version(), "preset": "mixed",
-            "model_type": "transformer", "activation_ranges": "calibration min/max", "smooth_quant": False,
-            "ignored_openvino_ops": len(ignored), "fake_quantize": fq}
+            "model_type": "transformer", "activation_ranges": "calibration min/max",
+            "smooth_quant": {"matmul_alpha": smooth_quant} if smooth_quant >= 0 else False,
+            "bias_correction": "fast", "ignored_openvino_ops": len(ignored), "fake_quantize": fq,
+            "matmuls_int8": _int8_matmuls(ops)}
+
+
+# Ops between a MatMul and what feeds it that move values or dequantize them (compressed weights are
+# int8 Constant -> Convert -> Subtract -> Multiply; activations FakeQuantize, possibly behind a Transpose).
+_PASS_THROUGH = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Convert", "Subtract", "Multiply")
+
+
+def _int8_source(node: Any, depth: int = 5) -> bool:
+    """Whether an input of a MatMul comes from a FakeQuantize or an 8-bit constant (through `_PASS_THROUGH`)."""
+    kind = node.get_type_name()
+    if kind == "FakeQuantize":
+        return True
+    if kind == "Constant":
+        return node.get_output_element_type(0).get_type_name() in ("i8", "u8")
+    if kind not in _PASS_THROUGH or depth == 0:
+        return False
+    return any(_int8_source(i.get_source_output().get_node(), depth - 1) for i in node.inputs())
+
+
+def _int8_matmuls(ops: Sequence[Any]) -> Dict[str, int]:
+    """MatMuls of the IR whose two inputs are both 8-bit (INT8 kernels), and the others (floating point)."""
+    counts = {"int8": 0, "float": 0}
+    for op in (o for o in ops if o.get_type_name() == "MatMul"):
+        both = all(_int8_source(i.get_source_output().get_node()) for i in op.inputs())
+        counts["int8" if both else "float"] += 1
+    return counts
 
 
 # ------------------------------------------------------------------------------------------ the build step
 
 
-def quantize_build(build_dir: PathLike, *, family: Family, specs: Sequence[Any], batch: int, images: np.ndarray,
-                   calibration: Dict[str, Any], progress: bool = False) -> Dict[str, Any]:
+def _check_gates(reference: Any, family: Family, candidate: Any, trained: bool, n: int) -> Dict[str, Any]:
+    """The family's INT8 gates of `candidate` (an engine of the graph just written) against `reference` (the
+    FP32 graph on ONNX Runtime), on `n` parity images (and as many held-out ones); skipped for a random-init
+    model."""
+    if not trained:
+        return {"checked": False, "why": "random init: the INT8 gates need a trained model (its logits sit at zero)"}
+    from export.verify import gate_check
+
+    with reference, candidate:
+        report = gate_check(family, reference, candidate, "int8", n=n)
+    return {"checked": True, **report}
+
+
+def _with_attention(make, check, attention: str, what: str) -> Dict[str, Any]:
+    """Run `make(products_kept)` with the attention products quantized, check it, and make it again with them
+    kept in floating point where the gates failed; returns the attention record."""
+    if attention == "keep":
+        make(True)
+        return {"quantized": False, "why": "--int8-attention keep"}
+    make(False)
+    if attention == "quantize":
+        return {"quantized": True, "why": "--int8-attention quantize (not checked)"}
+    result = check()
+    if not result["checked"] or result["passed"]:
+        return {"quantized": True, "check": result}
+    log.info(f"int8: {what} with the attention products quantized fails the INT8 gates "
+             f"({_gate_summary(result)}); keeping them in floating point")
+    make(True)
+    return {"quantized": False, "check": result, "why": "the INT8 gates failed with them quantized"}
+
+
+def _gate_summary(r: Dict[str, Any]) -> str:
+    parts = [f"{k} {r[k]:.4g}" for k in ("max_abs_logit", "flipped", "min_dice", "min_class_dice", "agreement")
+             if isinstance(r.get(k), float)]
+    if (r.get("heldout") or {}).get("max_change") is not None:
+        parts.append(f"held-out Dice change {r['heldout']['max_change']:.4f}")
+    return ", ".join(parts)
+
+
+def quantize_build(build_dir: PathLike, *, family: Family, inputs: Sequence[Any], outputs: Sequence[Any],
+                   batch: Tuple[int, int], images: np.ndarray, calibration: Dict[str, Any],
+                   class_names: Optional[Sequence[str]] = None, progress: bool = False, attention: str = "auto",
+                   trained: bool = True, check_images: int = 16,
+                   smooth_quant: float = SMOOTH_QUANT_ALPHA) -> Dict[str, Any]:
     """Make and register a build's INT8 artifacts from its `model.onnx` (see the module docstring).
 
     Arguments:
       build_dir: a build (staging) directory with model.onnx registered.
-      family: the model family (what stays in floating point).
-      specs: the graph's input and output tensor specs (their element types must survive).
-      batch: the build's largest batch (ONNX Runtime calibrates in batches of up to 4 within it).
+      family: the model family (what stays in floating point, the INT8 gates).
+      inputs, outputs: the graph's tensor specs (their element types must survive).
+      batch: the build's (smallest, largest) batch (ONNX Runtime calibrates in batches of up to 4 within it).
+      class_names: the `mask` output's label names (None: binary), for the gate check's held-out Dice.
       images: calibration images, float32 (n, 3, S, S), RGB 0..255.
       calibration: where they came from (source, images, seed), for the manifest.
       progress: show NNCF's progress bars.
+      attention: one of `ATTENTION_MODES` (the products of two activations in INT8 or floating point).
+      trained: whether the weights are trained ("auto" checks the gates only then).
+      check_images: parity images of that check.
+      smooth_quant: SmoothQuant's alpha for NNCF (negative: off).
 
     Returns:
       dict: the manifest's `quantization` entry.
@@ -385,6 +524,11 @@ def quantize_build(build_dir: PathLike, *, family: Family, specs: Sequence[Any],
     why = int8_unavailable()
     if why:
         raise QuantizeError(why)
+    if attention not in ATTENTION_MODES:
+        raise QuantizeError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+    from engines.onnxruntime import OnnxRuntimeEngine
+    from engines.openvino import OpenVINOEngine
+
     build_dir = Path(build_dir)
     src = build_dir / ONNX_GRAPHS["fp32"]
     proto = onnx.load(str(src), load_external_data=False)
@@ -392,24 +536,47 @@ def quantize_build(build_dir: PathLike, *, family: Family, specs: Sequence[Any],
         kept = kept_fp32(proto, family)
     except IcmoeError as e:
         raise QuantizeError(f"{src}: {e}") from None
-    qdq_info = quantize_qdq(src, build_dir / ONNX_GRAPHS["int8"], kept=list(kept), images=images,
-                            batch=max(1, min(CALIBRATION_BATCH, int(batch))))
-    try:
-        check_io_types(onnx.load(str(build_dir / ONNX_GRAPHS["int8"]), load_external_data=False), list(specs))
-    except IcmoeError as e:
-        raise QuantizeError(f"{ONNX_GRAPHS['int8']}: {e}") from None
-    add_artifact(build_dir, ONNX_GRAPHS["int8"], kind="onnx", precision="int8", **qdq_info)
-    xml = build_dir / OPENVINO_GRAPHS["int8"]
-    ov_info = quantize_openvino(src, xml, proto=proto, kept=list(kept), images=images, progress=progress)
+    base = [n for n, w in kept.items() if w != PRODUCT]
+    specs = list(inputs) + list(outputs)
+    info = {"inputs": list(inputs), "outputs": list(outputs), "batch_range": (int(batch[0]), int(batch[1]))}
+    qdq, xml = build_dir / ONNX_GRAPHS["int8"], build_dir / OPENVINO_GRAPHS["int8"]
+    made: Dict[str, Dict[str, Any]] = {}
+
+    def make_qdq(keep_products: bool) -> None:
+        made["qdq"] = quantize_qdq(src, qdq, kept=list(kept) if keep_products else base, images=images,
+                                   batch=max(1, min(CALIBRATION_BATCH, int(batch[1]))))
+        try:
+            check_io_types(onnx.load(str(qdq), load_external_data=False), list(specs))
+        except IcmoeError as e:
+            raise QuantizeError(f"{ONNX_GRAPHS['int8']}: {e}") from None
+
+    def make_ir(keep_products: bool) -> None:
+        made["ir"] = quantize_openvino(src, xml, proto=proto, kept=list(kept) if keep_products else base,
+                                       images=images, progress=progress, smooth_quant=smooth_quant)
+
+    def check(engine: Any) -> Any:  # the gates of a graph just made, against the FP32 graph (both labelled)
+        def run() -> Dict[str, Any]:
+            reference, candidate = OnnxRuntimeEngine(path=src, **info), engine()
+            reference.class_names = candidate.class_names = None if class_names is None else list(class_names)
+            return _check_gates(reference, family, candidate, trained, check_images)
+        return run
+    att = {"onnxruntime": _with_attention(make_qdq, check(lambda: OnnxRuntimeEngine(path=qdq, precision="int8", **info)),
+                                          attention, ONNX_GRAPHS["int8"]),
+           "openvino": _with_attention(make_ir, check(lambda: OpenVINOEngine(path=xml, precision="int8", **info)),
+                                       attention, xml.name)}
+    add_artifact(build_dir, qdq.name, kind="onnx", precision="int8", attention_products_int8=att["onnxruntime"]["quantized"],
+                 **made["qdq"])
     add_artifact(build_dir, xml.with_suffix(".bin").name, kind="openvino_ir_weights", precision="int8")
     add_artifact(build_dir, xml.name, kind="openvino_ir", precision="int8", files=[xml.with_suffix(".bin").name],
-                 **ov_info)
-    entry = {"calibration": calibration, "kept_fp32": kept_summary(proto, family, kept)}
+                 attention_products_int8=att["openvino"]["quantized"], **made["ir"])
+    entry = {"calibration": calibration, "kept_fp32": kept_summary(proto, family, kept), "attention_mode": attention,
+             "attention_products": att}
     manifest = read_manifest(build_dir)
     manifest["quantization"] = entry
     write_manifest(build_dir, manifest)
-    log.info(f"int8: {ONNX_GRAPHS['int8']} ({qdq_info['quantize_linear']} QuantizeLinear) and {xml.name} "
-             f"({ov_info['fake_quantize']} FakeQuantize); {len(kept)} nodes kept in floating point")
+    log.info(f"int8: {qdq.name} ({made['qdq']['quantize_linear']} QuantizeLinear, attention products "
+             f"{'INT8' if att['onnxruntime']['quantized'] else 'FP32'}) and {xml.name} ({made['ir']['fake_quantize']} "
+             f"FakeQuantize, attention products {'INT8' if att['openvino']['quantized'] else 'FP32'})")
     return entry
 
 

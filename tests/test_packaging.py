@@ -183,3 +183,15 @@ def test_test_only_dependencies_are_bounded():
             assert req.specifier.contains(md.version(name)), f"the installed {name} {md.version(name)} is outside {req}"
         except md.PackageNotFoundError:
             pass
+
+
+def test_ci_installs_what_the_quick_start_needs():
+    """The README's first command installs the extras the quick start's rows need (FP16, the plot, OpenVINO
+    and INT8), and CI installs exactly those before the test command."""
+    import re
+
+    block = _readme_block("Quick start")
+    first = next(ln for ln in block.splitlines() if "quickstart.py" in ln)
+    install = re.search(r"pip install -e '\.\[([a-z0-9,]+)\]'", first)
+    assert install, first
+    assert {"fp16", "bench", "openvino"} <= set(install.group(1).split(","))

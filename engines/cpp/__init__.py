@@ -119,14 +119,16 @@ def read_pgm(path: PathLike) -> np.ndarray:
 
 
 def class_arguments(build_dir: PathLike) -> List[str]:
-    """icmoe_trt's flag for a build's mask: `["--classes", "background,liver,..."]` for a multi-class
-    build (its manifest's label names), `[]` for a binary one.
+    """icmoe_trt's flags for a build's mask: `["--classes", "background,liver,..."]` for a multi-class
+    build (its manifest's label names), and `["--mask-rule", RULE]` where the build records how the mask
+    follows from the logits; `[]` for a binary build without a rule.
 
     Raises:
       EngineError: no readable manifest in `build_dir`.
     """
-    names = BuildInfo(build_dir).class_names
-    return [] if names is None else ["--classes", CLASS_NAME_SEPARATOR.join(names)]
+    info = BuildInfo(build_dir)
+    flags = [] if info.class_names is None else ["--classes", CLASS_NAME_SEPARATOR.join(info.class_names)]
+    return flags + ([] if info.mask_rule is None else ["--mask-rule", info.mask_rule])
 
 
 def run_program(program: PathLike, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

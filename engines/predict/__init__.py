@@ -3,7 +3,7 @@ folders, DICOM series and NIfTI (`python -m engines.predict`; docs/predict.md, d
 
     from engines import load_engine
     from engines.predict import predict
-    with load_engine("build/icmoe-tiny-fp16") as engine:
+    with load_engine("build/icmoe-tiny") as engine:
         results = predict(engine, ["scan.dcm", "photo.jpg", uint16_array])
     results[0].mask        # uint8 (H, W) at the input's size: 0/1, or label values
 

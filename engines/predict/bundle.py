@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from engines.predict.files import PredictOptions, engine_precision, open_engine, predict_files
-from engines.predict.pipeline import engine_contract
+from engines.predict.pipeline import engine_contract, ready
 from icmoe.core.io import atomic_write_json
 
 log = logging.getLogger("engines.predict")
@@ -39,7 +39,7 @@ class EngineNetwork(torch.nn.Module):
     def __init__(self, build_dir: str, backend: str = "auto", precision: Optional[str] = None,
                  threads: Optional[int] = None) -> None:
         super().__init__()
-        self.engine = open_engine(Path(build_dir), backend, precision, threads).activate()
+        self.engine = open_engine(Path(build_dir), backend, precision, threads)[0].activate()
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         out = self.engine.infer(images.detach().cpu().numpy().astype(np.float32, copy=False))
@@ -58,10 +58,12 @@ class InfererRunner:
         self.network, self.inferer = network, inferer
         self.label = f"monai-{type(inferer).__name__}-{network.engine.name}"
 
-    def submit(self, images: np.ndarray, whole: bool) -> "Future[Tuple[Dict[str, np.ndarray], float]]":
+    def submit(self, images: "np.ndarray | Future[np.ndarray]",
+               whole: bool) -> "Future[Tuple[Dict[str, np.ndarray], float]]":
+        x = ready(images)  # the pipeline prepares batches in its pool
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = self.inferer(torch.from_numpy(images), self.network)
+            out = self.inferer(torch.from_numpy(x), self.network)
         done: Future = Future()
         done.set_result(({k: v.numpy() for k, v in out.items()}, time.perf_counter() - t0))
         return done

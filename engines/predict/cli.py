@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from engines import BACKENDS
-from engines.predict.files import PredictOptions, predict_files
+from engines.predict.files import MODES, PredictOptions, predict_files
+from engines.predict.pipeline import UPSAMPLING
 from engines.predict.seg import SEG_TYPES
 from engines.predict.series import FORMATS
+from engines.select import Choice
 from icmoe.core import cli
-from icmoe.core.manifest import PRECISIONS
+from icmoe.core.manifest import RUNTIME_PRECISIONS
 
 log = logging.getLogger("engines.predict")
 
@@ -37,11 +39,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (masks mirror the inputs' relative paths); with --dicomweb optional")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
-                   help="engine of the build (auto: TensorRT where the build has a plan this host runs, else "
-                        "ONNX Runtime; a checkpoint: eager)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default=None, help="graph precision (default: the build's)")
+                   help="engine of the build (auto: the fastest whose parity gates passed when the build was "
+                        "verified, among those this host runs; a checkpoint: eager)")
+    p.add_argument("--precision", choices=list(RUNTIME_PRECISIONS), default=None,
+                   help="engine precision (bf16, int8-bf16: OpenVINO with BF16 arithmetic; default: any, as --backend)")
+    p.add_argument("--mode", choices=MODES, default="auto",
+                   help="latency (one batch at a time) or throughput (several at once: OpenVINO's throughput hint, "
+                        "ONNX Runtime requests in parallel); auto: throughput for several files, a volume or a series")
+    p.add_argument("--upsample", choices=UPSAMPLING, default="logits",
+                   help="masks at the images' sizes from the logits resized bilinearly, then thresholded or "
+                        "arg-maxed (default, where the model has a mask rule), or the model-size mask resized "
+                        "by nearest neighbour")
     p.add_argument("--batch-size", type=int, default=None, help="pictures per batch (default 8 within the build's range)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of eager/ONNX Runtime (default: all usable)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the CPU engines (default: all usable)")
     p.add_argument("--overlay", action="store_true", help="also write overlay PNGs (to <out>/overlays)")
     p.add_argument("--overlay-dir", type=Path, default=None, metavar="DIR", help="write the overlays here (implies --overlay)")
     p.add_argument("--skip-bad", action="store_true", help="report unreadable files and go on (else stop at the first)")
@@ -84,7 +94,8 @@ def _options(a: argparse.Namespace) -> PredictOptions:
     if (a.overlay or a.overlay_dir) and a.out is None:
         raise cli.UsageError("--overlay needs --out")
     overlays = a.overlay_dir or (a.out / "overlays" if a.overlay else None)
-    return PredictOptions(out=a.out, backend=a.backend, precision=a.precision, threads=a.threads,
+    return PredictOptions(out=a.out, backend=a.backend, precision=a.precision, threads=a.threads, mode=a.mode,
+                          upsample=a.upsample,
                           batch_size=a.batch_size, overlays=overlays, skip_bad=a.skip_bad, window=_window(a.window),
                           server=a.server, protocol=a.protocol, model_name=a.model_name, concurrency=a.concurrency,
                           progress=not a.no_progress, fmt=a.fmt, seg_type=a.seg_type, seg_codes=a.seg_codes,
@@ -131,6 +142,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     skipped += f", {t['resumed']} done before" if t.get("resumed") else ""
     log.info(f"{t['images']} images from {t['files']} inputs in {t['seconds']:.2f} s "
              f"({t['images_per_s'] or 0:.1f} images/s, {report['engine']}){skipped}; masks in {report['out']}")
+    if report.get("choice"):  # which engine ran, and why (engines.select)
+        log.info(f"{Choice(**report['choice']).describe()}; {report['mode']} settings")
     return cli.EXIT_OK
 
 

@@ -194,14 +194,15 @@ def _segment(source: Path, http: Any, web: DicomwebOptions, wanted: List[Tuple[s
     """The SEG of every retrieved series, made in memory: [(series, seg)], the runner's header, the contract."""
     from engines.predict.seg import make_seg  # highdicom
 
-    runner, contract, header = open_runner(source, opts)
+    runner, contract, header = open_runner(source, opts, mode="throughput" if opts.mode == "auto" else opts.mode)
     segs = []
     try:
         batch_size = contract.batch_size(opts.batch_size)
         runner.check_batch(batch_size)
         spec = seg_spec(source, contract, header, opts)
         for series, preds in predict_jobs(_retrieve(http, web, wanted, opts, skipped), runner, contract,
-                                          batch_size=batch_size, probabilities=opts.probabilities):
+                                          batch_size=batch_size, upsampling=opts.upsample,
+                                          probabilities=opts.probabilities):
             masks, probabilities = stack_masks(preds)
             segs.append((series, make_seg(series, masks, spec, probabilities)))
     finally:

@@ -1,23 +1,26 @@
 """A predict run over files: open the engine (or a Triton server), read the inputs, run the batching
-pipeline, write the outputs, report (docs/predict.md)."""
+pipeline, write the outputs, report (docs/predict.md). Inputs are read ahead and outputs written behind in a
+small thread pool (a bounded queue of each), so reading and writing overlap with inference."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from engines import load_engine
-from engines.base import BuildInfo, Engine, EngineError
+from engines.base import BuildInfo, Engine
 from engines.predict.inputs import check_output_names, expand_inputs
 from engines.predict.journal import Journal, model_digest, open_journal, remove_temporaries
-from engines.predict.pipeline import LOGITS_OUTPUT, MASK_OUTPUT, Contract, LocalRunner, engine_contract, predict_jobs
+from engines.predict.pipeline import LOGITS_OUTPUT, Contract, LocalRunner, engine_contract, predict_jobs
 from engines.predict.series import InputItem, plan_inputs
 from engines.predict.writers import Writer
+from engines.select import Choice, choose
 from icmoe.core import cli
 from icmoe.core.codes import read_codes_file
 from icmoe.core.errors import DataError, first_line
@@ -28,37 +31,38 @@ from icmoe.data.images import Picture, read_images
 
 log = logging.getLogger("engines.predict")  # not __name__: that is "__main__" under python -m
 
-PLAN_ARTIFACT = "model.plan"
+IO_WORKERS = 2  # threads reading and writing files beside inference
+VOLUME_SUFFIXES = (".nii", ".nii.gz")  # one file, many pictures: throughput settings
+MODES = ("auto", "latency", "throughput")
 
 
 def open_engine(source: Path, backend: str = "auto", precision: Optional[str] = None,
-                threads: Optional[int] = None) -> Engine:
-    """The engine of a build directory (any backend it has) or of a checkpoint folder (eager).
+                threads: Optional[int] = None, mode: str = "latency") -> Tuple[Engine, Optional[Choice]]:
+    """The engine of a build directory (any backend it has) or of a checkpoint folder (eager), and why.
 
     Arguments:
-      backend: a key of `engines.BACKENDS`, or "auto": TensorRT where the build has a plan this host can
-        run, else ONNX Runtime (a checkpoint: eager).
-      threads: CPU threads of the eager and ONNX Runtime engines (default: the usable cores).
+      backend: a key of `engines.BACKENDS`, or "auto": the fastest engine of the build whose parity gates
+        passed and that runs here (`engines.select.choose`; a checkpoint: eager).
+      precision: an engine precision (fp32, fp16, bf16, int8, int8-bf16), or None for any.
+      threads: CPU threads of the CPU engines (default: the usable cores).
+      mode: "latency" or "throughput" (several requests at once, for many pictures).
+
+    Returns:
+      (engine, the Choice made; None for a checkpoint).
     """
     source = Path(source)
     if not source.is_dir():
         raise cli.UsageError(f"{source}: no such build or checkpoint folder")
-    cpu_kw = {"threads": threads} if threads else {}
     if not (source / MANIFEST_NAME).is_file():  # a checkpoint folder: only the eager model runs it
         if backend not in ("auto", "eager") or precision not in (None, "fp32"):
             raise cli.UsageError(f"{source} is a checkpoint folder (no {MANIFEST_NAME}): it runs on the eager "
                                  "backend in FP32 only; build it with `python -m export.build` for the others")
         from engines.eager import EagerEngine
 
-        return EagerEngine.from_checkpoint(source, **cpu_kw)
-    if backend == "auto":
-        if PLAN_ARTIFACT in BuildInfo(source).manifest.get("artifacts", {}):
-            try:
-                return load_engine(source, "tensorrt", precision)
-            except EngineError as e:
-                log.info(f"TensorRT cannot run here ({first_line(e)}); using ONNX Runtime")
-        backend = "onnxruntime"
-    return load_engine(source, backend, precision, **(cpu_kw if backend in ("eager", "onnxruntime") else {}))
+        return EagerEngine.from_checkpoint(source, **({"threads": threads} if threads else {})), None
+    engine, choice = choose(source, backend, precision, threads=threads, mode=mode)
+    log.debug(f"predict: {choice.describe()}")
+    return engine, choice
 
 
 @dataclass
@@ -68,6 +72,10 @@ class PredictOptions:
     Attributes:
       out: the output folder.
       backend, precision, threads: the local engine (`open_engine`); ignored with `server`.
+      mode: "auto" (throughput settings for several inputs, a volume or a DICOM series, else latency),
+        "latency" or "throughput" (`engines.select.engine_kwargs`).
+      upsample: "logits" (masks from the logits resized bilinearly, where the model has a mask rule) or
+        "nearest" (the model-size mask resized).
       batch_size: pictures per batch (default 8 within the batch range).
       overlays: folder for overlay PNGs, or None.
       skip_bad: report an unreadable file and go on, instead of stopping.
@@ -87,6 +95,8 @@ class PredictOptions:
     backend: str = "auto"
     precision: Optional[str] = None
     threads: Optional[int] = None
+    mode: str = "auto"
+    upsample: str = "logits"
     batch_size: Optional[int] = None
     overlays: Optional[Path] = None
     skip_bad: bool = False
@@ -107,22 +117,36 @@ class PredictOptions:
         return self.seg_type == "fractional"
 
 
-def open_runner(source: Path, opts: PredictOptions) -> Tuple[Any, Contract, Dict[str, Any]]:
+def run_mode(items: Sequence[InputItem], mode: str) -> str:
+    """"latency" or "throughput": `mode`, or for "auto" throughput where there are many pictures (several
+    inputs, a volume, or a DICOM series)."""
+    if mode not in MODES:
+        raise cli.UsageError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    many = len(items) > 1 or any(it.group is not None or str(it.path).lower().endswith(VOLUME_SUFFIXES)
+                                 for it in items)
+    return "throughput" if many else "latency"
+
+
+def open_runner(source: Path, opts: PredictOptions, mode: str = "latency") -> Tuple[Any, Contract, Dict[str, Any]]:
     """(runner, contract, report header) for a local engine or a Triton server."""
     if opts.server is None:
-        engine = open_engine(source, opts.backend, opts.precision, opts.threads).activate()
+        engine, choice = open_engine(source, opts.backend, opts.precision, opts.threads, mode)
+        engine.activate()
         contract = engine_contract(engine)
-        return LocalRunner(engine, owned=True), contract, {"engine": engine.name, "server": None,
-                                                           "precision": engine_precision(engine)}
+        return LocalRunner(engine, owned=True), contract, {
+            "engine": engine.name, "server": None, "precision": engine_precision(engine), "mode": mode,
+            "settings": engine.settings(), "choice": None if choice is None else choice.to_dict()}
     from engines.triton.client import (
         TritonRunner,  # tritonclient is an optional dependency
     )
 
     info = BuildInfo(source)
-    contract = Contract.of(info.inputs, info.outputs, info.batch_range, info.class_names)
-    logits = (LOGITS_OUTPUT,) if opts.probabilities and contract.has_logits else ()
+    contract = Contract.of(info.inputs, info.outputs, info.batch_range, info.class_names, info.mask_rule)
+    outputs = contract.outputs_needed(contract.upsampling(opts.upsample), opts.probabilities)
     runner = TritonRunner(opts.server, info, protocol=opts.protocol, model_name=opts.model_name,
-                          concurrency=opts.concurrency, outputs=(MASK_OUTPUT,) + contract.choice + logits)
+                          concurrency=opts.concurrency, outputs=outputs)
     precision = opts.precision or info.manifest["precision"]
     return runner, contract, {"engine": runner.label, "server": opts.server, "protocol": runner.protocol,
                               "concurrency": runner.concurrency, "precision": precision}
@@ -133,14 +157,35 @@ def engine_precision(engine: Engine) -> str:
     return str(getattr(engine, "precision", None) or "fp32")
 
 
-def _read_jobs(items: Sequence[InputItem], opts: PredictOptions, skipped: List[Dict[str, str]],
-               bar: Any) -> Iterator[Tuple[Tuple[InputItem, Any], List[Picture]]]:
-    """((item, file or series), pictures) of each readable job; an unreadable file or inconsistent series
-    raises, or with skip_bad is reported and skipped."""
-    for item in items:
+def read_ahead(items: Sequence[Any], read: Any, pool: ThreadPoolExecutor,
+               depth: int) -> Iterator[Tuple[Any, "Future[Any]"]]:
+    """(item, future of read(item)) in the items' order, at most `depth` items read ahead in `pool`."""
+    queued: "deque[Tuple[Any, Future]]" = deque()
+    it = iter(items)
+    for item in it:
+        queued.append((item, pool.submit(read, item)))
+        if len(queued) >= depth:
+            break
+    while queued:
+        yield queued.popleft()
+        for item in it:  # refill one
+            queued.append((item, pool.submit(read, item)))
+            break
+
+
+def read_job(item: InputItem, opts: PredictOptions) -> Any:
+    """A job's data: the file's ImageFile, or the DICOM series' volume."""
+    return read_images(item.path, window=opts.window) if item.group is None else \
+        load_series(item.group, window=opts.window)
+
+
+def _read_jobs(items: Sequence[InputItem], opts: PredictOptions, skipped: List[Dict[str, str]], bar: Any,
+               pool: ThreadPoolExecutor, depth: int) -> Iterator[Tuple[Tuple[InputItem, Any], List[Picture]]]:
+    """((item, file or series), pictures) of each readable job, read ahead in `pool`; an unreadable file or
+    inconsistent series raises, or with skip_bad is reported and skipped."""
+    for item, future in read_ahead(items, lambda it: read_job(it, opts), pool, depth):
         try:
-            data = read_images(item.path, window=opts.window) if item.group is None else \
-                load_series(item.group, window=opts.window)
+            data = future.result()
         except DataError as e:
             if not opts.skip_bad:
                 raise
@@ -217,7 +262,7 @@ def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions,
     files = expand_inputs(inputs, skip=out)
     check_output_names(files)
     items, skipped = plan_inputs(files, opts.fmt, skip_bad=opts.skip_bad)
-    runner, contract, header = runner or open_runner(Path(source), opts)
+    runner, contract, header = runner or open_runner(Path(source), opts, run_mode(items, opts.mode))
     try:
         batch_size = contract.batch_size(opts.batch_size)
         runner.check_batch(batch_size)
@@ -227,7 +272,7 @@ def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions,
         journal = _journal(Path(source), out, header, contract, opts)
         todo, resumed = _resumed(items, journal)
         try:
-            by_item, totals = _run(todo, runner, contract, batch_size, writer, opts, skipped, journal)
+            by_item, totals = run_jobs(todo, runner, contract, batch_size, writer, opts, skipped, journal)
         finally:
             journal.close()
     finally:
@@ -237,6 +282,7 @@ def predict_files(source: Path, inputs: Sequence[str], opts: PredictOptions,
     totals.update(files=totals["files"] + len(resumed), resumed=len(resumed),
                   images=totals["images"] + sum(len(v) for v in resumed.values()))
     return {**header, "source": str(source), "image_size": contract.image_size, "batch_size": batch_size,
+            "upsample": contract.upsampling(opts.upsample), "mask_rule": contract.mask_rule,
             "mask_kind": "binary" if contract.binary else "labels", "classes": [n for _, n in contract.labels],
             "out": str(out), "overlays": None if opts.overlays is None else str(opts.overlays),
             "images": entries, "series": writer.series, "skipped": skipped, "totals": totals}
@@ -247,7 +293,7 @@ def _journal(source: Path, out: Path, header: Dict[str, Any], contract: Contract
     what = {"source": str(source.resolve()), "model": model_digest(source), "engine": header["engine"],
             "classes": [n for _, n in contract.labels], "window": opts.window,
             "overlays": None if opts.overlays is None else str(Path(opts.overlays).resolve()),
-            "output_format": opts.fmt, "seg_type": opts.seg_type,
+            "output_format": opts.fmt, "seg_type": opts.seg_type, "upsample": opts.upsample,
             "seg_codes": None if opts.seg_codes is None else sha256_file(opts.seg_codes)}
     journal = open_journal(out, what, resume=opts.resume)
     if opts.resume and remove_temporaries([out, opts.overlays]):
@@ -279,27 +325,58 @@ def _resumed(items: Sequence[InputItem], journal: Journal) -> Tuple[List[InputIt
     return todo, done
 
 
-def _run(items: Sequence[InputItem], runner: Any, contract: Contract, batch_size: int, writer: Writer,
-         opts: PredictOptions, skipped: List[Dict[str, str]], journal: Journal
-         ) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, Any]]:
-    """Read, predict and write every job (file or series), each recorded in the journal once written; returns
-    (image entries by job, kept only with `opts.report_images`; totals). Unreadable jobs go to `skipped`."""
+def run_jobs(items: Sequence[InputItem], runner: Any, contract: Contract, batch_size: int, writer: Writer,
+             opts: PredictOptions, skipped: List[Dict[str, str]], journal: Optional[Journal]
+             ) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, Any]]:
+    """Read, predict and write every job (file or series) with an open runner, each recorded in the journal
+    (if any) once written; returns
+    (image entries by job, kept only with `opts.report_images`; totals). Unreadable jobs go to `skipped`.
+    Reading runs ahead and writing behind in a pool of `IO_WORKERS` threads; jobs finish in their order."""
     by_item: Dict[str, List[Dict[str, Any]]] = {}
-    n_files, n_images, inference = 0, 0, 0.0
+    counts = {"files": 0, "images": 0, "inference": 0.0}
+    depth = max(4, batch_size * (runner.concurrency + 1))  # jobs read ahead: the batches in flight, and one more
+    writes: "deque[Tuple[InputItem, Future]]" = deque()
+
+    def finish(item: InputItem, future: Future) -> None:  # in order, in this thread: the journal is not shared
+        entries, claimed = future.result()
+        if journal is not None:
+            journal.record(job_key(item), job_inputs(item), claimed, entries)
+        counts["files"] += 1
+        counts["images"] += len(entries)
+        counts["inference"] += sum(e["seconds"] for e in entries)
+        if opts.report_images:
+            by_item[job_key(item)] = entries
+        bar.update(1)
+
     t0 = time.perf_counter()
-    with tqdm(total=len(items), unit="input", desc="predict", disable=not opts.progress, leave=False) as bar:
-        for (item, data), preds in predict_jobs(_read_jobs(items, opts, skipped, bar), runner, contract,
-                                                batch_size=batch_size, probabilities=opts.probabilities):
-            entries = writer.write_item(item, data, preds)
-            journal.record(job_key(item), job_inputs(item), writer.claimed, entries)
-            writer.claimed.clear()  # the outputs of the next job only
-            n_files, n_images = n_files + 1, n_images + len(entries)
-            inference += sum(e["seconds"] for e in entries)
-            if opts.report_images:
-                by_item[job_key(item)] = entries
-            bar.update(1)
+    with tqdm(total=len(items), unit="input", desc="predict", disable=not opts.progress, leave=False) as bar, \
+            ThreadPoolExecutor(IO_WORKERS, thread_name_prefix="predict-io") as io:
+        jobs = _read_jobs(items, opts, skipped, bar, io, depth)
+        try:
+            for (item, data), preds in predict_jobs(jobs, runner, contract, batch_size=batch_size,
+                                                    upsampling=opts.upsample, probabilities=opts.probabilities):
+                writes.append((item, io.submit(writer.write_job, item, data, preds)))
+                while len(writes) > IO_WORKERS or (writes and writes[0][1].done()):  # bounded, in order
+                    finish(*writes.popleft())
+        except BaseException:  # a bad input or a failed write: what was written before it is still recorded
+            _record_written(writes, finish)
+            raise
+        while writes:
+            finish(*writes.popleft())
     wall = time.perf_counter() - t0
-    totals = {"files": n_files, "images": n_images, "skipped": len(skipped), "seconds": round(wall, 3),
-              "inference_seconds": round(inference, 3), "images_per_s": round(n_images / wall, 3) if wall > 0 else None,
-              "segs": len(writer.series)}
+    n_images = counts["images"]
+    totals = {"files": counts["files"], "images": n_images, "skipped": len(skipped), "seconds": round(wall, 3),
+              "inference_seconds": round(counts["inference"], 3),
+              "images_per_s": round(n_images / wall, 3) if wall > 0 else None, "segs": len(writer.series)}
     return by_item, totals
+
+
+def _record_written(writes: "deque[Tuple[InputItem, Future]]", finish: Any) -> None:
+    """Finish the writes still in flight while another error ends the run: each one that succeeds is recorded
+    (the journal then holds every output on disk); one that fails too is logged, the first error wins."""
+    while writes:
+        item, future = writes.popleft()
+        try:
+            finish(item, future)
+        except Exception as e:  # noqa: BLE001 - the error already raised is the one reported
+            log.error(f"error: {item.label}: {first_line(e)}")

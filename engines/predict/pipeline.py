@@ -3,16 +3,23 @@ command and its Triton client (`engines.triton.client`).
 
 A picture (`icmoe.data.images.Picture`: an image, a frame of a multi-frame file, a slice of a volume) is
 resized to the model's input as training resizes it, run in batches within the model's batch range
-(a short batch is padded with copies, dropped afterwards), and its mask resized back to the
-picture's size by nearest neighbour. `Contract` is what this needs to know of a model, from an engine
-or a build's manifest; a runner (`LocalRunner`, or `engines.triton.client.TritonRunner`) runs the batches.
+(a short batch is padded with copies, dropped afterwards), and its mask made at the picture's own size:
+from the logits resized bilinearly, then thresholded or arg-maxed (the build's mask rule; SAM's own
+post-processing), or, for a model without a rule or with `upsample="nearest"`, from the model-size mask
+resized by nearest neighbour. `Contract` is what this needs to know of a model, from an engine or a
+build's manifest; a runner (`LocalRunner`, or `engines.triton.client.TritonRunner`) runs the batches.
+
+Work beside inference: the runner runs batches in its own threads while this thread queues the next
+ones (a bounded number in flight), and preparing a batch (resizing the pictures) and making the masks
+(resizing the logits) run in a small thread pool, so reading, resizing and writing overlap with the
+model (docs/predict.md, "Throughput").
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -26,11 +33,22 @@ from icmoe.core import cli
 from icmoe.core.errors import IcmoeError
 from icmoe.core.specs import BATCH
 from icmoe.data.dicom_series import read_dicom_series
-from icmoe.data.images import Picture, model_input, picture_from_array, picture_from_pil, read_images, resize_label
+from icmoe.data.images import (
+    Picture,
+    apply_mask_rule,
+    model_input,
+    picture_from_array,
+    picture_from_pil,
+    read_images,
+    resize_label,
+    resize_logits,
+)
 
 DEFAULT_BATCH = 8
 MASK_OUTPUT = "mask"
 LOGITS_OUTPUT = "logits"  # (B, 1, S, S) of a binary model (mask = logits > 0), (B, C+1, S, S) of a label model
+UPSAMPLING = ("logits", "nearest")  # how masks reach the picture's size (see the module docstring)
+POOL_WORKERS = 2  # threads preparing batches and making masks beside inference
 
 
 # ----------------------------------------------------------------------------- results
@@ -80,6 +98,7 @@ class Contract:
       labels: (value, name) of each foreground label: binary [(1, "foreground")].
       choice: names of the per-image outputs (shape (batch,)).
       class_names: the engine's label names (None: binary).
+      mask_rule: how `mask` follows from `logits` ("threshold", "argmax"), None where it does not.
       has_logits: the model has a `logits` output (probabilities can be made of it).
     """
 
@@ -88,12 +107,13 @@ class Contract:
     labels: Tuple[Tuple[int, str], ...]
     choice: Tuple[str, ...]
     class_names: Optional[Tuple[str, ...]]
+    mask_rule: Optional[str] = None
     has_logits: bool = False
 
     @classmethod
     def of(cls, inputs: Sequence[Any], outputs: Sequence[Any], batch_range: Optional[Tuple[int, int]],
-           class_names: Optional[Sequence[str]]) -> "Contract":
-        """From an engine's or a manifest's tensor specs, batch range (None: any) and label names."""
+           class_names: Optional[Sequence[str]], mask_rule: Optional[str] = None) -> "Contract":
+        """From an engine's or a manifest's tensor specs, batch range (None: any), label names and mask rule."""
         names = [o.name for o in outputs]
         if MASK_OUTPUT not in names:
             raise EngineError(f"this model has no {MASK_OUTPUT!r} output (has: {', '.join(names)}); nothing to predict")
@@ -101,7 +121,21 @@ class Contract:
         lo, hi = batch_range if batch_range is not None else (1, None)
         return cls(int(inputs[0].shape[-1]), (int(lo), hi), tuple(labels),
                    tuple(o.name for o in outputs if tuple(o.shape) == (BATCH,)),
-                   None if class_names is None else tuple(class_names), LOGITS_OUTPUT in names)
+                   None if class_names is None else tuple(class_names),
+                   mask_rule if LOGITS_OUTPUT in names else None, LOGITS_OUTPUT in names)
+
+    def upsampling(self, wanted: str = "logits") -> str:
+        """How masks reach the pictures' sizes: `wanted` ("logits" or "nearest"), "nearest" without a rule."""
+        if wanted not in UPSAMPLING:
+            raise cli.UsageError(f"--upsample must be one of {', '.join(UPSAMPLING)}, got {wanted!r}")
+        return wanted if self.mask_rule is not None else "nearest"
+
+    def outputs_needed(self, upsampling: str, probabilities: bool = False) -> Tuple[str, ...]:
+        """The outputs prediction reads: the logits (or the mask; both for probabilities without upsampled
+        logits) and the per-image outputs."""
+        if upsampling == "logits":
+            return (LOGITS_OUTPUT,) + self.choice
+        return (MASK_OUTPUT,) + ((LOGITS_OUTPUT,) if probabilities and self.has_logits else ()) + self.choice
 
     @property
     def binary(self) -> bool:
@@ -118,12 +152,12 @@ class Contract:
 
 
 def engine_contract(engine: Engine) -> Contract:
-    return Contract.of(engine.inputs, engine.outputs, engine.batch_range, engine.class_names)
+    return Contract.of(engine.inputs, engine.outputs, engine.batch_range, engine.class_names, engine.mask_rule)
 
 
 def probabilities_of(logits: np.ndarray, binary: bool) -> np.ndarray:
-    """Per-foreground-label probabilities (K, S, S) of one image's logits (C, S, S): the sigmoid of a binary
-    model's channel (> 0.5 exactly where its mask is 1), the softmax over a label model's channels
+    """Per-foreground-label probabilities (K, H, W) of one image's logits (C, H, W): the sigmoid of a binary
+    model's channel (> 0.5 exactly where its logit is > 0), the softmax over a label model's channels
     without the background's."""
     z = np.asarray(logits, dtype=np.float64)
     if binary:
@@ -141,30 +175,40 @@ def label_fractions(mask: np.ndarray, labels: Sequence[Tuple[int, str]]) -> Dict
 # ----------------------------------------------------------------------------- runners
 
 
+def ready(images: "np.ndarray | Future[np.ndarray]") -> np.ndarray:
+    """A batch given as an array or as the future of one (being prepared in the pool)."""
+    return images.result() if isinstance(images, Future) else images
+
+
 class LocalRunner:
-    """Runs batches on an engine in this process, one at a time.
+    """Runs batches on an engine in this process, in threads of its own: as many at once as the engine runs
+    (`Engine.streams`: 1, or several with throughput settings).
 
-    `submit(images float32 (B, 3, S, S), whole)` -> a done Future of ({output name: array}, seconds).
+    `submit(images float32 (B, 3, S, S) or its Future, whole)` -> a Future of ({output name: array}, seconds).
     """
-
-    concurrency = 1
 
     def __init__(self, engine: Engine, *, owned: bool = False) -> None:
         self.engine = engine
         self.owned = owned  # deactivate the engine on close (it was opened for this run)
         self.label = engine.name
+        self.concurrency = max(1, engine.streams)
+        self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="infer")
 
-    def submit(self, images: np.ndarray, whole: bool) -> "Future[Tuple[Dict[str, np.ndarray], float]]":
+    def submit(self, images: "np.ndarray | Future[np.ndarray]",
+               whole: bool) -> "Future[Tuple[Dict[str, np.ndarray], float]]":
+        return self.pool.submit(self._infer, images)
+
+    def _infer(self, images: "np.ndarray | Future[np.ndarray]") -> Tuple[Dict[str, np.ndarray], float]:
+        x = ready(images)
         t0 = time.perf_counter()
-        out = self.engine.infer(images)
-        done: Future = Future()
-        done.set_result((out, time.perf_counter() - t0))
-        return done
+        out = self.engine.infer(x)
+        return out, time.perf_counter() - t0
 
     def check_batch(self, batch_size: int) -> None:
         """The engine checks every batch itself."""
 
     def close(self) -> None:
+        self.pool.shutdown(wait=True)
         if self.owned:
             self.engine.deactivate()
 
@@ -176,21 +220,24 @@ class LocalRunner:
 class _Job:
     key: Any
     pictures: List[Picture]
-    results: List[Optional[Prediction]] = field(default_factory=list)
+    results: List[Optional["Future[Prediction]"]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.pictures)
 
     @property
     def done(self) -> bool:
-        return all(r is not None for r in self.results)
+        return all(r is not None and r.done() for r in self.results)
 
 
 class _Pipeline:
-    """Pictures of many jobs (files) in batches, up to the runner's concurrency in flight, jobs back in order."""
+    """Pictures of many jobs (files) in batches, up to the runner's concurrency (plus one queued) in flight,
+    batches prepared and masks made in `pool`, jobs back in order."""
 
-    def __init__(self, runner: Any, contract: Contract, batch_size: int, probabilities: bool = False) -> None:
-        self.runner, self.contract, self.batch_size = runner, contract, batch_size
+    def __init__(self, runner: Any, contract: Contract, batch_size: int, pool: ThreadPoolExecutor,
+                 upsampling: str = "logits", probabilities: bool = False) -> None:
+        self.runner, self.contract, self.batch_size, self.pool = runner, contract, batch_size, pool
+        self.upsampling = contract.upsampling(upsampling)
         self.probabilities = probabilities
         self.jobs: Deque[_Job] = deque()
         self.pending: List[Tuple[_Job, int]] = []
@@ -212,73 +259,97 @@ class _Pipeline:
             self._submit()
         while self.in_flight:
             self._collect(*self.in_flight.popleft())
-        yield from self._finished()
+        while self.jobs:
+            self._wait_first()
+            yield from self._finished()
+
+    def _prepare(self, pics: List[Picture]) -> np.ndarray:
+        """The batch: pictures resized to the model's input, (B, 3, S, S), padded to the smallest batch."""
+        x = np.stack([model_input(p, self.contract.image_size) for p in pics])
+        short = self.contract.batch_range[0] - len(pics)
+        if short > 0:  # below the build's smallest batch: pad with copies, dropped afterwards
+            x = np.concatenate([x, np.repeat(x[-1:], short, axis=0)])
+        return x
 
     def _submit(self) -> None:
         items, self.pending = self.pending, []
         pics = [job.pictures[k] for job, k in items]
-        x = np.stack([model_input(p, self.contract.image_size) for p in pics])  # (B, 3, S, S)
-        short = self.contract.batch_range[0] - len(items)
-        if short > 0:  # below the build's smallest batch: pad with copies, dropped afterwards
-            x = np.concatenate([x, np.repeat(x[-1:], short, axis=0)])
         whole = all(p.pixels.dtype == np.uint8 for p in pics)  # whole numbers: a uint8 request carries them exactly
-        self.in_flight.append((self.runner.submit(x, whole), items))
-        while len(self.in_flight) > max(1, self.runner.concurrency):
+        self.in_flight.append((self.runner.submit(self.pool.submit(self._prepare, pics), whole), items))
+        # One batch queued beyond those running, so the engine never waits for this thread.
+        while len(self.in_flight) > max(1, self.runner.concurrency) + 1:
             self._collect(*self.in_flight.popleft())
 
     def _collect(self, future: Future, items: List[Tuple[_Job, int]]) -> None:
         out, seconds = future.result()
-        s = self.contract.image_size
-        masks = np.asarray(out[MASK_OUTPUT]).reshape(-1, s, s)  # (B, S, S): the mask's channel axis is 1
         for i, (job, k) in enumerate(items):
-            pic = job.pictures[k]
-            mask = resize_label(masks[i], pic.size).astype(np.uint8)
-            job.results[k] = Prediction(
-                mask=mask, source=pic.source, frame=pic.frame, seconds=seconds / len(items),
-                fractions=label_fractions(mask, self.contract.labels),
-                choice={n: int(np.asarray(out[n]).reshape(-1)[i]) for n in self.contract.choice},
-                probabilities=self._probabilities(out, i, pic.size))
+            job.results[k] = self.pool.submit(self._finish, out, i, job.pictures[k], seconds / len(items))
 
-    def _probabilities(self, out: Dict[str, np.ndarray], i: int, size: Tuple[int, int]) -> Optional[np.ndarray]:
-        """Image i's probabilities at the picture's size (nearest, as the mask: > 0.5 where a binary mask is 1)."""
-        if not self.probabilities:
-            return None
-        p = probabilities_of(np.asarray(out[LOGITS_OUTPUT])[i], self.contract.binary)
-        return np.stack([resize_label(c, size) for c in p])
+    def _finish(self, out: Dict[str, np.ndarray], i: int, pic: Picture, seconds: float) -> Prediction:
+        """One picture's Prediction from the batch's outputs: its mask at the picture's own size."""
+        s, binary, probabilities = self.contract.image_size, self.contract.binary, None
+        if self.upsampling == "logits":
+            logits = resize_logits(np.asarray(out[LOGITS_OUTPUT][i]), pic.size)
+            mask = apply_mask_rule(logits, self.contract.mask_rule or "")
+            if self.probabilities:  # of the same resized logits: > 0.5 exactly where a binary mask is 1
+                probabilities = probabilities_of(logits, binary)
+        else:
+            mask = resize_label(np.asarray(out[MASK_OUTPUT][i]).reshape(s, s), pic.size).astype(np.uint8)
+            if self.probabilities:  # resized as the mask is (nearest)
+                p = probabilities_of(np.asarray(out[LOGITS_OUTPUT][i]), binary)
+                probabilities = np.stack([resize_label(c, pic.size) for c in p])
+        return Prediction(mask=mask, source=pic.source, frame=pic.frame, seconds=seconds,
+                          fractions=label_fractions(mask, self.contract.labels),
+                          choice={n: int(np.asarray(out[n]).reshape(-1)[i]) for n in self.contract.choice},
+                          probabilities=probabilities)
+
+    def _wait_first(self) -> None:
+        for r in self.jobs[0].results:
+            if r is not None:
+                r.result()
 
     def _finished(self) -> Iterator[Tuple[Any, List[Prediction]]]:
         while self.jobs and self.jobs[0].done:
             job = self.jobs.popleft()
-            yield job.key, list(job.results)  # type: ignore[arg-type]
+            yield job.key, [r.result() for r in job.results]  # type: ignore[union-attr]
 
 
 def predict_jobs(jobs: Iterable[Tuple[Any, List[Picture]]], runner: Any, contract: Contract, *,
-                 batch_size: int, probabilities: bool = False) -> Iterator[Tuple[Any, List[Prediction]]]:
+                 batch_size: int, upsampling: str = "logits", probabilities: bool = False,
+                 pool: Optional[ThreadPoolExecutor] = None) -> Iterator[Tuple[Any, List[Prediction]]]:
     """Predict the pictures of many jobs (e.g. files) in batches; the shared path of the API and the command.
 
     Arguments:
       jobs: (key, pictures) pairs, read lazily; an error raised while reading one (`DataError`,
         `MissingExtra`) ends the run after the jobs before it are finished and yielded.
       runner: `LocalRunner` or `TritonRunner`.
-      contract: the model's input size, batch range, labels and per-image outputs.
+      contract: the model's input size, batch range, labels, mask rule and per-image outputs.
       batch_size: pictures per batch (checked against the contract by the caller).
+      upsampling: "logits" (bilinear logits, then the mask rule) or "nearest" (the model-size mask).
       probabilities: also keep each picture's probabilities (the runner must return the logits).
+      pool: threads that prepare batches and make masks (default: a pool of `POOL_WORKERS` for this run).
 
     Returns:
       iterator of (key, [Prediction per picture]) in the jobs' order.
     """
-    pipe = _Pipeline(runner, contract, batch_size, probabilities)
-    it = iter(jobs)
-    while True:
-        try:
-            key, pictures = next(it)
-        except StopIteration:
-            break
-        except IcmoeError:  # a bad file, or a missing extra (DICOM without pydicom)
-            yield from pipe.flush()  # what was read before it is finished and written first
-            raise
-        yield from pipe.add(key, pictures)
-    yield from pipe.flush()
+    own = pool is None
+    pool = pool or ThreadPoolExecutor(POOL_WORKERS, thread_name_prefix="predict")
+    try:
+        pipe = _Pipeline(runner, contract, batch_size, pool, upsampling, probabilities)
+        it = iter(jobs)
+        while True:
+            try:
+                key, pictures = next(it)
+            except StopIteration:
+                break
+            except IcmoeError:  # a bad file, or a missing extra (DICOM without pydicom)
+                yield from pipe.flush()  # what was read before it is finished and written first
+                raise
+            yield from pipe.add(key, pictures)
+        yield from pipe.flush()
+    finally:
+        if own:
+            pool.shutdown(wait=True)
 
 
 # ----------------------------------------------------------------------------- the Python API
@@ -300,7 +371,7 @@ def pictures_of(image: Any, index: int = 0, *, window: Optional[Tuple[float, flo
 
 
 def predict(engine: Engine, images: Any, *, batch_size: Optional[int] = None,
-            window: Optional[Tuple[float, float]] = None) -> List[Prediction]:
+            window: Optional[Tuple[float, float]] = None, upsample: str = "logits") -> List[Prediction]:
     """Masks of images of any size at their own sizes.
 
     Arguments:
@@ -310,6 +381,8 @@ def predict(engine: Engine, images: Any, *, batch_size: Optional[int] = None,
       batch_size: pictures per batch (default: 8 within the engine's batch range).
       window: (low, high) intensity window for NIfTI volumes and DICOM series; default each slice's
         min..max (a DICOM slice's own window where it has one).
+      upsample: "logits" (default: the logits resized bilinearly, then thresholded or arg-maxed, where the
+        model has a mask rule) or "nearest" (the model-size mask resized by nearest neighbour).
 
     Returns:
       list of Prediction, one per picture: one per image, and one per frame or slice of a multi-frame
@@ -324,7 +397,11 @@ def predict(engine: Engine, images: Any, *, batch_size: Optional[int] = None,
     contract = engine_contract(engine)
     jobs = ((i, pictures_of(x, i, window=window)) for i, x in enumerate(items))
     out: List[Prediction] = []
-    for _, preds in predict_jobs(jobs, LocalRunner(engine.activate()), contract,
-                                 batch_size=contract.batch_size(batch_size)):
-        out.extend(preds)
+    runner = LocalRunner(engine.activate())
+    try:
+        for _, preds in predict_jobs(jobs, runner, contract, batch_size=contract.batch_size(batch_size),
+                                     upsampling=upsample):
+            out.extend(preds)
+    finally:
+        runner.close()
     return out

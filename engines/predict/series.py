@@ -126,8 +126,8 @@ def stack_masks(preds: Sequence[Prediction]) -> Tuple[np.ndarray, Optional[np.nd
 
 
 def predict_series(engine: Engine, inputs: Any, *, batch_size: Optional[int] = None,
-                   window: Optional[Tuple[float, float]] = None, probabilities: bool = False
-                   ) -> List[Tuple[DicomSeries, List[Prediction]]]:
+                   window: Optional[Tuple[float, float]] = None, probabilities: bool = False,
+                   upsample: str = "logits") -> List[Tuple[DicomSeries, List[Prediction]]]:
     """Segment every DICOM series among files and folders, as volumes.
 
     Arguments:
@@ -136,6 +136,7 @@ def predict_series(engine: Engine, inputs: Any, *, batch_size: Optional[int] = N
       batch_size: slices per batch (default: 8 within the engine's batch range).
       window: (low, high) rescaled values mapped to 0..255 (default: each slice's DICOM window, else min..max).
       probabilities: keep each slice's probabilities (the model's `logits`), for a FRACTIONAL SEG.
+      upsample: "logits" or "nearest", as `engines.predict.pipeline.predict`'s.
 
     Returns:
       [(series, one Prediction per slice in volume order)]; `engines.predict.seg.make_seg` makes its SEG.
@@ -150,5 +151,9 @@ def predict_series(engine: Engine, inputs: Any, *, batch_size: Optional[int] = N
         series += read_dicom_series(paths, window=window)
     contract = engine_contract(engine)
     jobs = ((s, s.pictures) for s in series)
-    return list(predict_jobs(jobs, LocalRunner(engine.activate()), contract,
-                             batch_size=contract.batch_size(batch_size), probabilities=probabilities))
+    runner = LocalRunner(engine.activate())
+    try:
+        return list(predict_jobs(jobs, runner, contract, batch_size=contract.batch_size(batch_size),
+                                 upsampling=upsample, probabilities=probabilities))
+    finally:
+        runner.close()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -39,14 +40,25 @@ class Writer:
     seg: Optional[Any] = None
     written: Set[Path] = field(default_factory=set)
     series: List[Dict[str, Any]] = field(default_factory=list)
-    claimed: List[Path] = field(default_factory=list)  # the paths claimed since the caller last cleared it
+    lock: threading.Lock = field(default_factory=threading.Lock)  # jobs are written from a thread pool
+    local: threading.local = field(default_factory=threading.local)  # the paths the current job claimed
 
     def _claim(self, path: Path, source: Path) -> Path:
-        if path in self.written:
-            raise cli.UsageError(f"{source}: its output {path} was already written for another input")
-        self.written.add(path)
-        self.claimed.append(path)
+        with self.lock:
+            if path in self.written:
+                raise cli.UsageError(f"{source}: its output {path} was already written for another input")
+            self.written.add(path)
+        getattr(self.local, "claimed", []).append(path)
         return path
+
+    def write_job(self, item: InputItem, data: Any, preds: List[Prediction]
+                  ) -> Tuple[List[Dict[str, Any]], List[Path]]:
+        """`write_item` in any thread: (the report entries, the output paths this job wrote)."""
+        self.local.claimed = []
+        try:
+            return self.write_item(item, data, preds), self.local.claimed
+        finally:
+            self.local.claimed = []
 
     def write_item(self, item: InputItem, data: Any, preds: List[Prediction]) -> List[Dict[str, Any]]:
         """Write one job's outputs (a file's, or a DICOM series'); returns the report entry of each picture."""
@@ -91,7 +103,8 @@ class Writer:
         masks, probabilities = stack_masks(preds)
         seg = make_seg(series, masks, self.seg, probabilities)
         path = write_seg(self._claim(self.out / seg_path(item), item.path), seg)
-        self.series.append(seg_entry(series, seg, str(path), path.stat().st_size))
+        with self.lock:
+            self.series.append(seg_entry(series, seg, str(path), path.stat().st_size))
         entries = [{**p.to_dict(), "series": series.uid, "slice": z, "mask": str(path)} for z, p in enumerate(preds)]
         if self.overlays is not None:
             for z in pick_slices(None, masks, OVERLAY_SLICES):

@@ -5,8 +5,9 @@ engine: the same `submit(images, whole) -> Future` interface, answered by the re
 `python -m engines.triton` wrote for the build (any of its kinds). tritonclient (the [triton]
 extra) is imported when a runner is made, never before.
 
-Only the outputs prediction needs are requested (the mask and the per-image outputs, not the
-logits). A repository written with a uint8 image input gets uint8 requests (4x smaller): pictures
+Only the outputs prediction needs are requested: the logits where the build has a mask rule (the
+masks at the pictures' sizes are made from them, resized bilinearly, as for a local engine), else the
+mask, and the per-image outputs. A repository written with a uint8 image input gets uint8 requests (4x smaller): pictures
 from 8-bit files are whole numbers after resizing, so the answer is the same; DICOM/NIfTI
 pictures are rounded (a warning says so).
 """
@@ -29,7 +30,8 @@ from icmoe.core.extras import require
 log = logging.getLogger("engines.triton.client")
 
 MASK_OUTPUT = "mask"
-SERVER_KINDS = ("tensorrt", "onnxruntime", "python")  # preferred repository model of the build's family
+# preferred repository model of the build's family (the writer writes openvino only where it was the fastest)
+SERVER_KINDS = ("tensorrt", "openvino", "onnxruntime", "python")
 
 
 def parse_server(url: str, protocol: Optional[str] = None) -> Tuple[str, str, bool]:
@@ -57,7 +59,7 @@ class TritonRunner:
       model_name: the repository model (default: the server's ready model `<family>_<kind>`, kinds in
         SERVER_KINDS order, or its only ready model).
       concurrency: requests in flight.
-      outputs: the output names to request (the mask and the per-image outputs; not the logits).
+      outputs: the output names to request (the logits or the mask, and the per-image outputs).
     """
 
     def __init__(self, url: str, info: BuildInfo, *, protocol: Optional[str] = None, model_name: Optional[str] = None,
@@ -145,10 +147,12 @@ class TritonRunner:
         if self.max_batch is not None and batch_size > self.max_batch:
             raise cli.UsageError(f"--batch-size {batch_size} exceeds the server model's max_batch_size {self.max_batch}")
 
-    def submit(self, images: np.ndarray, whole: bool) -> "Future[Tuple[Dict[str, np.ndarray], float]]":
+    def submit(self, images: "np.ndarray | Future[np.ndarray]",
+               whole: bool) -> "Future[Tuple[Dict[str, np.ndarray], float]]":
         return self.pool.submit(self._infer, images, whole)
 
-    def _infer(self, images: np.ndarray, whole: bool) -> Tuple[Dict[str, np.ndarray], float]:
+    def _infer(self, images: "np.ndarray | Future[np.ndarray]", whole: bool) -> Tuple[Dict[str, np.ndarray], float]:
+        images = images.result() if isinstance(images, Future) else images  # prepared in the pipeline's pool
         m = self.module
         if self.input_type == "UINT8":  # a repository written with a uint8 image input (4x smaller requests)
             if not whole and not self._warned:

@@ -5,12 +5,13 @@ Details: docs/triton.md.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from engines.base import EngineError
 from icmoe.core.extras import missing
@@ -23,6 +24,7 @@ from icmoe.core.manifest import (
     PLAN_NAME,
     artifact_path,
     class_names,
+    graph_precision,
     mask_kind,
     read_manifest,
 )
@@ -50,7 +52,9 @@ class RepositoryOptions:
     # type of the image input (the first input) clients send: None (the build's, FP32) or "uint8" (4x smaller
     # requests; the onnxruntime model's graph and the python model cast it to the build's type)
     input_dtype: Optional[str] = None
-    # graph served by the onnxruntime/python models: "fp32" or "fp16" (default: the build's)
+    # engine precision served by the onnxruntime/python/openvino models: "fp32", "fp16", "int8", or for
+    # OpenVINO "bf16" / "int8-bf16" (BF16 arithmetic; the python model serves that graph's ONNX Runtime form)
+    # (default: the build's, or that of the engine `pick_engine` chose)
     precision: Optional[str] = None
 
 
@@ -138,14 +142,15 @@ def model_config(manifest: Dict[str, Any], kind: str, options: RepositoryOptions
         # Triton's OpenVINO backend reads an IR (model.xml + model.bin) or an ONNX graph; the CPU plugin's
         # properties travel as string parameters, as the engine sets them (engines/openvino.py).
         cfg.backend = "openvino"
-        cfg.default_model_filename = openvino_model_file(options.precision or str(manifest["precision"]))
+        precision = options.precision or str(manifest["precision"])
+        cfg.default_model_filename = openvino_model_file(graph_precision(precision))
         group = pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
         cfg.parameters["PERFORMANCE_HINT"].string_value = "LATENCY"
-        cfg.parameters["INFERENCE_PRECISION_HINT"].string_value = "f32"
+        cfg.parameters["INFERENCE_PRECISION_HINT"].string_value = "bf16" if precision.endswith("bf16") else "f32"
     else:
         cfg.backend = "python"
         group = pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
-        cfg.parameters["precision"].string_value = options.precision or str(manifest["precision"])
+        cfg.parameters["precision"].string_value = graph_precision(options.precision or str(manifest["precision"]))
     cfg.input.extend(_io_entries(pb2, _client_inputs(manifest, kind, options), pb2.ModelInput))
     cfg.output.extend(_io_entries(pb2, manifest["outputs"], pb2.ModelOutput))
     # What the mask's values mean travels with the model, for every backend.
@@ -156,6 +161,22 @@ def model_config(manifest: Dict[str, Any], kind: str, options: RepositoryOptions
     cfg.dynamic_batching.max_queue_delay_microseconds = int(options.max_queue_delay_us)
     cfg.instance_group.add(kind=group, count=int(options.instances))
     return cfg
+
+
+# Engine backends Triton serves, by the kind of repository model that serves them.
+SERVED = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+
+
+def pick_engine(manifest: Dict[str, Any]) -> Optional[Tuple[str, str, str, float]]:
+    """(kind, precision, label, batch-1 ms) of the fastest engine whose parity gates passed when the build was
+    verified (`engines.select.passed_engines`) that a repository model serves; None without one."""
+    from engines.select import passed_engines, split_label
+
+    for label, ms in passed_engines(manifest):
+        backend, precision = split_label(label)
+        if backend in SERVED:
+            return SERVED[backend], precision, label, ms
+    return None
 
 
 def openvino_model_file(precision: str) -> str:
@@ -266,6 +287,21 @@ def _openvino_files(build_dir: Path, manifest: Dict[str, Any], model_file: str) 
             "model.bin": artifact_path(build_dir, str(Path(xml).with_suffix(".bin")))}
 
 
+def _default_kinds(manifest: Dict[str, Any], options: RepositoryOptions) -> Tuple[List[str], RepositoryOptions]:
+    """The models written when none are named: the fastest engine that passed its gates (`pick_engine`) and,
+    beside a CPU one, the python model; without verify results, the TensorRT plan, else onnxruntime + python."""
+    picked = pick_engine(manifest) if options.precision is None else None
+    if picked is None:
+        kinds = ["tensorrt"] if PLAN_NAME in manifest.get("artifacts", {}) else ["onnxruntime", "python"]
+        log.info(f"triton: writing {', '.join(kinds)} (no engine that passed its parity gates is recorded "
+                 f"in the manifest)" if options.precision is None else f"triton: writing {', '.join(kinds)}")
+        return kinds, options
+    kind, precision, label, ms = picked
+    log.info(f"triton: serving {label} ({ms:.1f} ms at batch 1 when verified): the fastest engine whose parity "
+             f"gates passed that Triton serves")
+    return [kind] + (["python"] if kind != "tensorrt" else []), dataclasses.replace(options, precision=precision)
+
+
 def make_repository(
     build_dir: PathLike,
     out_dir: PathLike,
@@ -278,14 +314,16 @@ def make_repository(
     Arguments:
       build_dir: a build directory with manifest.json (`python -m export.build`).
       out_dir: the model repository (created; existing models of the same names are updated).
-      kinds: which models to write; default: `tensorrt` if the build has model.plan, else
-        `onnxruntime` and `python`.
+      kinds: which models to write; default: the model of the fastest engine whose parity gates passed
+        when the build was verified (`pick_engine`) and the python model beside a CPU one; without
+        verify results `tensorrt` if the build has model.plan, else `onnxruntime` and `python`.
       options: model names, instance count, batching delay, precision, image input type.
 
     Returns:
       The model directories written.
 
-    The onnxruntime and python models serve the graph of `options.precision` (default: the build's).
+    The onnxruntime and python models serve the graph of `options.precision` (default: the build's, or the
+    chosen engine's).
 
     Raises:
       RepositoryError / ManifestError: one line naming the problem (missing or damaged artifact, ...).
@@ -294,12 +332,12 @@ def make_repository(
     options = options or RepositoryOptions()
     manifest = read_manifest(build_dir)
     artifacts = manifest.get("artifacts", {})
-    precision = options.precision or manifest["precision"]
+    if kinds is None:
+        kinds, options = _default_kinds(manifest, options)
+    precision = graph_precision(options.precision or manifest["precision"])
     graph = ONNX_GRAPHS.get(precision)
     if graph is None:
         raise RepositoryError(f"unknown precision {precision!r} (choose {', '.join(ONNX_GRAPHS)})")
-    if kinds is None:
-        kinds = ["tensorrt"] if PLAN_NAME in artifacts else ["onnxruntime", "python"]
     written = []
     for kind in kinds:
         cfg = model_config(manifest, kind, options)

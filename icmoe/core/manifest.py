@@ -19,7 +19,11 @@ FORMAT = "icmoe-build"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 LEGACY_FAMILY = "icmoe"  # version 1 manifests and checkpoints predate families: all are IC-MoE
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")  # the graphs a build can hold
+# What an engine computes in: a graph's precision, or (OpenVINO) a graph run with BF16 for its floating-point
+# operations: "bf16" runs the FP32 graph, "int8-bf16" the INT8 graph with BF16 for what stayed in floating point.
+BF16_VARIANTS = {"bf16": "fp32", "int8-bf16": "int8"}
+RUNTIME_PRECISIONS = PRECISIONS + tuple(BF16_VARIANTS)
 # Artifact file names, shared by the build, the engines and the deployment writers.
 ONNX_GRAPHS = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 # OpenVINO reads the FP32 ONNX graph itself; INT8 is NNCF's IR (the .xml names its .bin weights).
@@ -33,6 +37,10 @@ LOG_NAME = "build.log"
 REQUIRED_KEYS = ("format", "version", "model", "precision", "image_size", "batch", "inputs", "outputs", "artifacts")
 # What `mask` holds: 0/1 (binary), or label values 0..C whose names `model.classes` lists.
 MASK_KINDS = ("binary", "labels")
+# How `mask` follows from `logits` (model.mask_rule): "threshold" (one channel, mask = logits > 0) or "argmax"
+# (one channel per label value, mask = the channel of the largest logit). A mask at another size than the
+# model's is then made from the logits resized bilinearly (as SAM's post-processing does), not from the mask.
+MASK_RULES = ("threshold", "argmax")
 # Label names travel comma-joined (AOTInductor metadata, Triton parameters, icmoe_trt --classes).
 CLASS_NAME_SEPARATOR = ","
 MAX_LABELS = 256  # the mask is uint8
@@ -40,6 +48,23 @@ MAX_LABELS = 256  # the mask is uint8
 
 class ManifestError(IcmoeError, ValueError):
     """A build directory or artifact that cannot be used; the message is one line."""
+
+
+def graph_precision(precision: str) -> str:
+    """The precision of the graph an engine of `precision` runs ("bf16" -> "fp32", "int8-bf16" -> "int8")."""
+    return BF16_VARIANTS.get(precision, precision)
+
+
+def gate_precision(precision: str) -> str:
+    """Whose parity gates an engine of `precision` must pass: its own, except INT8 with BF16 for the
+    floating-point remainder, which is an INT8 engine (the INT8 gates)."""
+    return "int8" if precision == "int8-bf16" else precision
+
+
+def build_precisions(manifest: Dict[str, Any]) -> List[str]:
+    """The graph precisions a build holds beside FP32, in the order they were asked for (the first is the
+    build's `precision`); manifests written before builds held several list only `precision`."""
+    return list(manifest.get("precisions") or [manifest["precision"]])
 
 
 def library_versions() -> Dict[str, str]:
@@ -68,6 +93,8 @@ def new_manifest(
     checkpoint: Optional[Dict[str, Any]] = None,
     class_names: Optional[Sequence[str]] = None,
     segment_codes: Optional[Sequence[Dict[str, Any]]] = None,
+    precisions: Optional[Sequence[str]] = None,
+    mask_rule: Optional[str] = None,
 ) -> Dict[str, Any]:
     """A fresh manifest dict (no artifacts yet).
 
@@ -83,26 +110,36 @@ def new_manifest(
         value, 0 = background), or None for a binary mask.
       segment_codes: the family's `segment_codes(config)`: a coded concept per foreground label
         (`icmoe.core.codes`); None: the generic one for each.
+      precisions: every graph precision the build will hold (default: `precision` alone); `precision`
+        is the first of them.
+      mask_rule: how `mask` follows from `logits` (`MASK_RULES`: "threshold" or "argmax"), or None where
+        it does not (a mask at another size then comes from resizing `mask` itself).
 
     Raises:
-      ManifestError: an unknown precision, label names that `check_class_names` refuses, or segment
-        codes that do not fit the labels.
+      ManifestError: an unknown precision or mask rule, label names that `check_class_names` refuses, or
+        segment codes that do not fit the labels.
     """
-    if precision not in PRECISIONS:
-        raise ManifestError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    precisions = list(precisions or [precision])
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise ManifestError(f"precision must be one of {', '.join(PRECISIONS)}, got {p!r}")
+    if precisions[0] != precision or len(set(precisions)) != len(precisions):
+        raise ManifestError(f"precisions {precisions} must start with the build's precision {precision!r}, each once")
     bmin, bopt, bmax = (int(b) for b in batch)
     classes = None if class_names is None else check_class_names(class_names, f"model family {family!r}")
     check_label_outputs(classes, specs_to_dicts(outputs), f"model family {family!r}")
     n = foreground_labels(classes)
     where = f"model family {family!r}"
     codes = generic_codes(n) if segment_codes is None else _checked_codes(list(segment_codes), n, where)
+    check_mask_rule(mask_rule, classes, specs_to_dicts(outputs), where)
     return {
         "format": FORMAT,
         "version": VERSION,
         "model": {"family": family, "name": config["name"], "config": config, "classes": classes,
-                  "segment_codes": codes},
+                  "segment_codes": codes, "mask_rule": mask_rule},
         "checkpoint": checkpoint or {"path": None, "sha256": None, "random_init": True},
         "precision": precision,
+        "precisions": precisions,
         "opset": opset,
         "image_size": int(config["image_size"]),
         "batch": {"min": bmin, "opt": bopt, "max": bmax},
@@ -143,6 +180,7 @@ def read_manifest(build_dir: PathLike) -> Dict[str, Any]:
         raise ManifestError(f"{path}: manifest lacks {', '.join(missing)}")
     manifest["model"].setdefault("family", LEGACY_FAMILY)
     manifest["model"].setdefault("classes", None)  # written before label models existed: binary
+    manifest["model"].setdefault("mask_rule", None)  # written before mask rules were recorded: resize the mask
     check_precision(manifest, path)
     check_sizes(manifest, path)
     check_classes(manifest, path)
@@ -183,18 +221,23 @@ def check_sizes(manifest: Dict[str, Any], where: PathLike) -> None:
 
 def check_precision(manifest: Dict[str, Any], where: PathLike) -> None:
     """The top-level precision must be what the artifacts say: its ONNX graph is listed with that
-    precision, and no artifact is of another precision than FP32 or the build's own."""
+    precision, and no artifact is of another precision than FP32 or one the build holds (`precisions`)."""
     precision = manifest["precision"]
-    if precision not in PRECISIONS:
-        raise ManifestError(f"{where}: unknown precision {precision!r}")
+    held = build_precisions(manifest)
+    for p in [precision, *held]:
+        if p not in PRECISIONS:
+            raise ManifestError(f"{where}: unknown precision {p!r}")
+    if held[0] != precision:
+        raise ManifestError(f"{where}: precision {precision!r}, but precisions starts with {held[0]!r}")
     artifacts = manifest["artifacts"]
     graph = artifacts.get(ONNX_GRAPHS[precision])
     if artifacts and (graph is None or graph.get("precision") != precision):
         raise ManifestError(f"{where}: precision {precision!r}, but {ONNX_GRAPHS[precision]} is not listed as a "
                             f"{precision} graph")
-    foreign = sorted(n for n, a in artifacts.items() if a.get("precision") not in ("fp32", precision))
+    foreign = sorted(n for n, a in artifacts.items() if a.get("precision") not in ("fp32", *held))
     if foreign:
-        raise ManifestError(f"{where}: precision {precision!r}, but lists {', '.join(foreign)} of another precision")
+        raise ManifestError(f"{where}: precision {'+'.join(held)!r}, but lists {', '.join(foreign)} of another "
+                            f"precision")
 
 
 def check_class_names(names: Any, where: Any) -> List[str]:
@@ -249,6 +292,28 @@ def check_classes(manifest: Dict[str, Any], where: PathLike) -> None:
     classes = manifest["model"]["classes"]
     if classes is not None:
         check_label_outputs(check_class_names(classes, where), manifest["outputs"], where)
+    check_mask_rule(manifest["model"]["mask_rule"], classes, manifest["outputs"], where)
+
+
+def check_mask_rule(rule: Optional[str], classes: Optional[Sequence[str]], outputs: Sequence[Dict[str, Any]],
+                    where: Any) -> None:
+    """A mask rule needs a (B, K, S, S) float `logits` output: K = 1 and a binary mask for "threshold",
+    K = the number of label names for "argmax".
+
+    Raises:
+      ManifestError: an unknown rule, or outputs that contradict it.
+    """
+    if rule is None:
+        return
+    if rule not in MASK_RULES:
+        raise ManifestError(f"{where}: unknown mask rule {rule!r} (known: {', '.join(MASK_RULES)})")
+    logits = {o["name"]: o for o in outputs}.get("logits")
+    if logits is None or len(logits["shape"]) != 4 or not str(logits["dtype"]).startswith("float"):
+        raise ManifestError(f"{where}: mask rule {rule!r} needs a (batch, K, S, S) float output named logits")
+    want = 1 if rule == "threshold" else len(classes or ())
+    if (rule == "threshold") != (classes is None) or logits["shape"][1] != want:
+        raise ManifestError(f"{where}: mask rule {rule!r} does not fit a {'binary' if classes is None else 'label'} "
+                            f"mask with logits of {logits['shape'][1]} channels")
 
 
 def class_names(manifest: Dict[str, Any]) -> Optional[List[str]]:
@@ -266,6 +331,11 @@ def mask_kind_of(names: Optional[Sequence[str]]) -> str:
 def mask_kind(manifest: Dict[str, Any]) -> str:
     """"binary" (mask holds 0/1) or "labels" (mask holds label values, see `class_names`)."""
     return mask_kind_of(class_names(manifest))
+
+
+def mask_rule(manifest: Dict[str, Any]) -> Optional[str]:
+    """How the build's `mask` follows from its `logits` (`MASK_RULES`), or None where it does not (or older builds)."""
+    return manifest["model"].get("mask_rule")
 
 
 def family_of(manifest: Dict[str, Any]) -> str:

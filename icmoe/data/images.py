@@ -532,6 +532,51 @@ def resize_label(lbl: np.ndarray, size: Union[int, Tuple[int, int]]) -> np.ndarr
     return arr[_nearest_index(arr.shape[0], h)[:, None], _nearest_index(arr.shape[1], w)[None, :]]
 
 
+def resize_logits(logits: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Resize (K, h, w) logits to (K, H, W) bilinearly, channel by channel: Pillow's float (mode "F")
+    BILINEAR resize, which upsamples as SAM's post-processing does (half-pixel centres, edges clamped) and
+    antialiases when shrinking; engines/cpp/common/resize.h computes the same.
+
+    Arguments:
+      logits: float (K, h, w) (or (h, w): one channel).
+      size: (H, W).
+
+    Returns:
+      float32 (K, H, W) (or (H, W)).
+    """
+    arr = np.asarray(logits, dtype=np.float32)
+    if arr.ndim == 2:
+        return resize_logits(arr[None], size)[0]
+    if arr.ndim != 3:
+        raise DataError(f"resize_logits: expected (K, h, w) logits, got shape {arr.shape}")
+    h, w = int(size[0]), int(size[1])
+    if h < 1 or w < 1:
+        raise DataError(f"resize_logits: size must be >= 1, got {size}")
+    if arr.shape[1:] == (h, w):
+        return arr.copy()
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(c)).resize((w, h), Image.BILINEAR),
+                                dtype=np.float32) for c in arr])
+
+
+def mask_from_logits(logits: np.ndarray, size: Tuple[int, int], rule: str) -> np.ndarray:
+    """A mask at (H, W) from the model's (K, h, w) logits resized bilinearly (`resize_logits`): "threshold"
+    (K = 1: logits > 0, as 0/1) or "argmax" (the channel of the largest logit, ties to the lowest).
+
+    Returns:
+      uint8 (H, W).
+    """
+    return apply_mask_rule(resize_logits(logits, size), rule)
+
+
+def apply_mask_rule(up: np.ndarray, rule: str) -> np.ndarray:
+    """A mask from (K, H, W) logits already at the picture's size (`mask_from_logits`' second step)."""
+    if rule == "threshold":
+        return (up.reshape(up.shape[-2:]) > 0).astype(np.uint8)
+    if rule == "argmax":
+        return np.argmax(up, axis=0).astype(np.uint8)
+    raise DataError(f"mask_from_logits: unknown rule {rule!r} (threshold, argmax)")
+
+
 def model_input(picture: Picture, size: int) -> np.ndarray:
     """A picture as the model's input: float32 (3, size, size) RGB 0..255.
 
@@ -551,6 +596,8 @@ def display_pixels(picture: Picture) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- writing
+
+NIFTI_GZIP_LEVEL = 1  # nibabel's default compression level for .nii.gz
 
 
 def write_png(path: PathLike, pixels: np.ndarray) -> Path:
@@ -581,6 +628,7 @@ def write_nifti_labels(path: PathLike, labels: np.ndarray, like: ImageFile) -> P
     out = type(src)(to_nifti_order(np.asarray(labels, dtype=np.uint8)), src.affine, header)
     data = out.to_bytes()
     if str(path).endswith(".gz"):
-        data = gzip.compress(data, mtime=0)
+        # nibabel's own level: label volumes shrink almost as much as at 9, which takes seconds per volume
+        data = gzip.compress(data, compresslevel=NIFTI_GZIP_LEVEL, mtime=0)
     atomic_write_bytes(path, data)
     return Path(path)

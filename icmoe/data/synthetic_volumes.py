@@ -203,6 +203,13 @@ def _one_volume(seed: int, index: int, size: int, depth: int) -> Tuple[np.ndarra
     return np.clip(np.rint(image * gain), 0, 32767).astype(np.int16), label
 
 
+def synthetic_volume(size: int, depth: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """One synthetic multi-organ volume of any size (as the set's): image int16 (depth, size, size) and its
+    labels uint8 (depth, size, size); e.g. a whole volume for benchmarks/volume.py."""
+    _check_args(2, 1, size, depth)  # the size and depth checks of a whole set
+    return _one_volume(seed, 0, size, depth)
+
+
 def _affine() -> np.ndarray:
     dx, dy, dz = SPACING_MM
     return np.array([[dx, 0, 0, -96.0], [0, dy, 0, -96.0], [0, 0, dz, -30.0], [0, 0, 0, 1]])

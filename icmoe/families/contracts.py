@@ -58,6 +58,12 @@ class GraphSpec:
         category, type, optional modifier; SNOMED CT). Default: the generic "Tissue" for every label."""
         names = self.class_names(config)
         return generic_codes(1 if names is None else len(names) - 1)
+    def mask_rule(self, config: Any) -> Optional[str]:
+        """How the `mask` output follows from the `logits` output: "threshold" (binary, one channel, mask =
+        logits > 0) or "argmax" (labels, one channel per label value, ties to the lowest); None (default)
+        where it does not. Recorded in the manifest as `model.mask_rule`: with a rule, masks at a picture's
+        own size are made from the logits resized bilinearly (SAM's post-processing), not from the mask."""
+        return None
 
     def export_patches(self, model: Any) -> ContextManager[Any]:
         """A context in which `model` traces to the graph the family wants (optimum's patchers), e.g.

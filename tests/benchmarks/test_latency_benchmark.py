@@ -24,7 +24,7 @@ def bench(tiny_build, tmp_path_factory):
     cmd = [sys.executable, str(SCRIPT), "--build", str(tiny_build), "--batch-sizes", "1,2", "--iters", "2", "--warmup", "1",
            "--parity-images", "4", "--out", str(out), "--json", str(out / "copy.json"),
            # torch.compile (the eager-shared-compiled row) takes minutes per batch size: not in a unit test
-           "--engines", "eager-naive,eager-shared,onnxruntime-fp32,onnxruntime-fp16,tensorrt"]
+           "--engines", "eager-naive,eager-shared,onnxruntime-fp32,onnxruntime-fp16,openvino-int8,tensorrt"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out, proc
@@ -44,6 +44,9 @@ def test_report_figures(bench):
     r = json.loads((out / "latency-icmoe-tiny-128.json").read_text())
     assert set(r["engines"]) == {"eager-naive", "eager-shared", "onnxruntime-fp32", "onnxruntime-fp16"}
     assert "tensorrt" in r["skipped"] or "tensorrt" in r["engines"]
+    # a row that cannot run says why in words, never a bare error line
+    assert all(why.startswith("not run: ") and "error:" not in why for why in r["skipped"].values()), r["skipped"]
+    assert r["skipped"]["openvino-int8"] == "not run: the build holds no INT8 graph (build it with --precision fp16,int8)"
     for name, e in r["engines"].items():
         assert set(e["batches"]) == {"1", "2"}
         assert e["peak_mib"] >= e["loaded_mib"] >= e["base_mib"] > 0
@@ -62,6 +65,26 @@ def test_report_figures(bench):
     # Each engine in a process of its own that imports what it needs: the graph runtimes without torch.
     assert r["engines"]["eager-shared"]["torch_imported"] and not r["engines"]["onnxruntime-fp32"]["torch_imported"]
     assert r["engines"]["onnxruntime-fp32"]["peak_mib"] < r["engines"]["eager-shared"]["peak_mib"]
+
+
+def test_throughput_and_the_headline(bench):
+    """Graph engines are also timed with their throughput settings; each engine's best throughput names the
+    settings that gave it, and the summary's ratio is the best throughput over the best batch-1 images/s."""
+    out, proc = bench
+    r = json.loads((out / "latency-icmoe-tiny-128.json").read_text())
+    ort = r["engines"]["onnxruntime-fp32"]
+    assert set(ort["throughput"]) == {"1", "2"} and "throughput" not in r["engines"]["eager-shared"]
+    for row in ort["throughput"].values():
+        assert row["images_per_s"] > 0 and row["streams"] == min(4, r["threads"]) and row["settings"]["streams"] >= 1
+    for name, e in r["engines"].items():
+        rows = [row["images_per_s"] for row in e["batches"].values()] + \
+            [row["images_per_s"] for row in (e.get("throughput") or {}).values()]
+        assert e["best_throughput"]["images_per_s"] == max(rows) and e["best_throughput"]["batch"] in (1, 2)
+    sm = r["summary"]
+    one = {n: e["batches"]["1"]["images_per_s"] for n, e in r["engines"].items()}
+    assert sm["batch1_engine"] == max(one, key=one.get)
+    assert sm["throughput_vs_batch1"] == pytest.approx(sm["throughput"]["images_per_s"] / max(one.values()))
+    assert "Best throughput: " in proc.stdout and "the best batch-1 images/s" in proc.stdout
 
 
 def test_roofline_columns(bench):

@@ -26,6 +26,7 @@ from engines.cpp import (
     write_ppm,
 )
 from export.aoti import package_aoti
+from icmoe.data.images import mask_from_logits, resize_label
 from tests.skips import cpp_toolchain_missing
 
 NO_TOOLCHAIN = cpp_toolchain_missing()
@@ -229,11 +230,21 @@ def test_image_of_another_size_resized(program, package, cases, tmp_path):
     with Image.open(cases[0][0]) as im:
         pixels = np.asarray(im.convert("RGB"))[::2, ::3]  # 64 rows, 43 columns
     Image.fromarray(np.ascontiguousarray(pixels)).save(tmp_path / "small.png")
-    proc = run_program(program, package, tmp_path / "small.png", tmp_path / "m.png")
+    proc = run_program(program, package, tmp_path / "small.png", tmp_path / "m.png", "--logits", tmp_path / "l.f32")
     assert proc.returncode == 0, proc.stderr
-    assert parse_stdout(proc.stdout)["image"] == "43x64"
+    lines = parse_stdout(proc.stdout)
+    assert lines["image"] == "43x64" and lines["upsample"] == "logits threshold"
     mask = read_mask(tmp_path / "m.png")
     assert mask.shape == (64, 43) and set(np.unique(mask)) <= {0, 255}
+    # The mask is the program's own logits resized as Python resizes them, then > 0 (the package's rule) ...
+    logits = np.fromfile(tmp_path / "l.f32", np.float32).reshape(1, 128, 128)
+    np.testing.assert_array_equal(mask > 0, mask_from_logits(logits, (64, 43), "threshold") > 0)
+    # ... and --upsample nearest gives the model-size mask resized by nearest neighbour.
+    proc = run_program(program, package, tmp_path / "small.png", tmp_path / "n.png", "--upsample", "nearest")
+    assert proc.returncode == 0 and parse_stdout(proc.stdout)["upsample"] == "nearest", proc.stderr
+    np.testing.assert_array_equal(read_mask(tmp_path / "n.png") > 0, resize_label(logits[0] > 0, (64, 43)))
+    proc = run_program(program, package, tmp_path / "small.png", tmp_path / "x.png", "--upsample", "cubic")
+    assert proc.returncode == 2 and "--upsample must be logits or nearest" in proc.stderr
 
 
 @pytest.mark.parametrize("damage", ["not_an_image", "truncated", "bad_maxval"])

@@ -3,14 +3,14 @@
 image's size; the command line; files replaced atomically.
 
 The reference is the same AOTInductor package run in Python (torch._inductor.aoti_load_package) on the image as
-the Python side prepares it (icmoe.data.images: read_image, model_input; the mask back by resize_label). The C++
+the Python side prepares it (icmoe.data.images: read_image, model_input; the mask at the image's size by
+mask_from_logits, the logits resized bilinearly and arg-maxed, as the package's mask rule says). The C++
 decoders (libpng, libjpeg-turbo with Pillow's settings, the BMP reader) and resize reproduce Pillow's pixels
 exactly (Pillow 13's resize), so the masks are equal, JPEG included. The package is the multi-class toy of
 test_cpp_labels.py (session fixtures, conftest.py): its mask holds the raw label values 0..2.
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 import PIL
@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from engines.cpp import read_mask, run_program
-from icmoe.data.images import model_input, read_image, resize_label
+from icmoe.data.images import mask_from_logits, model_input, read_image
 from tests.engines.test_cpp_aoti import _expect_error, edit_package_metadata, parse_stdout
 from tests.icmoe.data.hostile import png_bytes
 from tests.icmoe.families.toy import LABELS
@@ -49,8 +49,8 @@ def reference(labels_package):
         picture = read_image(path)
         x = torch.from_numpy(np.ascontiguousarray(model_input(picture, SIZE)))[None]  # the runner takes strides as given
         with torch.inference_mode():
-            _, mask = runner(x)
-        return resize_label(mask[0, 0].numpy(), picture.size)
+            logits, _ = runner(x)
+        return mask_from_logits(logits[0].numpy(), picture.size, "argmax")
 
     return mask_for
 

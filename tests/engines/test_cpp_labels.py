@@ -9,7 +9,6 @@ Copies of the package with edited metadata check that the program refuses a mask
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -59,6 +58,7 @@ def test_package_metadata_names_the_labels(package):
     assert metadata["icmoe.family"] == "toy_labels" and metadata["icmoe.output_names"] == "logits,mask"
     assert metadata["icmoe.mask_kind"] == "labels"
     assert metadata["icmoe.class_names"] == "background,lesion,rim" == ",".join(LABELS)
+    assert metadata["icmoe.mask_rule"] == "argmax"
 
 
 def test_program_writes_the_label_map(program, package, cases, tmp_path):
@@ -93,7 +93,9 @@ def _label2_image(cases):
     (lambda m: m.update({"icmoe.class_names": "background,lesion"}), "but the mask is labels (background, lesion)"),
     (lambda m: m.update({"icmoe.class_names": "background,lesion,rim,core"}),
      f"output logits is logits:float32[1,3,{SIZE},{SIZE}], but the mask has 4 classes"),
-    (lambda m: m.update({"icmoe.mask_kind": "multi"}), "bad icmoe.mask_kind / icmoe.class_names metadata"),
+    (lambda m: m.update({"icmoe.mask_kind": "multi"}), "bad icmoe.mask_kind / icmoe.class_names / icmoe.mask_rule metadata"),
+    (lambda m: m.update({"icmoe.mask_rule": "threshold"}), "mask rule 'threshold' does not fit a label mask"),
+    (lambda m: m.update({"icmoe.mask_rule": "median"}), "mask rule 'median' is neither threshold nor argmax"),
     (lambda m: m.update({"icmoe.class_names": "background"}), "needs 2..256 class names"),
     (lambda m: m.update({"icmoe.class_names": "background,,rim"}), "empty name in the class name list"),
 ])

@@ -151,6 +151,27 @@ def test_png_of_another_size(program, tmp_path):
     assert lines["foreground"] == f"{int((written > 0).sum())} of {37 * 53} pixels"
 
 
+def test_mask_rule_makes_the_mask_from_the_logits(program, tmp_path):
+    """--mask-rule argmax (the build's model.mask_rule, which class_arguments prints): the mask at the PNG's
+    size is the engine's logits resized bilinearly and arg-maxed, as Python's mask_from_logits."""
+    from PIL import Image
+
+    from icmoe.data.images import mask_from_logits
+
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    logits, mask = _labels()
+    plan = fake_plan(tmp_path / "labels.plan", [("logits", "float32", (-1, 4, S, S), logits),
+                                                 ("mask", "uint8", (-1, 1, S, S), mask)])
+    proc = run_program(program, plan, tmp_path / "in.png", tmp_path / "m.png", "--classes", "a,b,c,d",
+                       "--mask-rule", "argmax")
+    assert proc.returncode == 0, proc.stderr
+    assert parse_stdout(proc.stdout)["upsample"] == "logits argmax"
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.png"), mask_from_logits(logits[0], (37, 53), "argmax"))
+    proc = run_program(program, plan, tmp_path / "in.png", tmp_path / "m.png", "--mask-rule", "argmax")
+    assert proc.returncode == 2 and "--mask-rule: mask rule 'argmax' does not fit a binary mask" in proc.stderr
+
+
 @pytest.mark.parametrize("args, match", [
     (("--repeat", "abc"), "--repeat expects a whole number 0..1000000, got 'abc'"),
     (("--repeat", "-1"), "got '-1'"),

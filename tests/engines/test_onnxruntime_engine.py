@@ -142,7 +142,7 @@ def test_graph_of_another_image_size(build_copy):
 def test_precision_not_in_build(build_copy):
     def drop_fp16(m):
         del m["artifacts"]["model.fp16.onnx"]
-        m["precision"] = "fp32"
+        m["precision"], m["precisions"] = "fp32", ["fp32"]
     _edit_manifest(build_copy, drop_fp16)
     _expect_error(build_copy, "no fp16 ONNX graph in this build", precision="fp16")
 
@@ -179,3 +179,22 @@ def test_graph_runtimes_do_not_import_torch(tiny_build):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_streams_run_requests_at_once_with_the_same_answers(tiny_build):
+    """streams=2: one session, two requests at once from two threads (one intra-op thread each); the answers
+    are those of one request at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = (np.random.default_rng(5).random((8, 3, 128, 128)) * 255).astype(np.float32)
+    with load_engine(tiny_build, "onnxruntime", "fp32", threads=2) as engine:
+        alone = [engine.infer(x[i:i + 2]) for i in range(0, 8, 2)]
+    with load_engine(tiny_build, "onnxruntime", "fp32", threads=2, streams=2) as engine:
+        assert engine.streams == 2 and engine.settings()["intra_op_threads"] == 1
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(lambda i: engine.infer(x[i:i + 2]), range(0, 8, 2)))
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(a["logits"], b["logits"], rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(a["expert"], b["expert"])
+    with pytest.raises(EngineError, match="streams must be >= 1"):
+        load_engine(tiny_build, "onnxruntime", streams=0)

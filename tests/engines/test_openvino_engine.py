@@ -168,7 +168,8 @@ def test_unverified_truncated_graph_fails_in_openvino(build_copy):
 
 
 def test_manifest_mismatches_are_refused(build_copy):
-    _expect_error(build_copy, "OpenVINO runs the fp32 and int8 graphs, not 'fp16'", precision="fp16")
+    _expect_error(build_copy, r"OpenVINO runs the fp32 and int8 graphs \(also with BF16: bf16, int8-bf16\), "
+                              r"not 'fp16'", precision="fp16")
     _expect_error(build_copy, "no int8 graph for OpenVINO in this build", precision="int8")
     _expect_error(build_copy, "build is for icmoe/tiny, expected icmoe/vit_b", expect="vit_b")
 
@@ -183,5 +184,48 @@ def test_verify_runs_openvino_or_says_why_not(tiny_build, monkeypatch):
     assert labels[:2] == ["onnxruntime-fp32", "onnxruntime-fp16"] and "openvino-fp32" in labels
     monkeypatch.setattr(verify_mod, "openvino_unavailable", lambda: "the OpenVINO engine needs the [openvino] extra")
     report = verify_mod.verify_build(tiny_build, n=2, progress=False)
-    assert report["skipped"] == {"openvino-fp32": "the OpenVINO engine needs the [openvino] extra"}
+    assert report["skipped"] == {"openvino-fp32": "the OpenVINO engine needs the [openvino] extra",
+                                 "openvino-bf16": "the OpenVINO engine needs the [openvino] extra"}
     assert set(report["engines"]) == {"onnxruntime-fp32", "onnxruntime-fp16"} and report["passed"]
+
+
+def test_bf16_runs_where_the_cpu_has_it_and_is_refused_elsewhere(tiny_build, monkeypatch):
+    """BF16 arithmetic (INFERENCE_PRECISION_HINT bf16): within the family's BF16 gates against eager FP32 where
+    the CPU has AVX512-BF16 or AMX; a one-line refusal with the reason where it has not."""
+    from engines import openvino as ov_mod
+
+    family = get_family("icmoe")
+    x = images(family)
+    if ov_mod.bf16_unavailable() is None:
+        with load_engine(tiny_build, "eager") as eager:
+            ref = _in_batches(eager, x, 4)
+        with load_engine(tiny_build, "openvino", "bf16", threads=2) as engine:
+            assert engine.name == "openvino-bf16"
+            assert str(engine.compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'bfloat16'>"
+            out = _in_batches(engine, x, 4)
+        report = family.parity.compare(ref, out, family.parity.tolerances("bf16"))
+        assert report["passed"], report
+        assert report["max_abs_logit"] > 1e-6  # BF16 really ran: not FP32's rounding-level differences
+    monkeypatch.setattr(ov_mod, "bf16_unavailable", lambda: "BF16 needs a CPU with AVX512-BF16 or AMX; ...")
+    with pytest.raises(EngineError, match=r"^--precision bf16: BF16 needs a CPU with AVX512-BF16 or AMX"):
+        load_engine(tiny_build, "openvino", "bf16")
+    with pytest.raises(EngineError, match="no int8 graph for OpenVINO"):
+        load_engine(tiny_build, "openvino", "int8-bf16")
+
+
+def test_throughput_streams_answer_as_one_request(cached_build):
+    """The THROUGHPUT hint compiles several streams, one request each; calls from as many threads at once give
+    what the latency engine gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = images(get_family("icmoe"), n=8)
+    with load_engine(cached_build, "openvino", threads=2) as engine:
+        assert engine.streams == 1
+        alone = [engine.infer(x[i:i + 2]) for i in range(0, 8, 2)]
+    with load_engine(cached_build, "openvino", threads=2, hint="throughput", streams=2) as engine:
+        assert engine.streams == 2 and engine.settings()["num_streams"] == "2"
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(lambda i: engine.infer(x[i:i + 2]), range(0, 8, 2)))
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(a["logits"], b["logits"], rtol=0, atol=1e-4)
+        assert (a["mask"] != b["mask"]).mean() <= 1e-3

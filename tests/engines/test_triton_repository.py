@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -35,8 +36,54 @@ def _parse(path: Path) -> mc.ModelConfig:
 @pytest.fixture(scope="module")
 def cpu_repo(tiny_build, tmp_path_factory):
     out = tmp_path_factory.mktemp("repo") / "model_repository"
-    make_repository(tiny_build, out, options=RepositoryOptions(instances=2, max_queue_delay_us=500))
+    make_repository(tiny_build, out, kinds=["onnxruntime", "python"],
+                    options=RepositoryOptions(instances=2, max_queue_delay_us=500))
     return out
+
+
+def _with_timings(build, dst, timings):
+    """A copy of `build` whose verify results give these batch-1 milliseconds (label -> ms; None: failed)."""
+    shutil.copytree(build, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    for label, ms in timings.items():
+        r = m["verify"]["engines"].setdefault(label, {"required": True})
+        r["passed"] = ms is not None
+        r["timing"] = {"latency_ms": ms if ms is not None else 0.1}
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+@pytest.mark.parametrize("timings, models, precision", [
+    ({"onnxruntime-fp32": 1.0}, ["icmoe_onnxruntime", "icmoe_python"], "fp32"),
+    ({"openvino-bf16": 1.0, "onnxruntime-fp32": None}, ["icmoe_openvino", "icmoe_python"], "bf16"),
+    ({"openvino-fp32": 1.0, "openvino-bf16": None}, ["icmoe_openvino", "icmoe_python"], "fp32"),
+])
+def test_default_serves_the_fastest_engine_that_passed(tiny_build, tmp_path, caplog, timings, models, precision):
+    """Without --kind the writer serves the fastest engine whose gates passed (a failed one, however fast,
+    is not served), says so, and writes the python model beside it on the graph that engine runs."""
+    build = _with_timings(tiny_build, tmp_path / "b", timings)
+    label = next(k for k, v in timings.items() if v is not None)
+    with caplog.at_level("INFO", logger="engines"):
+        make_repository(build, tmp_path / "repo")
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == models
+    assert f"serving {label}" in caplog.text and "parity gates passed" in caplog.text
+    py = _parse(tmp_path / "repo/icmoe_python/config.pbtxt")
+    assert py.parameters["precision"].string_value == ("fp32" if precision == "bf16" else precision)
+    if models[0] == "icmoe_openvino":
+        ov = _parse(tmp_path / "repo/icmoe_openvino/config.pbtxt")
+        assert ov.default_model_filename == "model.onnx"
+        assert ov.parameters["INFERENCE_PRECISION_HINT"].string_value == ("bf16" if precision == "bf16" else "f32")
+
+
+def test_default_without_verify_results(tiny_build, tmp_path):
+    """A build made with --no-verify records no gates: the writer falls back to onnxruntime + python."""
+    build = tmp_path / "b"
+    shutil.copytree(tiny_build, build)
+    m = json.loads((build / "manifest.json").read_text())
+    del m["verify"]
+    (build / "manifest.json").write_text(json.dumps(m))
+    make_repository(build, tmp_path / "repo")
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["icmoe_onnxruntime", "icmoe_python"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +95,10 @@ def trt_build(tiny_build, tmp_path_factory):
     shutil.copytree(tiny_build, build)
     (build / "model.plan").write_bytes(b"not a real engine: this test checks the config only" * 10)
     add_artifact(build, "model.plan", kind="tensorrt", precision="fp16")
+    # as verify records it on a GPU host: the plan passed its gates and is the fastest engine
+    m = json.loads((build / "manifest.json").read_text())
+    m["verify"]["engines"]["tensorrt-fp16"] = {"passed": True, "required": True, "timing": {"latency_ms": 0.5}}
+    (build / "manifest.json").write_text(json.dumps(m))
     return build
 
 
@@ -189,7 +240,7 @@ def test_damaged_artifact_refused_and_nothing_written(tiny_build, tmp_path):
     (build / "model.fp16.onnx").write_bytes(data[: len(data) // 2])
     out = tmp_path / "repo"
     with pytest.raises(ManifestError, match="model.fp16.onnx"):
-        make_repository(build, out)
+        make_repository(build, out, options=RepositoryOptions(precision="fp16"))
     assert not out.exists() or not list(out.glob("*/config.pbtxt"))
 
 

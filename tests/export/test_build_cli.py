@@ -83,10 +83,17 @@ def test_verify_cli(tiny_build, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "all engines within bounds" in out
     report = json.loads((tmp_path / "v.json").read_text())
-    # OpenVINO runs the FP32 graph where it is installed, else it is reported as skipped
-    assert set(report["engines"]) | set(report["skipped"]) == {"onnxruntime-fp32", "onnxruntime-fp16", "openvino-fp32"}
+    # OpenVINO runs the FP32 graph (also with BF16 arithmetic) where it is installed (and the CPU has BF16),
+    # else each is reported as skipped with the reason
+    assert set(report["engines"]) | set(report["skipped"]) == {"onnxruntime-fp32", "onnxruntime-fp16", "openvino-fp32",
+                                                               "openvino-bf16"}
+    assert all(why.strip() for why in report["skipped"].values())
     assert {"onnxruntime-fp32", "onnxruntime-fp16"} <= set(report["engines"]) and report["passed"]
     assert report["engines"]["onnxruntime-fp32"]["max_abs_logit"] <= 1e-3
+    # every engine is timed at batch 1 (what predict's automatic choice ranks by), and eager too
+    for r in report["engines"].values():
+        assert r["timing"]["latency_ms"] > 0 and r["timing"]["batch"] == 1 and r["timing"]["runs"] >= 3
+    assert report["eager_timing"]["latency_ms"] > 0 and report["cpu"]
 
 
 def test_verify_cli_damaged_build(tiny_build, tmp_path, capsys):

@@ -198,7 +198,11 @@ def test_edited_precision_is_refused(tiny_build, tmp_path, capsys):
     dst = tmp_path / "b"
     shutil.copytree(tiny_build, dst)
     m = json.loads((dst / "manifest.json").read_text())
+    (dst / "manifest.json").write_text(json.dumps({**m, "precision": "fp32"}))  # precisions still says fp16
+    with pytest.raises(ManifestError, match="precision 'fp32', but precisions starts with 'fp16'"):
+        read_manifest(dst)
     m["precision"] = "fp32"  # the build holds an FP16 graph: the manifest now lies
+    del m["precisions"]  # as a manifest written before builds held several precisions
     (dst / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ManifestError, match="lists model.fp16.onnx of another precision"):
         read_manifest(dst)

@@ -31,7 +31,7 @@ from engines.triton.repository import RepositoryOptions, make_repository, parse_
 from export import build as build_mod
 from export.build import BuildError, build
 from export.precision import tensor_types
-from export.quantize import QUANTIZED_OPS, int8_unavailable, kept_fp32
+from export.quantize import PRODUCT, QUANTIZED_OPS, int8_unavailable, kept_fp32
 from icmoe.core.errors import DataError
 from icmoe.core.manifest import read_manifest
 from icmoe.families import get_family
@@ -67,6 +67,15 @@ def test_build_registers_the_int8_artifacts(int8_build):
     assert q["calibration"] == {"source": "synthetic", "images": CALIBRATION, "seed": 0}
     kept = q["kept_fp32"]
     assert {"LayerNormalization", "Softmax"} <= set(kept["op_types"]) and kept["island"] and kept["why"]
+    ir = a["model.int8.xml"]  # NNCF's transformer recipe
+    assert (ir["model_type"], ir["smooth_quant"], ir["bias_correction"]) == ("transformer", {"matmul_alpha": 0.95}, "fast")
+    assert ir["matmuls_int8"]["int8"] > 0
+    # What happened to the attention products, per graph, and why: the gates were checked (the checkpoint is
+    # a saved model, so "auto" checks them) and they stayed INT8 only where they passed.
+    for graph, record in q["attention_products"].items():
+        assert graph in ("onnxruntime", "openvino") and record["check"]["checked"]
+        assert record["quantized"] == record["check"]["passed"] or not record["quantized"]
+        assert record["quantized"] or record["why"] == "the INT8 gates failed with them quantized"
 
 
 def _producers(g):
@@ -95,12 +104,20 @@ def test_qdq_graph_is_explicit_int8_for_tensorrt(int8_build):
     for n in (n for n in g.node if n.op_type == "QuantizeLinear"):
         zp = inits[n.input[2]]
         assert zp.data_type == onnx.TensorProto.INT8 and not numpy_helper.to_array(zp).any(), n.name
-    # Every matrix op outside the kept set reads a dequantized weight; biases stay FP32.
-    kept = set(kept_fp32(fp32, family))
+    # Every matrix op outside the kept set reads a dequantized weight; biases stay FP32. The products of two
+    # activations (attention) are in the kept set only where the manifest says they stayed in floating point.
+    why = kept_fp32(fp32, family)
+    products = {n for n, w in why.items() if w == PRODUCT}
+    attention = read_manifest(int8_build)["quantization"]["attention_products"]["onnxruntime"]
+    assert read_manifest(int8_build)["artifacts"]["model.int8.onnx"]["attention_products_int8"] == attention["quantized"]
+    kept = set(why) - (products if attention["quantized"] else set())
     assert set(family.precision.fp32_nodes(fp32)) | {n.name for n in fp32.graph.node if n.op_type in family.precision.fp32_op_types} <= kept
-    matrix = [n for n in g.node if n.op_type in QUANTIZED_OPS and n.name not in kept]
+    matrix = [n for n in g.node if n.op_type in QUANTIZED_OPS and n.name not in kept | products]
     assert matrix and all(producer.get(n.input[1]) is not None and producer[n.input[1]].op_type == "DequantizeLinear"
                           for n in matrix)
+    dequantized = [all(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input[:2])
+                   for n in g.node if n.name in products]
+    assert products and all(dequantized) == attention["quantized"] and (any(dequantized) or not attention["quantized"])
     biases = [n.input[2] for n in matrix if n.op_type in ("Gemm", "Conv", "ConvTranspose") and len(n.input) > 2]
     assert biases and all(inits[b].data_type == onnx.TensorProto.FLOAT for b in biases if b in inits)
     # The kept nodes: all still there, FP32 in and out, none fed by a DequantizeLinear.
@@ -120,7 +137,8 @@ def test_qdq_graph_is_explicit_int8_for_tensorrt(int8_build):
         for i in n.input:
             readers.setdefault(i, []).append(n.op_type)
     softmax = [o for n in g.node if n.op_type == "Softmax" for o in n.output]
-    assert softmax and not any("QuantizeLinear" in readers.get(o, []) for o in softmax), "a softmax output is quantized"
+    quantized = any("QuantizeLinear" in readers.get(o, []) for o in softmax)
+    assert softmax and quantized == attention["quantized"], "softmax outputs are quantized with the products only"
 
 
 def test_int8_engines_run_both_graphs(int8_build):

@@ -7,10 +7,13 @@
 // metadata names what the program needs: icmoe.image_size (S) and icmoe.output_names (the outputs in
 // order, comma-separated; packages without it are older IC-MoE ones: logits,mask,expert), and what the
 // mask holds: icmoe.mask_kind "binary" (0/1) or "labels" (label values, named by icmoe.class_names,
-// comma-separated, index = value, 0 = background; packages without icmoe.mask_kind are older binary ones).
+// comma-separated, index = value, 0 = background; packages without icmoe.mask_kind are older binary ones),
+// and icmoe.mask_rule, how the mask follows from the logits ("threshold", "argmax"; absent: none).
 // IMAGE is a PNG, JPEG, BMP or PPM/PGM of any size (common/image_io.h), resized to S x S as the Python
-// loaders do (Pillow's bilinear filter, common/resize.h). The output named "mask" is resized back to the
-// image's size (nearest) and written as PNG, or PGM for a MASK ending in .pgm (binary: 0/255; labels: the
+// loaders do (Pillow's bilinear filter, common/resize.h). The mask at the image's size is made from the
+// output named "logits" resized bilinearly and thresholded or arg-maxed by the rule (or, without a rule or
+// with --upsample nearest, the output named "mask" resized by nearest neighbour), and written as PNG, or
+// PGM for a MASK ending in .pgm (binary: 0/255; labels: the
 // raw label values, so a downstream tool reads the label map, with the pixels per label printed as
 // "label1 812 liver"); --logits writes the output named "logits" as raw float32 at the model's size (all
 // its values, e.g. (1, C, S, S)), every other small output is printed ("expert 2"), and so is the list of
@@ -93,15 +96,19 @@ std::vector<std::string> output_names(const Metadata& metadata, const std::strin
   return icmoe::split_names(icmoe::kLegacyOutputNames);
 }
 
-// icmoe.mask_kind and icmoe.class_names; packages written before label models are binary.
+// icmoe.mask_kind, icmoe.class_names and icmoe.mask_rule; packages written before label models are binary,
+// those written before mask rules have none (their mask is resized by nearest neighbour).
 icmoe::MaskKind mask_kind(const Metadata& metadata, const std::string& model_path) {
   const auto kind = metadata.find("icmoe.mask_kind");
   if (kind == metadata.end()) return icmoe::MaskKind{};
   const auto names = metadata.find("icmoe.class_names");
+  const auto rule = metadata.find("icmoe.mask_rule");
   try {
-    return icmoe::make_mask_kind(kind->second, names == metadata.end() ? "" : names->second);
+    return icmoe::make_mask_kind(kind->second, names == metadata.end() ? "" : names->second,
+                                 rule == metadata.end() ? "" : rule->second);
   } catch (const std::exception& e) {
-    throw std::runtime_error(model_path + ": bad icmoe.mask_kind / icmoe.class_names metadata: " + e.what());
+    throw std::runtime_error(model_path + ": bad icmoe.mask_kind / icmoe.class_names / icmoe.mask_rule metadata: " +
+                             e.what());
   }
 }
 
@@ -144,7 +151,8 @@ int run(const icmoe::RunArguments& args) {
 
   std::vector<at::Tensor> host;  // keeps the contiguous CPU copies alive while `outputs` points into them
   const std::vector<icmoe::Output> outputs = host_outputs(results, names, host);
-  icmoe::write_outputs(std::cout, outputs, size, size, {args.mask, image.width, image.height}, args.logits, kind);
+  icmoe::write_outputs(std::cout, outputs, size, size, {args.mask, image.width, image.height}, args.logits, kind,
+                       args.upsample);
 
   if (args.repeat > 0) {
     const auto start = std::chrono::steady_clock::now();

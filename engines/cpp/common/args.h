@@ -151,23 +151,29 @@ class ArgParser {
   std::vector<Option> options_;
 };
 
-// What both programs take: MODEL IMAGE MASK [--logits FILE] [--repeat N], and the decoding limits of the
-// environment (ICMOE_MAX_IMAGE_PIXELS, ICMOE_MAX_DECODED_BYTES; decode_limits.h).
+// What both programs take: MODEL IMAGE MASK [--logits FILE] [--repeat N] [--upsample logits|nearest], and
+// the decoding limits of the environment (ICMOE_MAX_IMAGE_PIXELS, ICMOE_MAX_DECODED_BYTES; decode_limits.h).
 struct RunArguments {
   std::string model, image, mask, logits;
   int repeat = 0;
   DecodeLimits limits;
+  std::string upsample = "logits";
 };
 
 inline void add_run_options(ArgParser& parser) {
   parser.option("--logits", "FILE", "also write the output named logits, raw float32 at the model's size");
   parser.option("--repeat", "N", "run N more times and print the mean latency");
+  parser.option("--upsample", "HOW",
+                "logits (default; with a mask rule: the logits resized bilinearly, then the rule) or nearest");
 }
 
 // The positional arguments and the options of add_run_options, checked before anything runs.
 inline RunArguments run_arguments(const Arguments& args) {
-  RunArguments r{args.positional.at(0), args.positional.at(1), args.positional.at(2), args.get("--logits"), 0, {}};
+  RunArguments r{args.positional.at(0), args.positional.at(1), args.positional.at(2), args.get("--logits"), 0, {},
+                 args.get("--upsample", "logits")};
   r.repeat = static_cast<int>(parse_count("--repeat", args.get("--repeat", "0")));
+  if (r.upsample != "logits" && r.upsample != "nearest")
+    throw UsageError("--upsample must be logits or nearest, got '" + r.upsample + "'");
   try {
     mask_format(r.mask);
     r.limits = decode_limits();

@@ -4,14 +4,19 @@
 //   split_names:    "logits,mask,expert" (the AOTI package's icmoe.output_names) -> names.
 //   element_size:   bytes per element of a NumPy dtype name ("float32", "uint8", ...).
 //   Output:         one output in host memory: name, dtype, shape, contiguous row-major data.
-//   MaskKind:       what the mask's values mean: binary (0/1) or labels 0..C-1 with C class names
-//                   (make_mask_kind: from the AOTI package's icmoe.mask_kind / icmoe.class_names, or from
-//                   icmoe_trt's --classes).
+//   MaskKind:       what the mask's values mean: binary (0/1) or labels 0..C-1 with C class names, and how
+//                   the mask follows from the logits (its rule: threshold, argmax, or none) (make_mask_kind:
+//                   from the AOTI package's icmoe.mask_kind / icmoe.class_names / icmoe.mask_rule, or from
+//                   icmoe_trt's --classes / --mask-rule).
 //   write_outputs:  checks the outputs first (nothing is written when one check fails: a binary mask
 //                   holds only 0/1, a label mask only values below the number of classes, and a
 //                   (1, K, H, W) logits output of a label model has K = the number of classes), then
-//                   writes the output named "mask" (uint8 or bool, H*W values ending in (H, W)) resized
-//                   to the input image's size by nearest neighbour, as PNG or PGM (by the file's
+//                   writes the mask at the input image's size: with a mask rule (and --upsample logits, the
+//                   default) the output named "logits" resized bilinearly to that size channel by channel
+//                   (common/resize.h, as the Python side's icmoe.data.images.mask_from_logits), then
+//                   thresholded at 0 (binary) or arg-maxed (labels, ties to the lowest); without one the
+//                   output named "mask" (uint8 or bool, H*W values ending in (H, W)) resized by nearest
+//                   neighbour. As PNG or PGM (by the file's
 //                   extension; binary: 0/255; labels: the raw label values), the output named "logits"
 //                   as raw float32 at the model's size (all its values: (1, C, H, W) works too) when
 //                   asked, and prints to stdout, one "key value" line each (pixel counts are of the
@@ -20,6 +25,7 @@
 //                     outputs logits:float32[1,1,128,128] mask:uint8[1,1,128,128] expert:int32[1]
 //                     expert 2                       (every other output of at most 16 values)
 //                     image 640x480                  (the input's size: the mask's)
+//                     upsample logits threshold      (or "upsample nearest": how the mask got there)
 //                     label0 9000 background         (label models: pixels per label, then its name)
 //                     label1 5000 lesion
 //                     foreground 812 of 307200 pixels (pixels that are not 0)
@@ -234,6 +240,7 @@ inline const Output& mask_output(const std::vector<Output>& outputs, int height,
 struct MaskKind {
   bool labels = false;                   // false: binary 0/1; true: label values 0..C-1
   std::vector<std::string> class_names;  // labels: C names, index = value, 0 = the background
+  std::string rule;                      // mask from logits: "threshold" (binary), "argmax" (labels), "" (none)
 
   std::string describe() const { return labels ? "labels (" + join(class_names, ", ") + ")" : "binary (0/1)"; }
 };
@@ -241,11 +248,23 @@ struct MaskKind {
 // A label mask is uint8 (256 values at most) and has a background and at least one class.
 inline constexpr size_t kMaxClasses = 256;
 
-// `kind` "binary" (names must be empty) or "labels" (names: "background,lesion,...", 2..256 of them).
-inline MaskKind make_mask_kind(const std::string& kind, const std::string& names) {
+// `rule` "" (none), "threshold" (binary masks) or "argmax" (label masks).
+inline void check_rule(const MaskKind& k) {
+  if (k.rule.empty() || (k.rule == "threshold" && !k.labels) || (k.rule == "argmax" && k.labels)) return;
+  if (k.rule != "threshold" && k.rule != "argmax")
+    throw std::runtime_error("mask rule '" + k.rule + "' is neither threshold nor argmax");
+  throw std::runtime_error("mask rule '" + k.rule + "' does not fit a " + (k.labels ? "label" : "binary") +
+                           " mask (threshold: binary, argmax: labels)");
+}
+
+// `kind` "binary" (names must be empty) or "labels" (names: "background,lesion,...", 2..256 of them), and
+// how the mask follows from the logits (`rule`, see check_rule).
+inline MaskKind make_mask_kind(const std::string& kind, const std::string& names, const std::string& rule = "") {
   MaskKind k;
+  k.rule = rule;
   if (kind == "binary") {
     if (!names.empty()) throw std::runtime_error("a binary mask has no class names, got '" + names + "'");
+    check_rule(k);
     return k;
   }
   if (kind != "labels") throw std::runtime_error("mask kind '" + kind + "' is neither binary nor labels");
@@ -255,7 +274,38 @@ inline MaskKind make_mask_kind(const std::string& kind, const std::string& names
     throw std::runtime_error("a label mask needs 2.." + std::to_string(kMaxClasses) +
                              " class names (background first), got " + std::to_string(k.class_names.size()) +
                              " in '" + names + "'");
+  check_rule(k);
   return k;
+}
+
+// The mask at (out_h, out_w) from (1, K, height, width) logits: each channel resized as Pillow's float
+// BILINEAR (resize_float), then > 0 (threshold, K = 1) or the channel of the largest value (argmax, ties to
+// the lowest, K = the number of classes).
+inline std::vector<uint8_t> mask_from_logits(const Output& logits, const MaskKind& kind, int height, int width,
+                                             int out_w, int out_h) {
+  const size_t plane = static_cast<size_t>(height) * width;
+  const int64_t channels = logits.shape.size() == 4 ? logits.shape[1] : 0;
+  const int64_t want = kind.rule == "threshold" ? 1 : static_cast<int64_t>(kind.class_names.size());
+  if (logits.shape.size() != 4 || logits.shape[0] != 1 || logits.shape[2] != height || logits.shape[3] != width ||
+      channels != want)
+    throw std::runtime_error("output logits is " + describe(logits) + ", expected [1," + std::to_string(want) + "," +
+                             std::to_string(height) + "," + std::to_string(width) + "] for mask rule " + kind.rule);
+  const std::vector<float> values = to_float32(logits);
+  std::vector<std::vector<float>> up;
+  for (int64_t c = 0; c < channels; ++c)
+    up.push_back(resize_float(values.data() + static_cast<size_t>(c) * plane, width, height, out_w, out_h));
+  std::vector<uint8_t> mask(static_cast<size_t>(out_w) * out_h, 0);
+  for (size_t i = 0; i < mask.size(); ++i) {
+    if (kind.rule == "threshold") {
+      mask[i] = up[0][i] > 0.0f ? 1 : 0;
+      continue;
+    }
+    int64_t best = 0;
+    for (int64_t c = 1; c < channels; ++c)
+      if (up[c][i] > up[best][i]) best = c;
+    mask[i] = static_cast<uint8_t>(best);
+  }
+  return mask;
 }
 
 namespace detail {
@@ -295,10 +345,10 @@ struct MaskFile {
 };
 
 // Checks, then files, then stdout (see the top of this file); `height` x `width` is the model's size.
-// `logits_path` empty: no logits file.
+// `logits_path` empty: no logits file. `upsample` "nearest": the mask resized even where the kind has a rule.
 inline void write_outputs(std::ostream& out, const std::vector<Output>& outputs, int height, int width,
                           const MaskFile& mask_file, const std::string& logits_path,
-                          const MaskKind& kind = MaskKind{}) {
+                          const MaskKind& kind = MaskKind{}, const std::string& upsample = "logits") {
   const Output& mask = mask_output(outputs, height, width);
   detail::check_mask_kind(outputs, mask, detail::histogram(mask), kind);
   std::vector<float> logits;
@@ -309,8 +359,15 @@ inline void write_outputs(std::ostream& out, const std::vector<Output>& outputs,
                                join(names_of(outputs), ", ") + ")");
     logits = to_float32(*found);
   }
-  std::vector<uint8_t> written = resize_nearest(static_cast<const uint8_t*>(mask.data), width, height,
-                                                mask_file.width, mask_file.height);
+  const Output* source = find_output(outputs, "logits");
+  const bool from_logits = upsample == "logits" && !kind.rule.empty();
+  if (from_logits && !source)
+    throw std::runtime_error("mask rule " + kind.rule + " needs an output named logits (outputs: " +
+                             join(names_of(outputs), ", ") + ")");
+  std::vector<uint8_t> written =
+      from_logits ? mask_from_logits(*source, kind, height, width, mask_file.width, mask_file.height)
+                  : resize_nearest(static_cast<const uint8_t*>(mask.data), width, height, mask_file.width,
+                                   mask_file.height);
   const Output resized{mask.name, "uint8", {mask_file.height, mask_file.width}, written.data()};
   const std::vector<int64_t> counts = detail::histogram(resized);
 
@@ -320,6 +377,7 @@ inline void write_outputs(std::ostream& out, const std::vector<Output>& outputs,
     lines.push_back(o.name + " " + format_values(o));
   }
   lines.push_back("image " + std::to_string(mask_file.width) + "x" + std::to_string(mask_file.height));
+  lines.push_back(std::string("upsample ") + (from_logits ? "logits " + kind.rule : "nearest"));
   for (size_t v = 0; kind.labels && v < kind.class_names.size(); ++v)
     lines.push_back("label" + std::to_string(v) + " " + std::to_string(counts[v]) + " " + kind.class_names[v]);
 

@@ -1,6 +1,7 @@
 // icmoe_trt: run a model's TensorRT engine (model.plan) on one image with the TensorRT 10 C++ runtime.
 //
-//   icmoe_trt MODEL.plan IMAGE MASK [--logits LOGITS.f32] [--classes NAMES] [--plugin LIB.so]... [--repeat N]
+//   icmoe_trt MODEL.plan IMAGE MASK [--logits LOGITS.f32] [--classes NAMES] [--mask-rule RULE] [--plugin LIB.so]...
+//             [--repeat N] [--upsample logits|nearest]
 //
 // The engine is the one `python -m export.build` writes on a GPU host: one input, float32
 // (B, 3, S, S) RGB 0..255 with a dynamic batch axis, and the model family's outputs (IC-MoE: logits
@@ -9,14 +10,16 @@
 // shape to batch 1, sizes one device buffer per output from the context's tensor shape and the tensor's
 // element type, binds them by name (setTensorAddress), runs enqueueV3 on a CUDA stream and then, like
 // icmoe_aoti: IMAGE is a PNG, JPEG, BMP or PPM/PGM of any size, resized to the engine's size as the Python
-// loaders do (common/image_io.h, common/resize.h); the output named "mask" is resized back to the image's
-// size (nearest) and written as PNG (or PGM for a MASK ending in .pgm), --logits writes the output named
+// loaders do (common/image_io.h, common/resize.h); the mask at the image's size is the output named "logits"
+// resized bilinearly, then thresholded or arg-maxed as --mask-rule says (threshold, argmax: the build
+// manifest's model.mask_rule), or without it (or with --upsample nearest) the output named "mask" resized by
+// nearest neighbour, written as PNG (or PGM for a MASK ending in .pgm); --logits writes the output named
 // "logits" as raw float32 at the engine's size, every other small output is printed ("expert 2") and so is
 // the list of outputs with their types and shapes (common/outputs.h). The mask is binary (0/1, written
 // 0/255) unless --classes names its labels (a multi-class model: the label names of the build's manifest,
 // `model.classes`, comma-separated, index = value, 0 = background, e.g. --classes background,liver,kidney;
 // `python -c "from engines.cpp import class_arguments; print(*class_arguments('BUILD_DIR'))"` prints the
-// flag for a build); then the mask holds the raw label values and the pixels per label are printed
+// flags for a build, --mask-rule included); then the mask holds the raw label values and the pixels per label are printed
 // ("label1 812 liver"). TensorRT's standard plugins are registered (initLibNvInferPlugins) and --plugin
 // loads more plugin libraries, for engines built with custom layers.
 //
@@ -124,18 +127,27 @@ icmoe::ArgParser make_parser() {
   parser.option("--classes", "NAMES",
                 "the mask holds labels: their names, comma-separated, background first (the build\n"
                 "                        manifest's model.classes); without it the mask is binary (0/1)");
+  parser.option("--mask-rule", "RULE",
+                "threshold or argmax: how the mask follows from the logits (the build manifest's model.mask_rule)");
   parser.option("--plugin", "LIB.so", "load a TensorRT plugin library (repeatable)", true);
   return parser;
 }
 
-// --classes NAMES -> the mask's kind (binary without it).
+// --classes NAMES and --mask-rule RULE -> the mask's kind (binary without --classes, no rule without --mask-rule).
 icmoe::MaskKind classes_argument(const icmoe::Arguments& args) {
-  if (!args.has("--classes")) return icmoe::MaskKind{};
+  icmoe::MaskKind kind;
   try {
-    return icmoe::make_mask_kind("labels", args.get("--classes"));
+    if (args.has("--classes")) kind = icmoe::make_mask_kind("labels", args.get("--classes"));
   } catch (const std::exception& e) {
     throw icmoe::UsageError(std::string("--classes: ") + e.what());
   }
+  kind.rule = args.get("--mask-rule");
+  try {
+    icmoe::check_rule(kind);
+  } catch (const std::exception& e) {
+    throw icmoe::UsageError(std::string("--mask-rule: ") + e.what());
+  }
+  return kind;
 }
 
 int run(const icmoe::Arguments& parsed) {
@@ -242,7 +254,8 @@ int run(const icmoe::Arguments& parsed) {
 
   std::vector<icmoe::Output> views;
   for (const auto& b : outputs) views.push_back(icmoe::Output{b.name, b.dtype, b.shape, b.host.data()});
-  icmoe::write_outputs(std::cout, views, height, width, {args.mask, image.width, image.height}, args.logits, kind);
+  icmoe::write_outputs(std::cout, views, height, width, {args.mask, image.width, image.height}, args.logits, kind,
+                       args.upsample);
 
   const int repeat = args.repeat;
   if (repeat > 0) {

@@ -33,6 +33,8 @@ from icmoe.sam.build import freeze_unused_heads
 
 # Unit roundoff of FP16 (2^-11): the relative error of one rounding to half precision.
 FP16_UNIT_ROUNDOFF = 2.0 ** -11
+# Unit roundoff of BF16 (2^-9: 8 significant bits): four times FP16's.
+BF16_UNIT_ROUNDOFF = 2.0 ** -9
 # INT8, symmetric per tensor: the largest rounding error of one quantization, as a share of the tensor's range.
 INT8_HALF_STEP = 1.0 / 254
 
@@ -112,6 +114,9 @@ class ICMoEGraph(GraphSpec):
         abnormal structure / lesion, as DICOM's CID 7150 / 7159 name them."""
         return [{"category": concept("49755003", "SCT", "Morphologically Abnormal Structure"),
                  "type": concept("52988006", "SCT", "Lesion")}]
+
+    def mask_rule(self, config: ICMoEConfig) -> str:
+        return "threshold"  # mask = fused logits > 0
 
 
 class ICMoEPrecision(PrecisionSpec):
@@ -195,6 +200,13 @@ class ICMoEParity(ParitySpec):
             # absolute, at the scale of the image's logits: hence the scaled part of atol.
             tol = 16 * FP16_UNIT_ROUNDOFF  # 0.0078
             return Tolerances(atol=1e-5, rtol=tol, scaled_atol=tol, max_flipped=5e-3)
+        if precision == "bf16":
+            # The FP16 argument with BF16's unit roundoff (OpenVINO rounds the inputs of matrix products
+            # and convolutions to BF16 and accumulates in FP32): 16 stages of 2^-9, 0.031 of the logits and
+            # of the image's logit scale, the same bound deciding which vote flips are ties. Masks are held
+            # to FP16's gate, and, as for INT8, the held-out Dice must stay within 0.01 of FP32's.
+            tol = 16 * BF16_UNIT_ROUNDOFF  # 0.031
+            return Tolerances(atol=1e-5, rtol=tol, scaled_atol=tol, max_flipped=5e-3, max_dice_change=0.01)
         if precision == "int8":
             # INT8 rounds each quantized tensor to half a step, 1/254 of its calibrated range; through
             # about 16 quantized stages in sequence that adds up to 16/254 = 0.063 of the image's logit

@@ -1,9 +1,11 @@
 """`python -m engines.predict` and `Engine.predict` on a folder with one real file of each kind.
 
-Masks are checked against the engine run here on the same preprocessed pixels (`model_input`), for a
-binary model (the shared tiny IC-MoE build) and a multi-class one (the toy label build); the corrupt
-file is reported (with and without --skip-bad); `--server` against a real Triton server gives the
-same files as the local engine.
+Masks are checked against the engine run here on the same preprocessed pixels (`model_input`), brought to
+the picture's size as predict does (the logits resized bilinearly and thresholded where the build has a mask
+rule, else the mask by nearest neighbour), for a binary model (the shared tiny IC-MoE build) and a
+multi-class one (the toy label build); the corrupt file is reported (with and without --skip-bad);
+`--server` against a real Triton server gives the same files as the local engine; without --backend the
+fastest engine whose gates passed is used and named.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from engines import load_engine
 from engines.predict import main as predict_main
 from engines.predict import predict
 from engines.predict.journal import JOURNAL_NAME
-from icmoe.data.images import model_input, read_images, resize_label
+from icmoe.data.images import mask_from_logits, model_input, read_images, resize_label
 from tests.icmoe.data.samples import write_samples
 
 pytest.importorskip("pydicom", reason="needs pydicom (the dicom extra)")
@@ -33,15 +35,20 @@ def samples(tmp_path_factory):
     return folder, write_samples(folder)
 
 
-def reference(engine, path):
-    """Masks of a file's pictures: the engine on `model_input` one picture at a time, resized back (nearest)."""
+def reference(engine, path, upsample="logits"):
+    """Masks of a file's pictures: the engine on `model_input` one picture at a time, brought back to the
+    picture's size: the logits resized bilinearly then the mask rule, or (no rule, or "nearest") the mask."""
     out = []
     for pic in read_images(path).pictures:
         x = model_input(pic, engine.image_size)[None]
         if engine.batch_range:
             x = np.repeat(x, engine.batch_range[0], axis=0)
         res = engine.infer(x)
-        out.append((resize_label(res["mask"][0, 0], pic.size), {k: int(v[0]) for k, v in res.items() if v.ndim == 1}))
+        if engine.mask_rule and upsample == "logits":
+            mask = mask_from_logits(res["logits"][0], pic.size, engine.mask_rule)
+        else:
+            mask = resize_label(res["mask"][0, 0], pic.size)
+        out.append((mask, {k: int(v[0]) for k, v in res.items() if v.ndim == 1}))
     return out
 
 
@@ -87,7 +94,7 @@ def test_cli_binary_every_kind_skip_bad_json_overlays(tiny_build, samples, tmp_p
     folder, s = samples
     out, report = tmp_path / "out", tmp_path / "report.json"
     code, _, err = run([tiny_build, folder, "--out", out, "--json", report, "--skip-bad", "--overlay",
-                        "--batch-size", "4"], capsys)
+                        "--batch-size", "4", "--backend", "onnxruntime", "--precision", "fp16"], capsys)
     assert code == 0, err
     bad = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert len(bad) == 1 and bad[0].startswith(f"error: {s['corrupt'].path}: ")
@@ -158,7 +165,7 @@ def test_cli_multiclass_labels_and_nifti(labels_build, samples, tmp_path, capsys
     kinds = ["gray8", "jpeg", "dicom_multi", "nifti"]
     out, report = tmp_path / "out", tmp_path / "r.json"
     code, _, err = run([labels_build, *[s[k].path for k in kinds], "--out", out, "--json", report,
-                        "--overlay-dir", tmp_path / "ov"], capsys)
+                        "--overlay-dir", tmp_path / "ov", "--backend", "onnxruntime", "--precision", "fp32"], capsys)
     assert code == 0, err
     rep = json.loads(report.read_text())
     with load_engine(labels_build, "onnxruntime", threads=1) as engine:

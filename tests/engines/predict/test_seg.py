@@ -20,8 +20,10 @@ from engines.predict import predict
 from engines.predict.journal import JOURNAL_NAME
 from engines.predict.seg import SegSpec, make_seg
 from engines.predict.series import predict_series
+from engines.select import split_label
 from icmoe.core.codes import generic_codes
 from icmoe.core.io import sha256_file
+from icmoe.core.manifest import RUNTIME_PRECISIONS
 from icmoe.data.dicom_series import read_dicom_series
 from tests.engines.predict.seg_checks import check_seg, png_of
 from tests.helpers import tree_digest
@@ -74,8 +76,9 @@ def test_seg_frames_sit_at_their_source_slices_and_equal_the_pngs(outputs, study
             assert item.SegmentNumber == value and item.SegmentAlgorithmType == "AUTOMATIC"
             algo = item.SegmentationAlgorithmIdentificationSequence[0]
             params = dict(kv.split("=", 1) for kv in algo.AlgorithmParameters.split(","))
-            precision = json.loads((build / "manifest.json").read_text())["precision"]
+            precision = report["precision"]  # the engine's that ran (engines.select's choice)
             assert params["family"] == name and params["config"] == "tiny" and params["precision"] == precision
+            assert precision in RUNTIME_PRECISIONS and report["engine"].endswith(precision)
             assert params["build_sha256"] == sha256_file(build / "manifest.json")
             category = item.SegmentedPropertyCategoryCodeSequence[0]
             kind = item.SegmentedPropertyTypeCodeSequence[0]
@@ -87,8 +90,8 @@ def test_seg_frames_sit_at_their_source_slices_and_equal_the_pngs(outputs, study
 
 def test_the_python_api_gives_the_commands_masks(outputs, study, tiny_build):
     folder, specs = study
-    png_dir, *_ = outputs["icmoe"]
-    with load_engine(tiny_build, "onnxruntime", threads=1) as engine:
+    png_dir, _, report, _ = outputs["icmoe"]
+    with load_engine(tiny_build, *split_label(report["engine"]), threads=1) as engine:  # the engine the command chose
         results = predict_series(engine, folder)
         flat = predict(engine, folder)  # the plain API: every series' slices in volume order
     assert [p.mask.tobytes() for _, preds in results for p in preds] == [p.mask.tobytes() for p in flat]

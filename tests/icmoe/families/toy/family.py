@@ -41,6 +41,9 @@ class ToyLabelsGraph(ToyGraph):
     def class_names(self, config: Any) -> List[str]:
         return list(LABELS)
 
+    def mask_rule(self, config: Any) -> str:
+        return "argmax"  # its mask is the argmax of its logits (the binary toy declares none: nearest)
+
 
 class ToyParity(ParitySpec):
     def synthetic_inputs(self, n: int, image_size: int, seed: int = 0) -> np.ndarray:
