@@ -114,7 +114,7 @@ def test_eager_engine_from_a_checkpoint_carries_class_names(labels_build):
 
 
 def test_class_arguments_for_icmoe_trt(labels_build, tmp_path):
-    assert class_arguments(labels_build) == ["--classes", "background,lesion,rim"]
+    assert class_arguments(labels_build) == ["--classes", "background,lesion,rim", "--mask-rule", "argmax"]
     write_manifest(tmp_path, _binary_manifest())
     assert class_arguments(tmp_path) == []
 

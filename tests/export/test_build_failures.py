@@ -47,7 +47,7 @@ def previous(tiny_build, tmp_path):
 
     out, repo = tmp_path / "b", tmp_path / "tri" / "repo"
     shutil.copytree(tiny_build, out)
-    make_repository(out, repo)
+    make_repository(out, repo, kinds=["onnxruntime", "python"])  # what a build without verify results writes
     (repo / "other_model").mkdir()  # a model of another build: a new build must leave it alone
     (repo / "other_model" / "config.pbtxt").write_text('name: "other_model"\n')
     return out, repo, tree_digest(out), tree_digest(repo)
