@@ -373,10 +373,11 @@ def run_jobs(items: Sequence[InputItem], runner: Any, contract: Contract, batch_
 
 def _record_written(writes: "deque[Tuple[InputItem, Future]]", finish: Any) -> None:
     """Finish the writes still in flight while another error ends the run: each one that succeeds is recorded
-    (the journal then holds every output on disk); one that fails too is logged, the first error wins."""
+    (the journal then holds every output on disk); one that fails too (the same full disk, most likely) is
+    logged at debug level: the error already raised is the run's one line."""
     while writes:
         item, future = writes.popleft()
         try:
             finish(item, future)
-        except Exception as e:  # noqa: BLE001 - the error already raised is the one reported
-            log.error(f"error: {item.label}: {first_line(e)}")
+        except Exception as e:  # noqa: BLE001
+            log.debug(f"{item.label}: {first_line(e)} (after the run had already failed)")
